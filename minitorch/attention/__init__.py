@@ -1,0 +1,1 @@
+"""Attention: tiling, reference, kernels, KV cache, DMA."""

@@ -1,0 +1,1 @@
+"""Numba CUDA attention kernels and their launchers."""
