@@ -26,8 +26,12 @@ def reference_mask(
     q_positions: Optional[np.ndarray] = None,
     k_positions: Optional[np.ndarray] = None,
     key_padding_mask: Optional[np.ndarray] = None,
+    num_sinks: int = 0,
 ) -> np.ndarray:
-    """Boolean ``(B, Nq, Nk)``: True where query i may attend to key j (DESIGN.md section 3)."""
+    """Boolean ``(B, Nq, Nk)``: True where query i may attend to key j (DESIGN.md section 3).
+
+    Keys at positions ``< num_sinks`` are exempt from the window (attention sinks of the ring-buffer cache).
+    """
     kp = np.arange(Nk) if k_positions is None else np.asarray(k_positions, dtype=np.int64)
     qp = np.arange(Nk - Nq, Nk) if q_positions is None else np.asarray(q_positions, dtype=np.int64)
     diff = qp[:, None] - kp[None, :]  # q_pos - k_pos
@@ -35,7 +39,8 @@ def reference_mask(
     if causal:
         ok = ok & (diff >= 0)
     if window is not None:
-        ok = ok & ((diff < window) if causal else (np.abs(diff) < window))
+        in_window = (diff < window) if causal else (np.abs(diff) < window)
+        ok = ok & (in_window | (kp[None, :] < num_sinks))
     ok = np.broadcast_to(ok, (B, Nq, Nk)).copy()
     if key_padding_mask is not None:
         ok &= ~np.asarray(key_padding_mask, dtype=bool)[:, None, :]
@@ -67,6 +72,7 @@ def attention_probs(
     attn_bias: Optional[np.ndarray] = None,
     q_positions: Optional[np.ndarray] = None,
     k_positions: Optional[np.ndarray] = None,
+    num_sinks: int = 0,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Softmax probabilities ``P (B, H, Nq, Nk)``, ``lse (B, H, Nq)`` and the mask, in float64."""
     q = np.asarray(q, dtype=np.float64)
@@ -74,7 +80,7 @@ def attention_probs(
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    mask = reference_mask(B, Nq, Nk, causal, window, q_positions, k_positions, key_padding_mask)[:, None]
+    mask = reference_mask(B, Nq, Nk, causal, window, q_positions, k_positions, key_padding_mask, num_sinks)[:, None]
     s = scale * np.einsum("bhid,bhjd->bhij", q, k) + _full_bias(attn_bias, B, H, Nq, Nk)
     s = np.where(mask, s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
@@ -100,9 +106,12 @@ def reference_attention(
     seed: int = 0,
     q_positions: Optional[np.ndarray] = None,
     k_positions: Optional[np.ndarray] = None,
+    num_sinks: int = 0,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Standard attention in float64: returns ``(out (B, H, Nq, D), lse (B, H, Nq))``."""
-    p, lse, _ = attention_probs(q, k, causal, scale, window, key_padding_mask, attn_bias, q_positions, k_positions)
+    p, lse, _ = attention_probs(
+        q, k, causal, scale, window, key_padding_mask, attn_bias, q_positions, k_positions, num_sinks
+    )
     if dropout > 0:
         p = p * dropout_mask(seed, p.shape, dropout) / (1.0 - dropout)
     v64 = _expand_kv(np.asarray(v, dtype=np.float64), p.shape[1])
@@ -135,6 +144,7 @@ def reference_attention_backward(
     seed: int = 0,
     q_positions: Optional[np.ndarray] = None,
     k_positions: Optional[np.ndarray] = None,
+    num_sinks: int = 0,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Gradients ``(dq, dk, dv, dbias)`` of ``sum(out * dout)`` in float64, by the textbook formulas.
 
@@ -145,7 +155,9 @@ def reference_attention_backward(
     H, D = q64.shape[1], q64.shape[3]
     Hkv = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    p, _, _ = attention_probs(q, k, causal, scale, window, key_padding_mask, attn_bias, q_positions, k_positions)
+    p, _, _ = attention_probs(
+        q, k, causal, scale, window, key_padding_mask, attn_bias, q_positions, k_positions, num_sinks
+    )
     do = np.asarray(dout, dtype=np.float64)
     k64 = _expand_kv(np.asarray(k, dtype=np.float64), H)
     v64 = _expand_kv(np.asarray(v, dtype=np.float64), H)
@@ -179,7 +191,7 @@ def naive_attention_float32(
     Nk = k32.shape[2]
     mask = reference_mask(
         B, Nq, Nk, options.get("causal", False), options.get("window"), options.get("q_positions"),
-        options.get("k_positions"), options.get("key_padding_mask"),
+        options.get("k_positions"), options.get("key_padding_mask"), options.get("num_sinks", 0),
     )[:, None]
     s = scale * np.matmul(q32, np.swapaxes(k32, -1, -2))
     if options.get("attn_bias") is not None:

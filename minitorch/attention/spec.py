@@ -42,6 +42,7 @@ class AttentionSpec:
     dropout: float = 0.0
     seed: int = 0
     drop_threshold: int = 0
+    num_sinks: int = 0
     has_bias: bool = False
     bias_shape: Optional[Shape4] = None
     extra: dict = field(default_factory=dict)
@@ -120,6 +121,7 @@ def make_spec(
     block_k: Optional[int] = None,
     order: Any = TileOrder.Q_MAJOR,
     backend_kind: str = "fast",
+    num_sinks: int = 0,
 ) -> AttentionSpec:
     """Validate every option of an attention call and build its :class:`AttentionSpec`.
 
@@ -159,7 +161,7 @@ def make_spec(
 
     schedule = TileSchedule(
         Nq, Nk, int(block_q), int(block_k), causal=causal, window=window,
-        q_positions=q_positions, k_positions=k_positions, order=order,
+        q_positions=q_positions, k_positions=k_positions, order=order, num_sinks=num_sinks,
     )
 
     k_pos_b = np.broadcast_to(schedule.k_pos, (B, Nk)).copy()
@@ -190,6 +192,6 @@ def make_spec(
         B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, scale=float(scale), causal=bool(causal),
         window=-1 if window is None else int(window), q_pos=schedule.q_pos, k_pos=schedule.k_pos, k_pos_b=k_pos_b,
         block_q=int(block_q), block_k=int(block_k), order=order, schedule=schedule, tile_types=tile_types,
-        dropout=dropout, seed=int(seed), drop_threshold=drop_threshold(dropout),
+        dropout=dropout, seed=int(seed), drop_threshold=drop_threshold(dropout), num_sinks=int(num_sinks),
         has_bias=bshape is not None, bias_shape=bshape,
     )

@@ -65,17 +65,20 @@ def default_block_sizes(head_dim: int, backend: str = "fast") -> Tuple[int, int]
     return 32, 32
 
 
-def visible(q: np.ndarray, k: np.ndarray, causal: bool, window: int) -> np.ndarray:
-    """Elementwise mask: may a query at position ``q`` see a key at position ``k``? (broadcasts; -1 = empty)."""
+def visible(q: np.ndarray, k: np.ndarray, causal: bool, window: int, num_sinks: int = 0) -> np.ndarray:
+    """Elementwise mask: may a query at position ``q`` see a key at position ``k``? (broadcasts; -1 = empty).
+
+    Keys at positions ``< num_sinks`` (attention sinks, used by the ring-buffer cache) ignore the window.
+    """
     q = np.asarray(q)
     k = np.asarray(k)
     ok = (q >= 0) & (k >= 0)
     if causal:
         ok &= k <= q
         if window >= 0:
-            ok &= (q - k) < window
+            ok &= ((q - k) < window) | (k < num_sinks)
     elif window >= 0:
-        ok &= np.abs(q - k) < window
+        ok &= (np.abs(q - k) < window) | (k < num_sinks)
     return ok
 
 
@@ -117,6 +120,7 @@ class TileSchedule:
         q_positions, k_positions: absolute positions (defaults: keys ``0..Nk-1``, queries bottom-right aligned
             ``Nk-Nq..Nk-1``); ``-1`` marks an empty slot.
         order: :class:`TileOrder`.
+        num_sinks: keys at positions ``< num_sinks`` are exempt from the window (attention sinks).
 
     Attributes:
         Tr, Tc: number of query and key tiles.
@@ -135,6 +139,7 @@ class TileSchedule:
         q_positions: Optional[Sequence[int]] = None,
         k_positions: Optional[Sequence[int]] = None,
         order: TileOrder = TileOrder.Q_MAJOR,
+        num_sinks: int = 0,
     ) -> None:
         if Nq < 0 or Nk < 0:
             raise ValueError(f"Nq and Nk must be >= 0, got Nq={Nq}, Nk={Nk}")
@@ -145,6 +150,7 @@ class TileSchedule:
         self.causal = bool(causal)
         self.window = -1 if window is None else int(window)
         self.order = TileOrder(order)
+        self.num_sinks = int(num_sinks)
         self.k_pos = _as_positions(k_positions, self.Nk, 0, "k_positions")
         self.q_pos = _as_positions(q_positions, self.Nq, self.Nk - self.Nq, "q_positions")
         self.Tr = -(-self.Nq // self.block_q)
@@ -176,19 +182,20 @@ class TileSchedule:
         klo, khi, kempty = klo[None, :], khi[None, :], kempty[None, :]
         no_valid = (qhi < 0) | (khi < 0)
         W = self.window
+        has_sink = klo < self.num_sinks  # a sink key in the tile: the window cannot skip it
         if self.causal:
             # visible iff 0 <= q - k (< W): all visible iff the extreme pairs are.
             all_vis = khi <= qlo
             none_vis = klo > qhi
             if W >= 0:
                 all_vis &= (qhi - klo) < W
-                none_vis |= (qlo - khi) >= W
+                none_vis |= ((qlo - khi) >= W) & ~has_sink
         else:
             all_vis = np.ones_like(no_valid)
             none_vis = np.zeros_like(no_valid)
             if W >= 0:
                 all_vis = ((qhi - klo) < W) & ((khi - qlo) < W)
-                none_vis = ((klo - qhi) >= W) | ((qlo - khi) >= W)
+                none_vis = (((klo - qhi) >= W) | ((qlo - khi) >= W)) & ~has_sink
         types[all_vis & ~qempty & ~kempty] = TileType.DENSE
         types[none_vis | no_valid] = TileType.SKIP
         return types
@@ -250,7 +257,7 @@ class TileSchedule:
         total = self.Nq * self.Nk
         if total == 0:
             return 0.0
-        return float(visible(self.q_pos[:, None], self.k_pos[None, :], self.causal, self.window).sum()) / total
+        return float(visible(self.q_pos[:, None], self.k_pos[None, :], self.causal, self.window, self.num_sinks).sum()) / total
 
     def hbm_bytes(self, head_dim: int, itemsize: int = 4, order: Optional[TileOrder] = None) -> int:
         """Bytes moved between main memory (HBM / DRAM) and on-chip memory (SRAM / cache) by the forward pass.
