@@ -183,18 +183,19 @@ class TileSchedule:
         no_valid = (qhi < 0) | (khi < 0)
         W = self.window
         has_sink = klo < self.num_sinks  # a sink key in the tile: the window cannot skip it
+        all_sink = khi < self.num_sinks  # only sink keys: the window does not apply at all
         if self.causal:
             # visible iff 0 <= q - k (< W): all visible iff the extreme pairs are.
             all_vis = khi <= qlo
             none_vis = klo > qhi
             if W >= 0:
-                all_vis &= (qhi - klo) < W
+                all_vis &= ((qhi - klo) < W) | all_sink
                 none_vis |= ((qlo - khi) >= W) & ~has_sink
         else:
             all_vis = np.ones_like(no_valid)
             none_vis = np.zeros_like(no_valid)
             if W >= 0:
-                all_vis = ((qhi - klo) < W) & ((khi - qlo) < W)
+                all_vis = (((qhi - klo) < W) & ((khi - qlo) < W)) | all_sink
                 none_vis = (((klo - qhi) >= W) | ((qlo - khi) >= W)) & ~has_sink
         types[all_vis & ~qempty & ~kempty] = TileType.DENSE
         types[none_vis | no_valid] = TileType.SKIP
