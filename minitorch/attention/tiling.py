@@ -152,15 +152,10 @@ class TileSchedule:
         self.order = TileOrder(order)
         self.num_sinks = int(num_sinks)
         # Default positions: keys 0..Nk-1 and queries bottom-right aligned (the last query at the last key).
-        # When Nq > Nk both are shifted up so that no default position is negative (-1 means "empty").
-        shift = max(0, self.Nq - self.Nk) if q_positions is None and k_positions is None else 0
+        # When Nq > Nk the defaults are shifted up so that no position is negative (-1 means "empty").
+        shift = max(0, self.Nq - self.Nk)
         self.k_pos = _as_positions(k_positions, self.Nk, shift, "k_positions")
         self.q_pos = _as_positions(q_positions, self.Nq, shift + self.Nk - self.Nq, "q_positions")
-        if q_positions is None and self.Nq and self.q_pos[0] < 0:
-            raise ValueError(
-                f"default q_positions would start at {self.q_pos[0]} (Nq={self.Nq} > keys' positions); "
-                "pass q_positions explicitly"
-            )
         self.Tr = -(-self.Nq // self.block_q)
         self.Tc = -(-self.Nk // self.block_k)
         self.types = self._classify()
