@@ -32,8 +32,10 @@ def reference_mask(
 
     Keys at positions ``< num_sinks`` are exempt from the window (attention sinks of the ring-buffer cache).
     """
-    kp = np.arange(Nk) if k_positions is None else np.asarray(k_positions, dtype=np.int64)
-    qp = np.arange(Nk - Nq, Nk) if q_positions is None else np.asarray(q_positions, dtype=np.int64)
+    # Defaults: keys 0..Nk-1, queries bottom-right aligned; shifted up when Nq > Nk so none is negative.
+    shift = max(0, Nq - Nk)
+    kp = shift + np.arange(Nk) if k_positions is None else np.asarray(k_positions, dtype=np.int64)
+    qp = shift + np.arange(Nk - Nq, Nk) if q_positions is None else np.asarray(q_positions, dtype=np.int64)
     diff = qp[:, None] - kp[None, :]  # q_pos - k_pos
     ok = (qp[:, None] >= 0) & (kp[None, :] >= 0)
     if causal:
@@ -83,7 +85,7 @@ def attention_probs(
     mask = reference_mask(B, Nq, Nk, causal, window, q_positions, k_positions, key_padding_mask, num_sinks)[:, None]
     s = scale * np.einsum("bhid,bhjd->bhij", q, k) + _full_bias(attn_bias, B, H, Nq, Nk)
     s = np.where(mask, s, -np.inf)
-    m = s.max(axis=-1, keepdims=True)
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)  # initial: Nk == 0 is legal
     m_safe = np.where(np.isfinite(m), m, 0.0)
     e = np.where(mask, np.exp(s - m_safe), 0.0)
     l = e.sum(axis=-1, keepdims=True)
@@ -197,7 +199,7 @@ def naive_attention_float32(
     if options.get("attn_bias") is not None:
         s = s + _full_bias(options["attn_bias"], B, H, Nq, Nk).astype(np.float32)
     s = np.where(mask, s, np.float32(-np.inf))
-    m = s.max(axis=-1, keepdims=True)
+    m = s.max(axis=-1, keepdims=True, initial=np.float32(-np.inf))
     m = np.where(np.isfinite(m), m, np.float32(0))
     e = np.where(mask, np.exp(s - m), np.float32(0))
     l = e.sum(axis=-1, keepdims=True)
@@ -205,3 +207,118 @@ def naive_attention_float32(
     if options.get("dropout", 0.0) > 0:
         p = p * (dropout_mask(options.get("seed", 0), p.shape, options["dropout"]) / np.float32(1 - options["dropout"]))
     return np.matmul(p.astype(np.float32), v32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dynamic Mask Attention (DMA) reference: dense mask by a direct stable argsort per query, float64
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def reference_dma_importance(
+    v: np.ndarray, dt_proj: np.ndarray, a_coef: np.ndarray, log_space: bool = False
+) -> Tuple[np.ndarray, np.ndarray]:
+    """``(z, u)`` of shape ``(B, Hkv, Nk)`` in float64: ``u = concat_heads(v) @ dt_proj^T``,
+    ``z = exp(a * softplus(u))`` (``a * softplus(u)`` in log space)."""
+    v = np.asarray(v, dtype=np.float64)
+    B, Hkv, Nk, D = v.shape
+    x = v.transpose(0, 2, 1, 3).reshape(B, Nk, Hkv * D)
+    u = np.einsum("bjc,gc->bgj", x, np.asarray(dt_proj, dtype=np.float64))
+    sp = np.maximum(u, 0.0) + np.log1p(np.exp(-np.abs(u)))
+    gate = np.asarray(a_coef, dtype=np.float64)[None, :, None] * sp
+    return (gate if log_space else np.exp(gate)), u
+
+
+def reference_dma_mask(
+    z: np.ndarray, Nq: int, keep_window_size: int, causal: bool = False, key_padding_mask: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """Boolean ``(B, Hkv, Nq, Nk)``: for every query, its visible keys sorted by ``z`` descending with a stable
+    sort (ties: lower key index first), the first ``keep_window_size`` kept."""
+    B, Hkv, Nk = z.shape
+    vis = reference_mask(B, Nq, Nk, causal=causal, key_padding_mask=key_padding_mask)
+    mask = np.zeros((B, Hkv, Nq, Nk), dtype=bool)
+    for b in range(B):
+        for g in range(Hkv):
+            order = np.argsort(-z[b, g], kind="stable")
+            for i in range(Nq):
+                cand = order[vis[b, i][order]]
+                mask[b, g, i, cand[:keep_window_size]] = True
+    return mask
+
+
+def _dma_probs(q, k, z, mask, scale):  # type: ignore[no-untyped-def]
+    H = q.shape[1]
+    k64 = _expand_kv(k, H)
+    zb = _expand_kv(z[:, :, None, :], H)
+    mk = _expand_kv(mask, H)
+    s = scale * np.einsum("bhid,bhjd->bhij", q, k64) + zb
+    s = np.where(mk, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    e = np.where(mk, np.exp(s - m_safe), 0.0)
+    l = e.sum(axis=-1, keepdims=True)
+    p = np.where(l > 0, e / np.where(l > 0, l, 1.0), 0.0)
+    with np.errstate(divide="ignore"):
+        lse = np.where(l[..., 0] > 0, m_safe[..., 0] + np.log(np.where(l > 0, l, 1.0)[..., 0]), -np.inf)
+    return p, lse
+
+
+def reference_dma(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, dt_proj: np.ndarray, a_coef: np.ndarray,
+    keep_window_size: int = 1024, causal: bool = False, scale: Optional[float] = None,
+    key_padding_mask: Optional[np.ndarray] = None, dropout: float = 0.0, seed: int = 0, log_space: bool = False,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Dynamic mask attention in float64 the direct way: ``(out, lse, probs, mask (B, Hkv, Nq, Nk), z)``.
+
+    ``probs`` are the undropped softmax probabilities ``(B, H, Nq, Nk)``.
+    """
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    D = q.shape[3]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    z, _ = reference_dma_importance(v, dt_proj, a_coef, log_space)
+    mask = reference_dma_mask(z, q.shape[2], keep_window_size, causal, key_padding_mask)
+    p, lse = _dma_probs(q, k, z, mask, scale)
+    pd = p * dropout_mask(seed, p.shape, dropout) / (1.0 - dropout) if dropout > 0 else p
+    out = np.einsum("bhij,bhjd->bhid", pd, _expand_kv(v, q.shape[1]))
+    return out, lse, p, mask, z
+
+
+def reference_dma_backward(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, dt_proj: np.ndarray, a_coef: np.ndarray, dout: np.ndarray,
+    keep_window_size: int = 1024, causal: bool = False, scale: Optional[float] = None,
+    key_padding_mask: Optional[np.ndarray] = None, dropout: float = 0.0, seed: int = 0, log_space: bool = False,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients ``(dq, dk, dv, d_dt_proj, d_a_coef)`` of ``sum(out * dout)`` in float64 by the textbook formulas.
+
+    As :func:`reference_attention_backward` with the bias ``z`` (``dz_j = sum over the group's heads and the
+    queries of dS_ij``), then ``z`` chained to ``u = concat_heads(v) @ dt_proj^T`` and ``a_coef``.
+    """
+    q, k, v, do = (np.asarray(a, dtype=np.float64) for a in (q, k, v, dout))
+    dt_proj, a_coef = np.asarray(dt_proj, dtype=np.float64), np.asarray(a_coef, dtype=np.float64)
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    z, u = reference_dma_importance(v, dt_proj, a_coef, log_space)
+    mask = reference_dma_mask(z, Nq, keep_window_size, causal, key_padding_mask)
+    p, _ = _dma_probs(q, k, z, mask, scale)
+    keep = dropout_mask(seed, p.shape, dropout) / (1.0 - dropout) if dropout > 0 else 1.0
+    k64, v64 = _expand_kv(k, H), _expand_kv(v, H)
+    dv_full = np.einsum("bhij,bhid->bhjd", p * keep, do)
+    dp = np.einsum("bhid,bhjd->bhij", do, v64) * keep
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+    dq = scale * np.einsum("bhij,bhjd->bhid", ds, k64)
+    dk = (scale * np.einsum("bhij,bhid->bhjd", ds, q)).reshape(B, Hkv, G, Nk, D).sum(axis=2)
+    dv = dv_full.reshape(B, Hkv, G, Nk, D).sum(axis=2)
+    dz = ds.sum(axis=2).reshape(B, Hkv, G, Nk).sum(axis=2)  # (B, Hkv, Nk)
+    sp = np.maximum(u, 0.0) + np.log1p(np.exp(-np.abs(u)))
+    with np.errstate(over="ignore"):
+        sig = 1.0 / (1.0 + np.exp(-u))
+    a = a_coef[None, :, None]
+    dzdu, dzda = (a * sig, sp) if log_space else (z * a * sig, z * sp)
+    du = dz * dzdu
+    x = v.transpose(0, 2, 1, 3).reshape(B, Nk, Hkv * D)
+    d_dt = np.einsum("bgj,bjc->gc", du, x)
+    d_a = (dz * dzda).sum(axis=(0, 2))
+    dx = np.einsum("bgj,gc->bjc", du, dt_proj)
+    dv = dv + dx.reshape(B, Nk, Hkv, D).transpose(0, 2, 1, 3)
+    return dq, dk, dv, d_dt, d_a
