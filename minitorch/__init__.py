@@ -47,3 +47,5 @@ from .fast_conv import Conv1dFun, Conv2dFun, conv1d, conv2d  # noqa: F401
 from .nn import argmax, avgpool2d, dropout, logsoftmax, max, maxpool2d, softmax, tile  # noqa: F401
 from .attention.tiling import TileOrder, TileSchedule, TileType  # noqa: F401
 from .attention.flash import attention_reference, flash_attention  # noqa: F401
+from .attention.kv_cache import DecoderFeedbackBuffer, RingBufferKVCache  # noqa: F401
+from .attention.ring_buffer import BufferState, RingBufferAttention, RingBufferConfig  # noqa: F401
