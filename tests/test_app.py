@@ -1,0 +1,360 @@
+"""The visualizer (project/app.py) and the online-softmax trace it shows (minitorch/attention/online_softmax.py).
+
+Every page runs without an exception on its defaults and after changing each main widget (Streamlit's AppTest runs
+the script in-process, no browser); shown numbers are checked against minitorch's own computation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from minitorch.attention.online_softmax import online_softmax_trace, softmax_row
+
+APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "project", "app.py")
+if os.path.dirname(APP) not in sys.path:  # the app's page modules (project/app_pages), for their helpers
+    sys.path.insert(0, os.path.dirname(APP))
+PAGES = ["tiles", "online_softmax", "memory", "ring_buffer", "dma", "sandbox"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# online_softmax_trace
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _softmax64(s: np.ndarray) -> np.ndarray:
+    s = np.asarray(s, dtype=np.float64)
+    e = np.exp(s - s[np.isfinite(s)].max())
+    return e / e.sum()
+
+
+@pytest.mark.parametrize("Nk,block_k", [(1, 1), (7, 3), (32, 8), (33, 8), (16, 64), (50, 1)])
+def test_online_softmax_matches_float64_softmax(Nk: int, block_k: int) -> None:
+    rng = np.random.default_rng(Nk * 100 + block_k)
+    s = 3.0 * rng.standard_normal(Nk) + np.linspace(0, 5, Nk)  # a rising trend: the max moves, rescales happen
+    v = rng.standard_normal((Nk, 5))
+    tr = online_softmax_trace(s, v, block_k)
+    p = _softmax64(s)
+    np.testing.assert_allclose(tr.output, p @ v, rtol=1e-12, atol=1e-13)
+    assert tr.lse == pytest.approx(np.log(np.exp(s - s.max()).sum()) + s.max(), rel=1e-13)
+    assert len(tr.steps) == math.ceil(Nk / block_k)
+    # running max is the prefix max, l the prefix sum of exp(s - m), acc the prefix sum of exp(s - m) v
+    for st in tr.steps:
+        pre = s[: st.k_end]
+        assert st.m == pytest.approx(pre.max())
+        assert st.l == pytest.approx(np.exp(pre - pre.max()).sum(), rel=1e-12)
+        np.testing.assert_allclose(st.acc, np.exp(pre - pre.max()) @ v[: st.k_end], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(st.out, _softmax64(pre) @ v[: st.k_end], rtol=1e-11, atol=1e-12)
+        assert st.alpha == pytest.approx(math.exp(st.m_prev - st.m) if np.isfinite(st.m_prev) else 0.0)
+    np.testing.assert_allclose(softmax_row(s), p, rtol=1e-13)
+
+
+def test_online_softmax_masked_keys() -> None:
+    rng = np.random.default_rng(0)
+    s = rng.standard_normal(12)
+    s[[0, 1, 2, 3, 9]] = -np.inf  # the whole first tile masked, and one more key
+    v = rng.standard_normal((12, 3))
+    tr = online_softmax_trace(s, v, 4)
+    assert tr.steps[0].l == 0.0 and not np.isfinite(tr.steps[0].m)
+    np.testing.assert_array_equal(tr.steps[0].out, np.zeros(3))
+    np.testing.assert_allclose(tr.output, _softmax64(s) @ v, rtol=1e-12, atol=1e-13)
+    # every key masked: zeros and lse = -inf, as the kernels
+    tr = online_softmax_trace(np.full(5, -np.inf), v[:5], 2)
+    np.testing.assert_array_equal(tr.output, np.zeros(3))
+    assert tr.lse == -np.inf
+    np.testing.assert_array_equal(softmax_row(np.full(5, -np.inf)), np.zeros(5))
+
+
+def test_online_softmax_agrees_with_simple_kernel() -> None:
+    """The trace and the SimpleBackend flash kernel compute the same row."""
+    from minitorch.attention.simple import forward
+    from minitorch.attention.spec import make_spec
+
+    rng = np.random.default_rng(3)
+    q, k, v = rng.standard_normal((1, 1, 1, 4)), rng.standard_normal((1, 1, 21, 4)), rng.standard_normal((1, 1, 21, 4))
+    out, lse = forward(q, k, v, None, make_spec(q.shape, k.shape, v.shape, block_q=1, block_k=5, backend_kind="simple"))
+    tr = online_softmax_trace(0.5 * (k[0, 0] @ q[0, 0, 0]), v[0, 0], 5)
+    np.testing.assert_allclose(tr.output, out[0, 0, 0], rtol=1e-12)
+    assert tr.lse == pytest.approx(float(lse[0, 0, 0]), rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [dict(scores_row=np.zeros((2, 2))), dict(values=np.zeros((3, 2))), dict(block_k=0)])
+def test_online_softmax_rejects_bad_input(bad: dict) -> None:
+    args = dict(scores_row=np.zeros(4), values=np.zeros((4, 2)), block_k=2)
+    args.update(bad)
+    with pytest.raises(ValueError):
+        online_softmax_trace(**args)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------------------------------
+
+AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
+
+
+def _app(page: str) -> "AppTest":
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["page"] = page
+    at.run()
+    _ok(at)
+    return at
+
+
+def _ok(at: "AppTest") -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def _metric(at: "AppTest", label: str) -> str:
+    for m in at.metric:
+        if m.label == label:
+            return m.value
+    raise AssertionError(f"no metric {label!r}; have {[m.label for m in at.metric]}")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_runs_on_defaults(page: str) -> None:
+    at = _app(page)
+    assert at.title[0].value  # the page drew its title
+    assert at.session_state["page"] == page
+
+
+def test_sidebar_navigation() -> None:
+    at = _app("tiles")
+    for page in PAGES[1:]:
+        at.sidebar.radio(key="page").set_value(page).run()
+        _ok(at)
+        assert at.query_params["page"] == [page] or at.query_params["page"] == page
+
+
+def _tile_counts_match(at: "AppTest", **kwargs) -> None:
+    from minitorch.attention.tiling import TileSchedule
+
+    c = TileSchedule(**kwargs).counts()
+    for name in ("DENSE", "TRIANGLE", "SKIP"):
+        assert int(_metric(at, f"{name} tiles")) == c[name], name
+
+
+def test_tiles_page_widgets_and_counts() -> None:
+    at = _app("tiles")
+    _tile_counts_match(at, Nq=128, Nk=128, block_q=16, block_k=16, causal=True)
+    at.slider(key="tiles_nq").set_value(100).run()
+    at.slider(key="tiles_nk").set_value(200).run()
+    at.select_slider(key="tiles_bq").set_value(32).run()
+    at.select_slider(key="tiles_bk").set_value(8).run()
+    at.select_slider(key="tiles_d").set_value(128).run()
+    _ok(at)
+    _tile_counts_match(at, Nq=100, Nk=200, block_q=32, block_k=8, causal=True)
+    at.checkbox(key="tiles_use_window").check().run()
+    at.slider(key="tiles_window").set_value(40).run()
+    at.number_input(key="tiles_sinks").set_value(4).run()
+    _ok(at)
+    _tile_counts_match(at, Nq=100, Nk=200, block_q=32, block_k=8, causal=True, window=40, num_sinks=4)
+    at.checkbox(key="tiles_causal").uncheck().run()
+    _ok(at)
+    _tile_counts_match(at, Nq=100, Nk=200, block_q=32, block_k=8, causal=False, window=40, num_sinks=4)
+    at.slider(key="tiles_step").set_value(3).run()
+    _ok(at)
+    # the play button walks to the last step (small grid: few frames)
+    at.slider(key="tiles_nq").set_value(32).run()
+    at.slider(key="tiles_nk").set_value(32).run()
+    at.button(key="tiles_play").click().run()
+    _ok(at)
+    assert float(_metric(at, "work skipped").rstrip("%")) >= 0
+
+
+def test_tiles_page_ring_positions() -> None:
+    from minitorch.attention.kv_cache import held_positions, slot_of
+
+    at = _app("tiles")
+    at.selectbox(key="tiles_positions").select("ring").run()
+    _ok(at)
+    at.slider(key="tiles_rot").set_value(50).run()
+    _ok(at)
+    seen = 128 + 50
+    held = held_positions(seen, 128)
+    k_pos = np.full(128, -1)
+    k_pos[slot_of(held, 128)] = held
+    q_pos = np.arange(seen - 128, seen)
+    _tile_counts_match(at, Nq=128, Nk=128, block_q=16, block_k=16, causal=True, q_positions=q_pos, k_positions=k_pos)
+    assert int(_metric(at, "SKIP tiles")) > 0
+    at.selectbox(key="tiles_positions").select("partial").run()
+    at.slider(key="tiles_fill").set_value(0).run()  # an empty cache: every tile SKIP, no step slider
+    _ok(at)
+    assert int(_metric(at, "SKIP tiles")) == 64
+    at.selectbox(key="tiles_positions").select("default").run()
+    at.slider(key="tiles_nq").set_value(10).run()  # a single tile: no step slider either
+    at.slider(key="tiles_nk").set_value(10).run()
+    _ok(at)
+    assert _metric(at, "tiles (Tr x Tc)") == "1 x 1"
+
+
+def test_online_softmax_page_shows_exact_match() -> None:
+    from app_pages.online_softmax import make_row
+
+    at = _app("online_softmax")
+    for pattern in ("rising", "spike", "masked", "random"):
+        at.selectbox(key="os_pattern").select(pattern).run()
+        _ok(at)
+    at.slider(key="os_nk").set_value(6).run()  # one tile: a single step, no step slider
+    _ok(at)
+    at.slider(key="os_nk").set_value(40).run()
+    at.select_slider(key="os_bk").set_value(4).run()
+    at.select_slider(key="os_d").set_value(8).run()
+    at.number_input(key="os_seed").set_value(5).run()
+    at.slider(key="os_step").set_value(2).run()
+    _ok(at)
+    assert _metric(at, "keys seen") == "12 / 40"
+    shown = float(_metric(at, "max |online - full softmax|"))
+    q, k, v, bias = make_row(40, 8, "random", 5)
+    s = (k @ q) / math.sqrt(8) + bias
+    expected = float(np.max(np.abs(online_softmax_trace(s, v, 4).output - _softmax64(s) @ v)))
+    assert shown < 1e-12 and expected < 1e-12
+    assert shown == pytest.approx(expected, abs=1e-15)
+    # after step 2 the running max is the max of the first 12 scores
+    assert float(_metric(at, "running max m")) == pytest.approx(s[:12].max(), abs=1e-4)
+
+
+def test_memory_page_live_run() -> None:
+    at = _app("memory")
+    at.select_slider(key="mem_d").set_value(32).run()
+    at.select_slider(key="live_n").set_value(32).run()
+    at.select_slider(key="live_d").set_value(8).run()
+    at.select_slider(key="live_h").set_value(1).run()
+    at.button(key="live_run").click().run()
+    _ok(at)
+    df = at.dataframe[-1].value
+    assert "implementation" in df.columns
+    assert (df["max |out - float64 reference|"] < 1e-10).all()
+
+
+def test_memory_page_reads_any_benchmark_json(tmp_path, monkeypatch) -> None:
+    import json
+
+    from app_pages import memory
+
+    records = [{"N": n, "impl": impl, "ms": n * (1 + i), "ok": True}
+               for n in (128, 256, 512) for i, impl in enumerate("ab")]
+    (tmp_path / "a.json").write_text(json.dumps({"machine": "x", "results": records}))
+    (tmp_path / "b.json").write_text(json.dumps([1, 2, 3]))
+    (tmp_path / "c.json").write_text("{not json")
+    (tmp_path / "d.json").write_text(json.dumps({"n=1": {"t": 1.0}, "n=2": {"t": 2.0}}))
+    tables = memory._tables(json.loads((tmp_path / "a.json").read_text()), "a")
+    assert any(len(df) == 6 and memory._x_column(df) == "N" for _, df in tables)
+    monkeypatch.setattr(memory, "RESULTS", str(tmp_path))
+    at = AppTest.from_function(_memory_page_only, default_timeout=60, args=(str(tmp_path), os.path.dirname(APP)))
+    at.run()
+    _ok(at)
+    assert any("could not read" in w.value for w in at.warning)
+
+
+def _memory_page_only(results: str, project: str) -> None:
+    """Run as its own script by AppTest.from_function: only its arguments are available."""
+    import os
+    import sys
+
+    sys.path.insert(0, project)
+    sys.path.insert(0, os.path.dirname(project))
+    from app_pages import memory
+
+    memory.RESULTS = results
+    memory.render()
+
+
+def test_ring_buffer_page_buttons_match_cache() -> None:
+    from minitorch.attention.kv_cache import RingBufferKVCache
+
+    at = _app("ring_buffer")
+    ref = RingBufferKVCache(1, 1, 8, 8, num_sinks=1)
+
+    def check() -> None:
+        _ok(at)
+        for label, value in (("seen (next position)", ref.seen), ("length (held)", ref.length),
+                             ("write_ptr", ref.write_ptr), ("read_ptr", ref.read_ptr)):
+            assert int(_metric(at, label)) == value, label
+
+    def append(n: int) -> None:
+        z = np.zeros((1, 1, n, 8))
+        ref.append(z, z)
+
+    append(10)
+    check()
+    at.button(key="rb_append1").click().run()
+    append(1)
+    check()
+    at.slider(key="rb_chunk").set_value(5).run()
+    at.button(key="rb_append_chunk").click().run()
+    append(5)
+    check()
+    assert float(_metric(at, "decode kernel vs float64 reference (max diff)")) < 1e-12
+    at.button(key="rb_reset").click().run()
+    ref.reset()
+    check()
+    at.button(key="rb_append1").click().run()
+    append(1)
+    check()
+    at.slider(key="rb_capacity").set_value(5).run()
+    at.slider(key="rb_sinks").set_value(0).run()
+    _ok(at)
+    assert int(_metric(at, "seen (next position)")) == 7  # a new cache, pre-filled with capacity + 2 tokens
+    assert int(_metric(at, "window")) == 5
+
+
+def test_dma_page_widgets() -> None:
+    at = _app("dma")
+    assert _metric(at, "selection == reference_dma_mask") == "yes"
+    assert float(_metric(at, "flash_dma_attention vs float64 reference (max diff)")) < 1e-10
+    at.select_slider(key="dma_n").set_value(64).run()
+    at.slider(key="dma_keep").set_value(8).run()
+    at.select_slider(key="dma_block").set_value(16).run()
+    at.checkbox(key="dma_causal").uncheck().run()
+    _ok(at)
+    # non-causal: every query keeps the same 8 keys, so the compacted list is one tile column
+    from minitorch.attention.tiling import TileSchedule
+
+    assert int(_metric(at, "flash tiles")) == len(TileSchedule(64, 64, 16, 16).work())
+    assert int(_metric(at, "tiles (compacted)")) == 4
+    assert _metric(at, "kept pairs") == f"{8 / 64:.1%}"
+    at.checkbox(key="dma_log").check().run()
+    at.slider(key="dma_a").set_value(2.0).run()
+    at.slider(key="dma_spread").set_value(1.5).run()
+    at.select_slider(key="dma_d").set_value(16).run()
+    at.number_input(key="dma_seed").set_value(3).run()
+    _ok(at)
+    assert _metric(at, "selection == reference_dma_mask") == "yes"
+
+
+def test_sandbox_page_widgets() -> None:
+    at = _app("sandbox")
+    at.text_input(key="sb_shape").input("3, 4").run()
+    at.text_input(key="sb_order").input("1, 0").run()
+    at.text_input(key="sb_view").input("12").run()
+    _ok(at)
+    assert at.warning  # a transposed 3x4 cannot be viewed as 12 without contiguous()
+    at.text_input(key="sb_order").input("0, 0").run()  # not a permutation: an error message, no crash
+    _ok(at)
+    assert at.error
+    at.text_input(key="sb_shape").input("two").run()
+    _ok(at)
+    at.text_input(key="sb_shape").input("2, 3, 4").run()
+    at.text_input(key="sb_order").input("2, 0, 1").run()
+    at.radio(key="sb_section").set_value("graph").run()
+    _ok(at)
+    assert at.get("graphviz_chart")
+    for expr in ("(x * y).relu() + y.sigmoid()", "(x * x + y * y).log()"):
+        at.selectbox(key="sb_expr").select(expr).run()
+        _ok(at)
+    at.number_input(key="sb_x").set_value(2.0).run()
+    at.number_input(key="sb_y").set_value(3.0).run()
+    at.selectbox(key="sb_expr").select("custom").run()
+    at.text_input(key="sb_custom").input("x * x * y").run()
+    _ok(at)
+    assert float(_metric(at, "d out / dx (backward)")) == pytest.approx(2 * 2.0 * 3.0)
+    assert float(_metric(at, "d out / dy (backward)")) == pytest.approx(4.0)
+    at.text_input(key="sb_custom").input("__import__('os')").run()  # no builtins: an error message
+    _ok(at)
+    assert at.error
