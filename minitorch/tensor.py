@@ -401,6 +401,25 @@ class Tensor:
             shape = tuple(shape[0])
         return _tf.View.apply(self, tuple(int(s) for s in shape))
 
+    def flash_attention(self, k: "Tensor", v: "Tensor", **options: Any) -> Any:
+        """Fused attention with this tensor as the queries: ``q (B, H, Nq, D)``, ``k, v (B, Hkv, Nk, D)``.
+
+        Same options as :func:`minitorch.flash_attention` (causal, scale, window, key_padding_mask, attn_bias,
+        dropout, seed, return_lse, q_positions, k_positions, block_q, block_k, order).
+        """
+        from .attention.flash import flash_attention
+
+        return flash_attention(self, k, v, **options)
+
+    @property
+    def __cuda_array_interface__(self) -> Any:
+        """CUDA array interface (v3) of a CUDA tensor's strided view, for zero-copy interop (CuPy, PyTorch)."""
+        if not self.is_cuda:
+            raise AttributeError("__cuda_array_interface__ needs a CUDA tensor (CudaBackend)")
+        from .cuda_ops import cuda_array_interface
+
+        return cuda_array_interface(self._tensor)
+
     def _check_dim(self, dim: Optional[int]) -> Optional[int]:
         if dim is None:
             return None
