@@ -49,3 +49,4 @@ from .attention.tiling import TileOrder, TileSchedule, TileType  # noqa: F401
 from .attention.flash import attention_reference, flash_attention  # noqa: F401
 from .attention.kv_cache import DecoderFeedbackBuffer, RingBufferKVCache  # noqa: F401
 from .attention.ring_buffer import BufferState, RingBufferAttention, RingBufferConfig  # noqa: F401
+from .attention.dma import FlashDMAAttention, flash_dma_attention  # noqa: F401

@@ -582,3 +582,7 @@ class FlashAttention(Function):
         if bias is not None and dbias is not None:
             db = wrap(dbias.reshape(bias.shape), backend)
         return wrap(dq, backend), wrap(dk, backend), wrap(dv, backend), db, None
+
+
+# FlashDMAAttention lives with the rest of Dynamic Mask Attention (it needs `Function`, defined above).
+from .attention.dma import FlashDMAAttention  # noqa: E402,F401
