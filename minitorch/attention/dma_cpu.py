@@ -9,10 +9,9 @@ The six functions of every DMA implementation (see :mod:`.dma`)::
     backward(q, k, v, z, sel, out, lse, dout, spec) -> (dq, dk, dv, dz)
 
 The kernels are flash attention's (:mod:`.cpu`, FlashAttention-2, same program structure and buffer layouts) with
-three changes. They share :mod:`.cpu`'s explicit-SIMD tile steps (``_matmul``: ``C (+)= A B``, ``_rows_max``,
-``_exp_rows``), so that the benchmark compares the same micro-kernels, and fall back to portable versions with the
-same contracts if those ever move (``USING_CPU_MATMUL`` says which ran). Everything else (the float32 ``exp``, the
-grid launcher, the loads) is local, so that the two modules can evolve independently:
+three changes. They reuse :mod:`.cpu`'s building blocks (the explicit-SIMD tile steps ``_matmul``: ``C (+)= A B``,
+``_rows_max``, ``_exp_rows``; the float32 ``exp``; the query-tile loads; the padded tile shapes; the dropout hash;
+the grid launcher), so that the benchmark compares the same micro-kernels; only the DMA-specific steps are local:
 
 * the key tiles are tiles of the compacted key list ``sel.kidx[b, g]`` (the keys some query keeps): K and V rows
   are *gathered* through it, and a tile is visited only if ``sel.types[b, g, tq, tc]`` is not SKIP;
@@ -36,17 +35,31 @@ summation order: bitwise reproducible. The selection runs one program per (batch
 
 from __future__ import annotations
 
-import threading
 from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional, Tuple
+from typing import Tuple
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.core.extending import intrinsic, overload
 
+# flash attention's CPU building blocks (same contracts, same compiled micro-kernels): the explicit-SIMD tile
+# steps, the float32 exp, the loads, the padded tile shapes, the dropout hash and the grid launcher
+from .cpu import (
+    _FM_REDUCE,
+    DropoutArg,
+    _as_input,
+    _dropout_hash,
+    _exp_rows,
+    _helper,
+    _kernel,
+    _launch,
+    _load_query_tile,
+    _load_rows,
+    _masked_value,
+    _matmul,
+    _rows_max,
+    _tile_shapes,
+    exp,
+)
 from .dma import (
     DMASpec,
     Selection,
@@ -58,164 +71,11 @@ from .dma import (
     importance,
     importance_backward,
 )
-from .dropout import build_dropout_hash
 
 __all__ = ["importance", "importance_backward", "select", "forward", "backward"]
 
 Rows = namedtuple("Rows", "causal off")
 """``causal``: query row i sees the keys ``j <= off + i``."""
-DropoutArg = namedtuple("DropoutArg", "present seed threshold inv_keep")
-"""Keep element iff ``dropout_hash(seed, b, h, i, j) >= threshold``; kept probabilities are scaled by ``inv_keep``."""
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Compilation and launching
-# ------------------------------------------------------------------------------------------------------------------
-
-# Reassociation lets LLVM vectorize dot products and row sums (in an order fixed at compile time: results stay
-# bitwise reproducible). Never 'nnan'/'ninf': lse = -inf and the masked sentinel must behave exactly.
-_FM_REDUCE = frozenset({"reassoc", "contract", "nsz", "arcp"})
-_FM_EXACT = frozenset({"contract", "nsz", "arcp"})
-
-
-def _helper(fastmath: frozenset = _FM_EXACT, **kw: Any) -> Callable:
-    """``numba.njit`` for a helper called from kernels only: cached on disk, no Python entry point."""
-    return numba.njit(cache=True, fastmath=set(fastmath), no_cpython_wrapper=True, no_cfunc_wrapper=True, **kw)
-
-
-def _kernel(fastmath: frozenset = _FM_REDUCE) -> Callable:
-    """``numba.njit`` for a grid kernel ``kernel(worker, n_workers, ...)``: cached, and it releases the GIL."""
-    return numba.njit(cache=True, nogil=True, fastmath=set(fastmath))
-
-
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_lock = threading.Lock()
-
-
-def _launch(kernel: Callable, n_programs: int, *args: Any) -> None:
-    """Run ``kernel(worker, n_workers, *args)`` on ``min(numba threads, n_programs)`` threads and wait (a grid
-    launch). Programs write disjoint memory, so how they are shared out cannot change a result."""
-    global _pool
-    n_workers = max(1, min(numba.get_num_threads(), n_programs))
-    if n_workers == 1:
-        kernel(0, 1, *args)
-        return
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < n_workers - 1:  # type: ignore[attr-defined]
-            _pool = ThreadPoolExecutor(max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
-                                       thread_name_prefix="minitorch-dma")
-        pool = _pool
-    futures = [pool.submit(kernel, w, n_workers, *args) for w in range(1, n_workers)]
-    try:
-        kernel(0, n_workers, *args)
-    finally:
-        for f in futures:
-            f.result()
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Tile building blocks
-# ------------------------------------------------------------------------------------------------------------------
-
-
-@intrinsic
-def _float32_from_bits(typingctx, bits):  # type: ignore[no-untyped-def]
-    """Reinterpret the low 32 bits of an integer as a float32: builds ``2**n`` for exp."""
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        value = args[0]
-        if bits.bitwidth > 32:
-            value = builder.trunc(value, ir.IntType(32))
-        return builder.bitcast(value, ir.FloatType())
-
-    return types.float32(bits), codegen
-
-
-_EXP_LO = np.float32(-87.33)  # below this, float32 exp underflows: the result is 0
-_EXP_HI = np.float32(88.0)
-_LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693359375)  # ln 2 = _LN2_HI + _LN2_LO (Cody-Waite)
-_LN2_LO = np.float32(-2.12194440e-4)
-
-
-def exp(x):  # type: ignore[no-untyped-def]
-    """``exp(x)`` in the kernels: libm for float64; for float32 the branch-free Cephes polynomial (about 1 ulp)
-    that LLVM vectorizes, exactly 0 below -87.33 (and for -inf)."""
-    return np.exp(x)
-
-
-@overload(exp, jit_options={"fastmath": set(_FM_EXACT)})
-def _exp_overload(x):  # type: ignore[no-untyped-def]
-    if isinstance(x, types.Float) and x.bitwidth == 32:
-
-        def exp_float32(x):  # type: ignore[no-untyped-def]
-            xc = min(max(x, _EXP_LO), _EXP_HI)
-            n = np.floor(xc * _LOG2E + np.float32(0.5))
-            r = xc - n * _LN2_HI
-            r = r - n * _LN2_LO
-            p = np.float32(1.9875691500e-4)
-            p = p * r + np.float32(1.3981999507e-3)
-            p = p * r + np.float32(8.3334519073e-3)
-            p = p * r + np.float32(4.1665795894e-2)
-            p = p * r + np.float32(1.6666665459e-1)
-            p = p * r + np.float32(5.0000001201e-1)
-            p = p * r * r + r + np.float32(1.0)
-            y = p * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
-            return y if x >= _EXP_LO else np.float32(0.0)
-
-        return exp_float32
-    return lambda x: np.exp(x)
-
-
-def _matmul_portable(a, b, c, M, N, K, accumulate):  # type: ignore[no-untyped-def]
-    """``C[:M, :N] (+)= A[:M, :K] @ B[:K, :N]`` (the fallback of :mod:`.cpu`'s SIMD ``_matmul``, same contract:
-    rows of A and C padded to 4, columns of B and C to two vectors). The inner loop runs along rows of B and C."""
-    zero = c.dtype.type(0)
-    for i in range(M):
-        if not accumulate:
-            for j in range(N):
-                c[i, j] = zero
-        for kk in range(K):
-            x = a[i, kk]
-            for j in range(N):
-                c[i, j] += x * b[kk, j]
-
-
-def _rows_max_portable(s, nr, nc, m, m_new):  # type: ignore[no-untyped-def]
-    """``m_new[i] = max(m[i], max(s[i, :nc]))``."""
-    for i in range(nr):
-        mx = m[i]
-        for j in range(nc):
-            x = s[i, j]
-            mx = x if x > mx else mx
-        m_new[i] = mx
-
-
-def _exp_rows_portable(s, nr, nc, shift, rowsum):  # type: ignore[no-untyped-def]
-    """``s[i, :nc] = exp(s[i, :nc] - shift[i])`` and ``rowsum[i] = sum(s[i, :nc])``."""
-    for i in range(nr):
-        acc = s.dtype.type(0)
-        for j in range(nc):
-            p = exp(s[i, j] - shift[i])
-            s[i, j] = p
-            acc += p
-        rowsum[i] = acc
-
-
-try:  # the explicit-SIMD tile steps of the flash attention kernels: DMA and dense attention share them
-    from .cpu import _exp_rows, _matmul, _rows_max, vwidth
-
-    USING_CPU_MATMUL = True
-except ImportError:  # pragma: no cover - cpu.py reorganised: slower steps with the same contracts
-    _matmul = _helper(fastmath=_FM_REDUCE)(_matmul_portable)
-    _rows_max = _helper(fastmath=_FM_REDUCE)(_rows_max_portable)
-    _exp_rows = _helper(fastmath=_FM_REDUCE)(_exp_rows_portable)
-    USING_CPU_MATMUL = False
-
-    def vwidth(x):  # type: ignore[no-untyped-def]
-        return 16
 
 
 @_helper(fastmath=_FM_REDUCE)
@@ -227,29 +87,6 @@ def _row_sum(x, i, n):  # type: ignore[no-untyped-def]
     return acc
 
 
-@_helper()
-def _masked_value(x):  # type: ignore[no-untyped-def]
-    """The finite sentinel of a masked score (and of 'no key seen yet' in the running max)."""
-    return x.dtype.type(np.finfo(x.dtype).min)
-
-
-@_helper()
-def _round_up(n, k):  # type: ignore[no-untyped-def]
-    return (n + k - 1) // k * k
-
-
-@_helper()
-def _load_rows(src, start, n, dst, scale, transposed):  # type: ignore[no-untyped-def]
-    """``dst[:n] = scale * src[start:start + n]`` for ``(rows, D)`` arrays, or its transpose into ``dst[:, :n]``."""
-    for r in range(n):
-        for d in range(src.shape[1]):
-            if transposed:
-                dst[d, r] = src[start + r, d] * scale
-            else:
-                dst[r, d] = src[start + r, d] * scale
-
-
-_dropout_hash = build_dropout_hash(numba.njit(inline="always"))
 _select_head, _tile_flags = build_selection(numba.njit(inline="always"))
 
 
@@ -307,13 +144,6 @@ def _kept(zj, j, qp, causal, tv, ti):  # type: ignore[no-untyped-def]
 
 
 @_helper()
-def _tile_shapes(Br, Bc, D, like):  # type: ignore[no-untyped-def]
-    """Padded tile sizes (the tile product's contract): rows to a multiple of 4, columns to two vectors."""
-    W2 = 2 * vwidth(like)
-    return _round_up(Br, 4), _round_up(Bc, 4), _round_up(Bc, W2), _round_up(D, W2)
-
-
-@_helper()
 def _gather(k2, v2, z1, kidx1, cs, n, kT, v_rows, v_t, zt, jt):  # type: ignore[no-untyped-def]
     """Load key tile ``cs:cs+n`` of the compacted list: ``kT[:, r] = K[kidx[cs+r]]`` (transposed), V into
     ``v_rows[r]`` and/or ``v_t[:, r]`` (arrays of size 1 are skipped), ``zt[r] = z[j]``, ``jt[r] = j``."""
@@ -363,18 +193,6 @@ def _transpose(src, nr, nc, dst):  # type: ignore[no-untyped-def]
     for i in range(nr):
         for j in range(nc):
             dst[j, i] = src[i, j]
-
-
-@_helper()
-def _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, delta_t):  # type: ignore[no-untyped-def]
-    """``scale Q_i``, ``dO_i``, ``lse_i``, ``delta_i``; a row that kept no key (``lse = -inf``) gets ``+max``, so that
-    ``exp(S - lse)`` is exactly 0 there."""
-    _load_rows(q[b, h], qs, nr, qt, scale, False)
-    _load_rows(dout[b, h], qs, nr, doi, q.dtype.type(1), False)
-    for i in range(nr):
-        x = lse[b, h, qs + i]
-        lse_t[i] = x if x != -np.inf else np.finfo(lse_t.dtype).max
-        delta_t[i] = delta[b, h, qs + i]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -436,7 +254,7 @@ def _dma_fwd(worker, n_workers, q, k, v, z, kidx, counts, types, thr_val, thr_id
         g = h // group
         qs = tq * Br
         nr = min(Br, Nq - qs)
-        _load_rows(q[b, h], qs, nr, qt, scale, False)
+        _load_rows(q[b, h], qs, nr, qt, scale)
         acc[:] = 0
         l[:] = 0
         m[:] = _masked_value(m)
@@ -478,6 +296,17 @@ def _dma_bwd_tile(qt, doi, kT, vT, zt, jt, lse_t, delta_t, s, dp, scratch, nr, n
             dp[i, c] = s[i, c] * (dp[i, c] - di)
 
 
+@_helper()
+def _bwd_buffers(like, R4, Bcp, D, Dp):  # type: ignore[no-untyped-def]
+    """The tile buffers of both backward kernels: ``qt (R4, Dp)`` (scale Q_i: A of S = Q K^T, B of dK = dS^T
+    (scale Q)), ``doi (R4, Dp)`` (dO_i), ``lse_t, delta_t, scratch (R4,)``, ``kT, vT (D, Bcp)``, ``none (1, 1)``,
+    ``zt (Bcp,)``, ``jt (Bcp,)`` int64, ``s, dp (R4, Bcp)``."""
+    T = like.dtype
+    return (np.zeros((R4, Dp), T), np.zeros((R4, Dp), T), np.zeros(R4, T), np.zeros(R4, T), np.zeros(R4, T),
+            np.zeros((D, Bcp), T), np.zeros((D, Bcp), T), np.zeros((1, 1), T), np.zeros(Bcp, T),
+            np.zeros(Bcp, np.int64), np.zeros((R4, Bcp), T), np.zeros((R4, Bcp), T))
+
+
 @_kernel()
 def _dma_dq(worker, n_workers, q, k, v, z, kidx, counts, types, thr_val, thr_idx, dout, lse, delta, dq, rs, Br, Bc, scale, rows, drop):  # type: ignore[no-untyped-def]
     """dQ and the row sums ``rs`` of dS. Grid: one program per (batch, head, query tile); disjoint rows."""
@@ -486,19 +315,8 @@ def _dma_dq(worker, n_workers, q, k, v, z, kidx, counts, types, thr_val, thr_idx
     group = H // k.shape[1]
     Tr = (Nq + Br - 1) // Br
     R4, _, Bcp, Dp = _tile_shapes(Br, Bc, D, q)
-    qt = np.zeros((R4, D), T)
-    doi = np.zeros((R4, D), T)
-    lse_t = np.zeros(R4, T)
-    delta_t = np.zeros(R4, T)
-    scratch = np.zeros(R4, T)
-    kT = np.zeros((D, Bcp), T)
-    vT = np.zeros((D, Bcp), T)
+    qt, doi, lse_t, delta_t, scratch, kT, vT, none, zt, jt, s, dp = _bwd_buffers(q, R4, Bcp, D, Dp)
     kj = np.zeros((Bc, Dp), T)
-    none = np.zeros((1, 1), T)
-    zt = np.zeros(Bcp, T)
-    jt = np.zeros(Bcp, np.int64)
-    s = np.zeros((R4, Bcp), T)
-    dp = np.zeros((R4, Bcp), T)
     dq_acc = np.zeros((R4, Dp), T)
     rsum = np.zeros(R4, T)
     for prog in range(worker, B * H * Tr, n_workers):
@@ -541,18 +359,7 @@ def _dma_dkdv(worker, n_workers, q, k, v, z, kidx, counts, types, thr_val, thr_i
     group = q.shape[1] // Hkv
     Tr, Tc = types.shape[2], types.shape[3]
     R4, C4, Bcp, Dp = _tile_shapes(Br, Bc, D, q)
-    qt = np.zeros((R4, Dp), T)  # scale Q_i: A of S = Q K^T and B of dK = dS^T (scale Q)
-    doi = np.zeros((R4, Dp), T)  # dO_i: A of dP = dO V^T and B of dV = P^T dO
-    lse_t = np.zeros(R4, T)
-    delta_t = np.zeros(R4, T)
-    scratch = np.zeros(R4, T)
-    kT = np.zeros((D, Bcp), T)
-    vT = np.zeros((D, Bcp), T)
-    none = np.zeros((1, 1), T)
-    zt = np.zeros(Bcp, T)
-    jt = np.zeros(Bcp, np.int64)
-    s = np.zeros((R4, Bcp), T)
-    dp = np.zeros((R4, Bcp), T)
+    qt, doi, lse_t, delta_t, scratch, kT, vT, none, zt, jt, s, dp = _bwd_buffers(q, R4, Bcp, D, Dp)
     pT = np.zeros((C4, R4), T)
     dsT = np.zeros((C4, R4), T)
     dk_acc = np.zeros((C4, Dp), T)
@@ -602,12 +409,6 @@ def _dma_dkdv(worker, n_workers, q, k, v, z, kidx, counts, types, thr_val, thr_i
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _arr(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """C-contiguous and writeable (read-only arrays would compile a second version of every kernel)."""
-    a = np.ascontiguousarray(x, dtype=dtype)
-    return a if a.flags.writeable else a.copy()
-
-
 def _dtype(q: np.ndarray) -> np.dtype:
     dtype = np.dtype(q.dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
@@ -623,14 +424,14 @@ def _options(spec: DMASpec, dtype: np.dtype) -> Tuple[Rows, DropoutArg]:
 
 
 def _sel_arrays(sel: Selection, z: np.ndarray, dtype: np.dtype) -> Tuple[np.ndarray, ...]:
-    return (_arr(z, dtype), sel.kidx, sel.counts, sel.types, _arr(sel.thr_val, dtype), sel.thr_idx)
+    return (_as_input(z, dtype), sel.kidx, sel.counts, sel.types, _as_input(sel.thr_val, dtype), sel.thr_idx)
 
 
 def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, z: np.ndarray, sel: Selection, spec: DMASpec
             ) -> Tuple[np.ndarray, np.ndarray]:
     """Fused DMA forward: ``out (B, H, Nq, D)``, ``lse (B, H, Nq)`` (``-inf`` for rows that keep no key)."""
     dtype = _dtype(q)
-    q, k, v = (_arr(x, dtype) for x in (q, k, v))
+    q, k, v = (_as_input(x, dtype) for x in (q, k, v))
     B, H, Nq, D = q.shape
     out = np.zeros((B, H, Nq, D), dtype)
     lse = np.full((B, H, Nq), -np.inf, dtype)
@@ -646,7 +447,7 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, z: np.ndarray, sel: Se
              lse: np.ndarray, dout: np.ndarray, spec: DMASpec) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fused DMA backward: ``(dq, dk, dv, dz)``; keys no query keeps get zero gradients."""
     dtype = _dtype(q)
-    q, k, v, out, dout, lse = (_arr(x, dtype) for x in (q, k, v, out, dout, lse))
+    q, k, v, out, dout, lse = (_as_input(x, dtype) for x in (q, k, v, out, dout, lse))
     B, H, Nq, D = q.shape
     dq = np.zeros_like(q)
     dk = np.zeros_like(k)

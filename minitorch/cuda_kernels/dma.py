@@ -72,6 +72,19 @@ def _kept(zj, j, qp, causal, tv, ti):  # type: ignore[no-untyped-def]
 kept = device(_kept)
 
 
+def _tile_kept(zj, j, qp, causal, tv, ti, t):  # type: ignore[no-untyped-def]
+    """Is list entry ``j`` (``-1``: past the end of the list) a key the row keeps, in a tile of type ``t`` (DENSE:
+    every listed key is kept, no per-element test)?"""
+    if j < 0:
+        return False
+    if t == DENSE:
+        return True
+    return kept(zj, j, qp, causal, tv, ti)
+
+
+tile_kept = device(_tile_kept)
+
+
 def _grid1(n: int) -> Tuple[int, int]:
     return (max(1, -(-n // ROW_THREADS)), ROW_THREADS)
 
@@ -364,6 +377,76 @@ def make_gather_rows(shape: TileShape, dtype: Any, rows: int) -> Any:
     return device(gather_rows)
 
 
+def make_load_keys(shape: TileShape, dtype: Any) -> Any:
+    """``load_keys(kjs, zs, z, kidx, b, g, c0, count)``: ``kjs[jj] = kidx[b, g, c0 + jj]`` and
+    ``zs[jj] = z[b, g, kjs[jj]]`` for ``c0 + jj < count``, ``-1`` and zero elsewhere (``C`` entries; cooperative)."""
+    ZERO = np.dtype(dtype).type(0.0)
+    C, TX, NT = shape.C, shape.TX, shape.threads
+
+    def load_keys(kjs, zs, z, kidx, b, g, c0, count):  # type: ignore[no-untyped-def]
+        tid = cuda.threadIdx.y * TX + cuda.threadIdx.x
+        for jj in range(tid, C, NT):
+            c = c0 + jj
+            if c < count:
+                j = kidx[b, g, c]
+                kjs[jj] = j
+                zs[jj] = z[b, g, j]
+            else:
+                kjs[jj] = -1
+                zs[jj] = ZERO
+
+    return device(load_keys)
+
+
+def make_load_thresholds(shape: TileShape, dtype: Any) -> Any:
+    """``load_thresholds(qpos, tv, ti, thr_val, thr_idx, b, g, q0, Nq, off)``: the position and the threshold of
+    each of the thread's ``RM`` query rows (``-1``, zero, ``-1`` past ``Nq``)."""
+    ZERO = np.dtype(dtype).type(0.0)
+    RM, TY = shape.RM, shape.TY
+
+    def load_thresholds(qpos, tv, ti, thr_val, thr_idx, b, g, q0, Nq, off):  # type: ignore[no-untyped-def]
+        ty = cuda.threadIdx.y
+        for r in range(RM):
+            i = q0 + ty + r * TY
+            qpos[r] = -1
+            tv[r] = ZERO
+            ti[r] = -1
+            if i < Nq:
+                qpos[r] = off + i
+                tv[r] = thr_val[b, g, i]
+                ti[r] = thr_idx[b, g, i]
+
+    return device(load_thresholds)
+
+
+def make_grad_element(dtype: Any, has_dropout: bool) -> Any:
+    """``grad_element(sv, zj, j, qp, tv, ti, t, valid, lse_i, delta_i, dpv, causal, scale, seed, b, h, i, thr, rp)
+    -> (pz, ds)`` of both backward kernels: the recomputed probability ``p = exp(scale sv + zj - lse_i)`` (0 where
+    the row does not keep the key), ``pz = p Z`` (dropped out) and ``dS = p (dP Z - delta_i)``."""
+    npdt = np.dtype(dtype).type
+    ZERO, NEG_HALF_ = npdt(0.0), npdt(NEG_HALF)
+    HAS_DROPOUT = bool(has_dropout)
+
+    def grad_element(sv, zj, j, qp, tv, ti, t, valid, lse_i, delta_i, dpv,  # type: ignore[no-untyped-def]
+                     causal, scale, seed, b, h, i, thr, rp):
+        ok = valid and tile_kept(zj, j, qp, causal, tv, ti, t)
+        x = sv * scale + zj
+        p = ZERO
+        if ok and x > NEG_HALF_:
+            p = math.exp(x - lse_i)
+        pz = p
+        if HAS_DROPOUT:
+            if ok and dropout_hash(seed, b, h, i, j) >= thr:
+                pz = p * rp
+                dpv = dpv * rp
+            else:
+                pz = ZERO
+                dpv = ZERO
+        return pz, p * (dpv - delta_i)
+
+    return device(grad_element)
+
+
 def make_forward(shape: TileShape, dtype: Any, has_dropout: bool) -> Any:
     """Fused DMA forward, grid ``(Tr, B*H)``, block ``(TX, TY)``: ``R`` queries x ``C`` keys of the list.
 
@@ -375,6 +458,8 @@ def make_forward(shape: TileShape, dtype: Any, has_dropout: bool) -> Any:
     ops = tile_ops(shape, dtype)
     load_rows, dot_tile, acc_tile = ops.load_rows, ops.dot_tile, ops.acc_tile
     gather_rows = make_gather_rows(shape, dtype, shape.C)
+    load_keys = make_load_keys(shape, dtype)
+    load_thresholds = make_load_thresholds(shape, dtype)
     dt = numba_type(dtype)
     npdt = np.dtype(dtype).type
     ZERO, ONE, NEG_, NEG_HALF_, NEG_INF = npdt(0.0), npdt(1.0), npdt(NEG), npdt(NEG_HALF), npdt(-np.inf)
@@ -411,15 +496,8 @@ def make_forward(shape: TileShape, dtype: Any, has_dropout: bool) -> Any:
         Nq = q.shape[2]
         D = q.shape[3]
         q0 = tq * R
+        load_thresholds(qpos, tv, ti, thr_val, thr_idx, b, g, q0, Nq, off)
         for r in range(RM):
-            i = q0 + ty + r * TY
-            qpos[r] = -1
-            tv[r] = ZERO
-            ti[r] = -1
-            if i < Nq:
-                qpos[r] = off + i
-                tv[r] = thr_val[b, g, i]
-                ti[r] = thr_idx[b, g, i]
             m_i[r] = NEG_
             l_i[r] = ZERO
             for e in range(DPT):
@@ -435,15 +513,7 @@ def make_forward(shape: TileShape, dtype: Any, has_dropout: bool) -> Any:
             # 1. gather K_j, z_j and the key indices (after everyone is done with the previous V_j and P)
             cuda.syncthreads()
             gather_rows(KVs, k, b, g, kidx, c0, count, D)
-            for jj in range(tid, C, NT):
-                c = c0 + jj
-                if c < count:
-                    j = kidx[b, g, c]
-                    kjs[jj] = j
-                    zs[jj] = z[b, g, j]
-                else:
-                    kjs[jj] = -1
-                    zs[jj] = ZERO
+            load_keys(kjs, zs, z, kidx, b, g, c0, count)
             cuda.syncthreads()
             # 2. s = scale Q K^T + z, masked where the row does not keep the key; row max partials
             dot_tile(s, Qs, KVs)
@@ -453,10 +523,7 @@ def make_forward(shape: TileShape, dtype: Any, has_dropout: bool) -> Any:
                 for cc in range(RN):
                     col = tx + cc * TX
                     x = s[r, cc] * scale + zs[col]
-                    ok = kjs[col] >= 0
-                    if ok and t != DENSE:
-                        ok = kept(zs[col], kjs[col], qpos[r], causal, tv[r], ti[r])
-                    if not ok:
+                    if not tile_kept(zs[col], kjs[col], qpos[r], causal, tv[r], ti[r], t):
                         x = NEG_
                     s[r, cc] = x
                     mx = max(mx, x)
@@ -528,6 +595,7 @@ def make_dkdv(shape: TileShape, dtype: Any, has_dropout: bool) -> Any:
     ops = tile_ops(shape, dtype)
     load_rows, dot_tile, acc_tile = ops.load_rows, ops.dot_tile, ops.acc_tile
     gather_rows = make_gather_rows(shape, dtype, shape.R)
+    grad_element = make_grad_element(dtype, has_dropout)
     dt = numba_type(dtype)
     npdt = np.dtype(dtype).type
     ZERO, BIG_, NEG_HALF_ = npdt(0.0), npdt(BIG), npdt(NEG_HALF)
@@ -535,7 +603,6 @@ def make_dkdv(shape: TileShape, dtype: Any, has_dropout: bool) -> Any:
     C1 = C + 1
     RM, RN, DPT, NT = shape.RM, shape.RN, shape.DPT, shape.threads
     NCOL = -(-R // NT)  # key rows per thread for dz
-    HAS_DROPOUT = bool(has_dropout)
 
     def dma_dkdv(q, k, v, z, kidx, counts, types, thr_val, thr_idx, dout, lse, delta, rs, dk, dv, dz,  # type: ignore[no-untyped-def]
                  causal, off, scale, seed, thr, rp):
@@ -624,24 +691,10 @@ def make_dkdv(shape: TileShape, dtype: Any, has_dropout: bool) -> Any:
                     for cc in range(RN):
                         col = tx + cc * TX
                         i = q0 + col
-                        ok = kj[a] >= 0 and i < Nq
-                        x = s[a, cc] * scale + kz[a]
-                        if ok and t != DENSE:
-                            ok = kept(kz[a], kj[a], qps[col], causal, tv_s[col], ti_s[col])
-                        p = ZERO
-                        if ok and x > NEG_HALF_:
-                            p = math.exp(x - lse_s[col])
-                        zz = p
-                        dpv = dp[a, cc]
-                        if HAS_DROPOUT:
-                            if ok and dropout_hash(seed, b, h, i, kj[a]) >= thr:
-                                zz = p * rp
-                                dpv = dpv * rp
-                            else:
-                                zz = ZERO
-                                dpv = ZERO
+                        zz, ds = grad_element(s[a, cc], kz[a], kj[a], qps[col], tv_s[col], ti_s[col], t, i < Nq,
+                                              lse_s[col], del_s[col], dp[a, cc], causal, scale, seed, b, h, i, thr, rp)
                         Zs[kr, col] = zz
-                        dSs[kr, col] = p * (dpv - del_s[col])
+                        dSs[kr, col] = ds
                 cuda.syncthreads()
 
                 acc_tile(dv_acc, Zs, dOs)  # dV += Z^T dO
@@ -682,12 +735,14 @@ def make_dq(shape: TileShape, dtype: Any, has_dropout: bool) -> Any:
     ops = tile_ops(shape, dtype)
     load_rows, dot_tile, acc_tile = ops.load_rows, ops.dot_tile, ops.acc_tile
     gather_rows = make_gather_rows(shape, dtype, shape.C)
+    load_keys = make_load_keys(shape, dtype)
+    load_thresholds = make_load_thresholds(shape, dtype)
+    grad_element = make_grad_element(dtype, has_dropout)
     dt = numba_type(dtype)
     npdt = np.dtype(dtype).type
     ZERO, BIG_, NEG_HALF_ = npdt(0.0), npdt(BIG), npdt(NEG_HALF)
     R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
     RM, RN, DPT, NT = shape.RM, shape.RN, shape.DPT, shape.threads
-    HAS_DROPOUT = bool(has_dropout)
 
     def dma_dq(q, k, v, z, kidx, counts, types, thr_val, thr_idx, dout, lse, delta, dq, rs,  # type: ignore[no-untyped-def]
                causal, off, scale, seed, thr, rp):
@@ -723,21 +778,16 @@ def make_dq(shape: TileShape, dtype: Any, has_dropout: bool) -> Any:
 
         load_rows(Qs, q, b, h, q0, Nq, D, R)
         load_rows(dOs, dout, b, h, q0, Nq, D, R)
+        load_thresholds(qpos, tv, ti, thr_val, thr_idx, b, g, q0, Nq, off)
         for r in range(RM):
             i = q0 + ty + r * TY
-            qpos[r] = -1
             lse_r[r] = BIG_
             del_r[r] = ZERO
-            tv[r] = ZERO
-            ti[r] = -1
             rsum[r] = ZERO
             if i < Nq:
-                qpos[r] = off + i
                 li = lse[b, h, i]
                 lse_r[r] = li if li > NEG_HALF_ else BIG_
                 del_r[r] = delta[b, h, i]
-                tv[r] = thr_val[b, g, i]
-                ti[r] = thr_idx[b, g, i]
             for e in range(DPT):
                 acc[r, e] = ZERO
 
@@ -750,15 +800,7 @@ def make_dq(shape: TileShape, dtype: Any, has_dropout: bool) -> Any:
             cuda.syncthreads()  # everyone is done with the previous K, V, dS
             gather_rows(Ks, k, b, g, kidx, c0, count, D)
             gather_rows(Vs, v, b, g, kidx, c0, count, D)
-            for jj in range(tid, C, NT):
-                c = c0 + jj
-                if c < count:
-                    j = kidx[b, g, c]
-                    kjs[jj] = j
-                    zs[jj] = z[b, g, j]
-                else:
-                    kjs[jj] = -1
-                    zs[jj] = ZERO
+            load_keys(kjs, zs, z, kidx, b, g, c0, count)
             cuda.syncthreads()
 
             dot_tile(s, Qs, Ks)
@@ -768,20 +810,8 @@ def make_dq(shape: TileShape, dtype: Any, has_dropout: bool) -> Any:
                 i = q0 + row
                 for cc in range(RN):
                     col = tx + cc * TX
-                    ok = kjs[col] >= 0 and i < Nq
-                    x = s[r, cc] * scale + zs[col]
-                    if ok and t != DENSE:
-                        ok = kept(zs[col], kjs[col], qpos[r], causal, tv[r], ti[r])
-                    p = ZERO
-                    if ok and x > NEG_HALF_:
-                        p = math.exp(x - lse_r[r])
-                    dpv = dp[r, cc]
-                    if HAS_DROPOUT:
-                        if ok and dropout_hash(seed, b, h, i, kjs[col]) >= thr:
-                            dpv = dpv * rp
-                        else:
-                            dpv = ZERO
-                    x = p * (dpv - del_r[r])
+                    _, x = grad_element(s[r, cc], zs[col], kjs[col], qpos[r], tv[r], ti[r], t, i < Nq, lse_r[r],
+                                        del_r[r], dp[r, cc], causal, scale, seed, b, h, i, thr, rp)
                     dSs[row, col] = x
                     rsum[r] += x
             cuda.syncthreads()
