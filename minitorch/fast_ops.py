@@ -14,16 +14,23 @@ How the elementwise kernels walk a strided tensor (no index buffer per element):
   (`_carry_deltas`). Broadcasting is folded into the strides: an input's strides, aligned to the output's dims,
   are 0 along broadcast dims (`_broadcast_strides`), which is exactly what `broadcast_index` computes per index.
 * **Reduce** walks the *output* that way and runs the reduced dim as an inner loop with a fixed step (a plain
-  contiguous loop when the step is 1), without index functions in the inner loop.
+  contiguous loop when the step is 1), without index functions in the inner loop. When the reduced dim is not
+  contiguous but the last dim is (``sum(0)`` of a row-major matrix), it instead adds whole rows of the input into a
+  block of the output, so that every loop reads contiguous memory.
 * **Matmul** packs its operands so that the rows of ``A`` and the columns of ``B`` are contiguous (a copy only when
   they are not already), then computes 4x4 blocks of the output with 16 dot products that share their loads
   (each dot product: one multiply-add per step), over cache tiles of 64x64 outputs.
 
-The scalar function given to ``map``/``zip``/``reduce`` (from `operators.py`) is compiled into the kernel (LLVM inlines
-it, as it does the small ``njit`` helpers below; Numba's IR-level ``inline="always"`` gave the same machine code at
-twice the compile time, and a pedantic-IR warning for ``relu``). Kernels are
-built once per scalar function (`FastOps.map` etc. keep them in a dict) and compiled once per dtype: float32 and
-float64 storages both work and results keep the dtype.
+Every kernel is compiled twice from the same source: with threads, and without (``prange`` then runs as ``range``).
+Ops on fewer than `PARALLEL_MIN_SIZE` elements (matmuls under `MM_PARALLEL_MIN_WORK` multiply-adds) run the serial
+build, because waking the thread pool costs more than such an op (tens of microseconds on an idle machine,
+milliseconds on an oversubscribed one).
+
+The scalar function given to ``map``/``zip``/``reduce`` (from `operators.py`) is compiled into the kernel: LLVM
+inlines it, as it does the small ``njit`` helpers below (Numba's IR-level ``inline="always"`` gave the same run time
+at twice the compile time, and a pedantic-IR warning for ``relu``). Kernels are built once per scalar function
+(`FastOps.map` etc. keep them in a dict) and compiled once per dtype: float32 and float64 storages both work and
+results keep the dtype.
 
 Disk cache: Numba's ``cache=True`` keys a closure by the pickled contents of its cells. A cell holding a Numba
 dispatcher pickles differently in every process (a random uuid), so the cache would never hit and only grow. The
@@ -37,7 +44,8 @@ from __future__ import annotations
 
 import hashlib
 import marshal
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+import os
+from typing import TYPE_CHECKING, Any, Callable, Dict, NamedTuple, Optional
 
 import numpy as np
 from numba import njit, prange
@@ -50,6 +58,14 @@ from .tensor_ops import MapProto, TensorBackend, TensorOps
 if TYPE_CHECKING:
     from .tensor import Tensor
 
+# Numba's default thread pool on Linux is GNU OpenMP, whose idle threads spin at the end of every parallel region.
+# On a machine with more runnable processes than cores (CI runners, shared servers) the spinning threads and the
+# threads still working take turns on the cores, and a 2 ms op took 8-10 ms (median; measured on a loaded 2-core
+# VM). Sleeping threads cost a few microseconds of wake-up per op instead (small ops run serially anyway, see
+# PARALLEL_MIN_SIZE). Only a default: an OMP_WAIT_POLICY set by the user wins, and it has no effect when OpenMP was
+# started before this import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # The index helpers (same source as the Simple and CUDA backends use). Plain ``njit``: LLVM inlines these small
 # functions into the kernels anyway, and Numba compiles each helper once instead of once per kernel (IR-level
 # ``inline="always"`` doubled the compile time of every kernel for the same run time).
@@ -59,6 +75,12 @@ broadcast_index = njit(_td.broadcast_index)
 
 CHUNK = 2048
 """Output elements per ``prange`` iteration in the strided paths (one index buffer per chunk)."""
+
+REDUCE_BLOCK = 512
+"""Reductions over a non-contiguous dim combine blocks of up to this many contiguous outputs at a time."""
+
+PARALLEL_PACK_MIN_SIZE = 1 << 16
+"""Operand copies of at least this many elements use threads (parallel matmul build only)."""
 
 MM_TILE_I = 64
 MM_TILE_J = 64
@@ -71,7 +93,7 @@ _FASTMATH_MM = {"reassoc", "contract", "nsz"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Small inline helpers shared by the kernels
+# Small helpers shared by the kernels
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -149,6 +171,15 @@ def _code_key(*fns: Callable) -> str:
 
 
 _HELPERS_KEY = _code_key(_td.to_index, _td.index_to_position, _td.broadcast_index)
+
+
+def _variant_key(fn: Optional[Callable], parallel: bool) -> str:
+    """The closure cell that keys Numba's disk cache: the scalar function's code, the index helpers' code, and the
+    variant (Numba's cache key has no compiler flags: a serial and a parallel build of the same closure would
+    otherwise load each other's machine code)."""
+    return (_code_key(fn) if fn is not None else "") + _HELPERS_KEY + ("-parallel" if parallel else "-serial")
+
+
 _JITABLE: Dict[Callable, Callable] = {}
 
 
@@ -166,14 +197,16 @@ def _jitable(fn: Callable) -> Callable:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def tensor_map(fn: Callable[[float], float]) -> Callable[..., None]:
+def tensor_map(fn: Callable[[float], float], parallel: bool = True) -> Callable[..., None]:
     """Compiled ``out[i] = fn(in[broadcast(i)])`` over every index ``i`` of the output shape.
+
+    With ``parallel=False`` the same code is compiled without threads (``prange`` runs as ``range``).
 
     Returns:
         ``_map(out, out_shape, out_strides, in_storage, in_shape, in_strides) -> None``.
     """
     f = _jitable(fn)
-    version = _code_key(fn) + _HELPERS_KEY
+    version = _variant_key(fn, parallel)
 
     def _map(
         out: Storage,
@@ -211,17 +244,17 @@ def tensor_map(fn: Callable[[float], float]) -> Callable[..., None]:
                 o += out_delta[d]
                 j += in_delta[d]
 
-    return njit(parallel=True, cache=True)(_map)
+    return njit(parallel=parallel, cache=True)(_map)
 
 
-def tensor_zip(fn: Callable[[float, float], float]) -> Callable[..., None]:
+def tensor_zip(fn: Callable[[float, float], float], parallel: bool = True) -> Callable[..., None]:
     """Compiled ``out[i] = fn(a[broadcast(i)], b[broadcast(i)])`` over every index of the output shape.
 
     Returns:
         ``_zip(out, out_shape, out_strides, a_storage, a_shape, a_strides, b_storage, b_shape, b_strides) -> None``.
     """
     f = _jitable(fn)
-    version = _code_key(fn) + _HELPERS_KEY
+    version = _variant_key(fn, parallel)
 
     def _zip(
         out: Storage,
@@ -269,10 +302,10 @@ def tensor_zip(fn: Callable[[float, float], float]) -> Callable[..., None]:
                 j += a_delta[d]
                 k += b_delta[d]
 
-    return njit(parallel=True, cache=True)(_zip)
+    return njit(parallel=parallel, cache=True)(_zip)
 
 
-def tensor_reduce(fn: Callable[[float, float], float]) -> Callable[..., None]:
+def tensor_reduce(fn: Callable[[float, float], float], parallel: bool = True) -> Callable[..., None]:
     """Compiled reduction of dim `reduce_dim`: ``out[i] = fn(...fn(fn(out[i], a[i, 0]), a[i, 1])..., a[i, n-1])``.
 
     `out` has a's shape with size 1 in `reduce_dim` and holds the start value on entry.
@@ -281,7 +314,7 @@ def tensor_reduce(fn: Callable[[float, float], float]) -> Callable[..., None]:
         ``_reduce(out, out_shape, out_strides, a_storage, a_shape, a_strides, reduce_dim) -> None``.
     """
     f = _jitable(fn)
-    version = _code_key(fn) + _HELPERS_KEY
+    version = _variant_key(fn, parallel)
 
     def _reduce(
         out: Storage,
@@ -296,7 +329,29 @@ def tensor_reduce(fn: Callable[[float, float], float]) -> Callable[..., None]:
         size = _size(out_shape)
         n = a_shape[reduce_dim]
         step = a_strides[reduce_dim]
-        # Outputs per chunk: about CHUNK input elements of work each.
+        nd = len(out_shape)
+        width = out_shape[nd - 1]
+        if step != 1 and width >= 8 and out_strides[nd - 1] == 1 and a_strides[nd - 1] == 1:
+            # Column path (e.g. sum over dim 0 of a row-major matrix): the last dim is contiguous in a and out, so
+            # sweep a's rows and combine them elementwise into a block of out (contiguous, vectorized) instead of
+            # walking every output's column with a large step.
+            lead_shape = out_shape[: nd - 1]
+            n_blocks = (width + REDUCE_BLOCK - 1) // REDUCE_BLOCK
+            for t in prange((size // width) * n_blocks):
+                row = t // n_blocks
+                lo = (t % n_blocks) * REDUCE_BLOCK
+                w = min(REDUCE_BLOCK, width - lo)
+                index = np.empty(MAX_DIMS, np.int32)
+                to_index(row, lead_shape, index)
+                o = index_to_position(index, out_strides[: nd - 1]) + lo
+                j = index_to_position(index, a_strides[: nd - 1]) + lo
+                acc = out[o : o + w]
+                for s in range(n):
+                    x = a_storage[j + s * step : j + s * step + w]
+                    for k in range(w):
+                        acc[k] = f(acc[k], x[k])
+            return
+        # Row path: outputs per chunk, about CHUNK input elements of work each.
         per_chunk = max(1, CHUNK // max(1, n))
         n_chunks = (size + per_chunk - 1) // per_chunk
         # out index has 0 in reduce_dim, so a's strides give the position of the first reduced element.
@@ -323,23 +378,45 @@ def tensor_reduce(fn: Callable[[float, float], float]) -> Callable[..., None]:
                 o += out_delta[d]
                 j += a_delta[d]
 
-    return njit(parallel=True, cache=True, fastmath=_FASTMATH_REDUCE)(_reduce)
+    return njit(parallel=parallel, cache=True, fastmath=_FASTMATH_REDUCE)(_reduce)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _pack_rows(
     storage: Storage, n_batch: int, rows: int, cols: int, s_batch: int, s_row: int, s_col: int
 ) -> np.ndarray:
     """Contiguous copy ``res[(b * rows + r) * cols + c] = storage[b * s_batch + r * s_row + c * s_col]``."""
     res = np.empty(n_batch * rows * cols, storage.dtype)
-    for t in prange(n_batch * rows):
-        b = t // rows
-        r = t % rows
-        src = b * s_batch + r * s_row
+    for t in range(n_batch * rows):
+        src = (t // rows) * s_batch + (t % rows) * s_row
         dst = res[t * cols : (t + 1) * cols]
         for c in range(cols):
             dst[c] = storage[src + c * s_col]
     return res
+
+
+@njit(parallel=True, cache=True)
+def _pack_rows_parallel(
+    storage: Storage, n_batch: int, rows: int, cols: int, s_batch: int, s_row: int, s_col: int
+) -> np.ndarray:
+    """`_pack_rows` with threads over the rows of the copy (the parallel matmul's large operands)."""
+    res = np.empty(n_batch * rows * cols, storage.dtype)
+    for t in prange(n_batch * rows):
+        src = (t // rows) * s_batch + (t % rows) * s_row
+        dst = res[t * cols : (t + 1) * cols]
+        for c in range(cols):
+            dst[c] = storage[src + c * s_col]
+    return res
+
+
+@njit
+def _pack(
+    storage: Storage, n_batch: int, rows: int, cols: int, s_batch: int, s_row: int, s_col: int, threads: bool
+) -> np.ndarray:
+    """`_pack_rows`, with threads when asked and the copy is large."""
+    if threads and n_batch * rows * cols >= PARALLEL_PACK_MIN_SIZE:
+        return _pack_rows_parallel(storage, n_batch, rows, cols, s_batch, s_row, s_col)
+    return _pack_rows(storage, n_batch, rows, cols, s_batch, s_row, s_col)
 
 
 @njit(fastmath=_FASTMATH_MM)
@@ -427,102 +504,129 @@ def _block_4x4(
     out[o3 + 3 * o_col] = c33
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH_MM)
-def _tensor_matrix_multiply(
-    out: Storage,
-    out_shape: Shape,
-    out_strides: Strides,
-    a_storage: Storage,
-    a_shape: Shape,
-    a_strides: Strides,
-    b_storage: Storage,
-    b_shape: Shape,
-    b_strides: Strides,
-) -> None:
-    """Batched ``out[n] = a[n] @ b[n]`` for 3-D operands of any strides; a batch size of 1 broadcasts.
+def _make_matrix_multiply(parallel: bool) -> Callable[..., None]:
+    """The batched matmul kernel, with threads over output tiles or (``parallel=False``) without."""
+    variant = _variant_key(None, parallel)
 
-    Shapes: a ``(Ba, n, m)``, b ``(Bb, m, p)``, out ``(max(Ba, Bb), n, p)``.
-    """
-    n_batch = out_shape[0]
-    n = out_shape[1]
-    p = out_shape[2]
-    m = a_shape[2]
-    zero = out.dtype.type(0)
+    def _tensor_matrix_multiply(
+        out: Storage,
+        out_shape: Shape,
+        out_strides: Strides,
+        a_storage: Storage,
+        a_shape: Shape,
+        a_strides: Strides,
+        b_storage: Storage,
+        b_shape: Shape,
+        b_strides: Strides,
+    ) -> None:
+        """Batched ``out[n] = a[n] @ b[n]`` for 3-D operands of any strides; a batch size of 1 broadcasts.
 
-    # A with contiguous rows: (batch stride, row stride); a copy only when the k-stride is not 1.
-    if a_strides[2] == 1 or m == 1:
-        a = a_storage
-        a_batch = a_strides[0] if a_shape[0] > 1 else 0
-        a_row = a_strides[1]
-    else:
-        a = _pack_rows(a_storage, a_shape[0], n, m, a_strides[0], a_strides[1], a_strides[2])
-        a_batch = n * m if a_shape[0] > 1 else 0
-        a_row = m
-    # B^T with contiguous rows (the columns of B): free when b is itself a transposed view.
-    if b_strides[1] == 1 or m == 1:
-        bt = b_storage
-        b_batch = b_strides[0] if b_shape[0] > 1 else 0
-        b_row = b_strides[2]
-    else:
-        bt = _pack_rows(b_storage, b_shape[0], p, m, b_strides[0], b_strides[2], b_strides[1])
-        b_batch = p * m if b_shape[0] > 1 else 0
-        b_row = m
+        Shapes: a ``(Ba, n, m)``, b ``(Bb, m, p)``, out ``(max(Ba, Bb), n, p)``.
+        """
+        variant  # noqa: B018 - a closure cell, so that it is part of Numba's cache key
+        n_batch = out_shape[0]
+        n = out_shape[1]
+        p = out_shape[2]
+        m = a_shape[2]
+        zero = out.dtype.type(0)
 
-    o_batch = out_strides[0]
-    o_row = out_strides[1]
-    o_col = out_strides[2]
-    n_ti = (n + MM_TILE_I - 1) // MM_TILE_I
-    n_tj = (p + MM_TILE_J - 1) // MM_TILE_J
-    for t in prange(n_batch * n_ti * n_tj):
-        bi = t // (n_ti * n_tj)
-        rem = t % (n_ti * n_tj)
-        i_lo = (rem // n_tj) * MM_TILE_I
-        j_lo = (rem % n_tj) * MM_TILE_J
-        i_hi = min(n, i_lo + MM_TILE_I)
-        j_hi = min(p, j_lo + MM_TILE_J)
-        a_base = bi * a_batch
-        b_base = bi * b_batch
-        o_base = bi * o_batch
-        i = i_lo
-        while i + 4 <= i_hi:
-            j = j_lo
-            while j + 4 <= j_hi:
-                _block_4x4(
-                    out, o_base + i * o_row + j * o_col, o_row, o_col,
-                    a, a_base + i * a_row, a_row,
-                    bt, b_base + j * b_row, b_row,
-                    m, zero,
-                )  # fmt: skip
-                j += 4
-            for jj in range(j, j_hi):  # right edge
-                for ii in range(i, i + 4):
+        # A with contiguous rows: (batch stride, row stride); a copy only when the k-stride is not 1.
+        if a_strides[2] == 1 or m == 1:
+            a = a_storage
+            a_batch = a_strides[0] if a_shape[0] > 1 else 0
+            a_row = a_strides[1]
+        else:
+            a = _pack(a_storage, a_shape[0], n, m, a_strides[0], a_strides[1], a_strides[2], parallel)
+            a_batch = n * m if a_shape[0] > 1 else 0
+            a_row = m
+        # B^T with contiguous rows (the columns of B): free when b is itself a transposed view.
+        if b_strides[1] == 1 or m == 1:
+            bt = b_storage
+            b_batch = b_strides[0] if b_shape[0] > 1 else 0
+            b_row = b_strides[2]
+        else:
+            bt = _pack(b_storage, b_shape[0], p, m, b_strides[0], b_strides[2], b_strides[1], parallel)
+            b_batch = p * m if b_shape[0] > 1 else 0
+            b_row = m
+
+        o_batch = out_strides[0]
+        o_row = out_strides[1]
+        o_col = out_strides[2]
+        n_ti = (n + MM_TILE_I - 1) // MM_TILE_I
+        n_tj = (p + MM_TILE_J - 1) // MM_TILE_J
+        for t in prange(n_batch * n_ti * n_tj):
+            bi = t // (n_ti * n_tj)
+            rem = t % (n_ti * n_tj)
+            i_lo = (rem // n_tj) * MM_TILE_I
+            j_lo = (rem % n_tj) * MM_TILE_J
+            i_hi = min(n, i_lo + MM_TILE_I)
+            j_hi = min(p, j_lo + MM_TILE_J)
+            a_base = bi * a_batch
+            b_base = bi * b_batch
+            o_base = bi * o_batch
+            i = i_lo
+            while i + 4 <= i_hi:
+                j = j_lo
+                while j + 4 <= j_hi:
+                    _block_4x4(
+                        out, o_base + i * o_row + j * o_col, o_row, o_col,
+                        a, a_base + i * a_row, a_row,
+                        bt, b_base + j * b_row, b_row,
+                        m, zero,
+                    )  # fmt: skip
+                    j += 4
+                for jj in range(j, j_hi):  # right edge
+                    for ii in range(i, i + 4):
+                        out[o_base + ii * o_row + jj * o_col] = _dot(
+                            a, a_base + ii * a_row, bt, b_base + jj * b_row, m, zero
+                        )
+                i += 4
+            for ii in range(i, i_hi):  # bottom edge
+                for jj in range(j_lo, j_hi):
                     out[o_base + ii * o_row + jj * o_col] = _dot(
                         a, a_base + ii * a_row, bt, b_base + jj * b_row, m, zero
                     )
-            i += 4
-        for ii in range(i, i_hi):  # bottom edge
-            for jj in range(j_lo, j_hi):
-                out[o_base + ii * o_row + jj * o_col] = _dot(a, a_base + ii * a_row, bt, b_base + jj * b_row, m, zero)
+
+    return njit(parallel=parallel, cache=True, fastmath=_FASTMATH_MM)(_tensor_matrix_multiply)
 
 
-tensor_matrix_multiply = _tensor_matrix_multiply
+tensor_matrix_multiply = _make_matrix_multiply(True)
+"""``tensor_matrix_multiply(out, out_shape, out_strides, a_storage, a_shape, a_strides, b_storage, b_shape,
+b_strides)``: batched ``a @ b`` for 3-D operands of any strides (parallel over output tiles)."""
+_tensor_matrix_multiply_serial = _make_matrix_multiply(False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # FastOps: the Tensor-level ops
 # ---------------------------------------------------------------------------------------------------------------------
 
-_MAP_KERNELS: Dict[Callable, Callable[..., None]] = {}
-_ZIP_KERNELS: Dict[Callable, Callable[..., None]] = {}
-_REDUCE_KERNELS: Dict[Callable, Callable[..., None]] = {}
+PARALLEL_MIN_SIZE = 32768
+"""Elementwise ops and reductions over fewer input elements run the serial build of the kernel: waking threads
+costs more than the work (the same grain size as PyTorch's ``at::internal::GRAIN_SIZE``)."""
+MM_PARALLEL_MIN_WORK = 1 << 18
+"""Matmuls with fewer multiply-adds (``batch * n * m * p``, e.g. below 64x64x64) run serially."""
 
 
-def _kernel(cache: Dict[Callable, Callable[..., None]], factory: Callable, fn: Callable) -> Callable[..., None]:
-    """The compiled kernel for scalar function `fn`, built once per process (Numba then compiles per dtype)."""
-    kernel = cache.get(fn)
-    if kernel is None:
-        kernel = cache[fn] = factory(fn)
-    return kernel
+class _Variants(NamedTuple):
+    parallel: Callable[..., None]
+    serial: Callable[..., None]
+
+    def pick(self, work: int) -> Callable[..., None]:
+        return self.parallel if work >= PARALLEL_MIN_SIZE else self.serial
+
+
+_MAP_KERNELS: Dict[Callable, _Variants] = {}
+_ZIP_KERNELS: Dict[Callable, _Variants] = {}
+_REDUCE_KERNELS: Dict[Callable, _Variants] = {}
+
+
+def _kernels(cache: Dict[Callable, _Variants], factory: Callable, fn: Callable) -> _Variants:
+    """The kernels (parallel and serial) of scalar function `fn`, built once per process; Numba compiles each on
+    its first call per dtype (or loads it from the disk cache)."""
+    kernels = cache.get(fn)
+    if kernels is None:
+        kernels = cache[fn] = _Variants(factory(fn, parallel=True), factory(fn, parallel=False))
+    return kernels
 
 
 class FastOps(TensorOps):
@@ -539,12 +643,12 @@ class FastOps(TensorOps):
         Returns:
             ``(a: Tensor[shape], out: Tensor[broadcast shape] | None) -> Tensor`` with a's dtype.
         """
-        f = _kernel(_MAP_KERNELS, tensor_map, fn)
+        kernels = _kernels(_MAP_KERNELS, tensor_map, fn)
 
         def ret(a: "Tensor", out: Optional["Tensor"] = None) -> "Tensor":
             if out is None:
                 out = a.zeros(a.shape)
-            f(*out.tuple(), *a.tuple())
+            kernels.pick(out.size)(*out.tuple(), *a.tuple())
             return out
 
         return ret
@@ -552,12 +656,12 @@ class FastOps(TensorOps):
     @staticmethod
     def zip(fn: Callable[[float, float], float]) -> Callable[["Tensor", "Tensor"], "Tensor"]:
         """Elementwise `fn` of two tensors broadcast to a common shape; the result has a's dtype."""
-        f = _kernel(_ZIP_KERNELS, tensor_zip, fn)
+        kernels = _kernels(_ZIP_KERNELS, tensor_zip, fn)
 
         def ret(a: "Tensor", b: "Tensor") -> "Tensor":
             shape = a.shape if a.shape == b.shape else shape_broadcast(a.shape, b.shape)
             out = a.zeros(shape)
-            f(*out.tuple(), *a.tuple(), *b.tuple())
+            kernels.pick(out.size)(*out.tuple(), *a.tuple(), *b.tuple())
             return out
 
         return ret
@@ -567,14 +671,16 @@ class FastOps(TensorOps):
         fn: Callable[[float, float], float], start: float = 0.0
     ) -> Callable[["Tensor", int], "Tensor"]:
         """Reduce dim `dim` with `fn` starting from `start`; the result has size 1 in that dim."""
-        f = _kernel(_REDUCE_KERNELS, tensor_reduce, fn)
+        kernels = _kernels(_REDUCE_KERNELS, tensor_reduce, fn)
 
         def ret(a: "Tensor", dim: int) -> "Tensor":
             out_shape = list(a.shape)
             out_shape[dim] = 1
             out = a.zeros(tuple(out_shape))
             out._tensor._storage[:] = start
-            f(*out.tuple(), *a.tuple(), int(dim))
+            # One output element: nothing to share between threads.
+            kernel = kernels.pick(a.size) if out.size > 1 else kernels.serial
+            kernel(*out.tuple(), *a.tuple(), int(dim))
             return out
 
         return ret
@@ -584,7 +690,9 @@ class FastOps(TensorOps):
         """``(Ba, n, m) @ (Bb, m, p) -> (max(Ba, Bb), n, p)``, a batch size of 1 broadcasting; a's dtype."""
         batch = max(a.shape[0], b.shape[0])
         out = a.zeros((batch, a.shape[1], b.shape[2]))
-        tensor_matrix_multiply(*out.tuple(), *a.tuple(), *b.tuple())
+        work = out.size * a.shape[2]
+        kernel = tensor_matrix_multiply if work >= MM_PARALLEL_MIN_WORK else _tensor_matrix_multiply_serial
+        kernel(*out.tuple(), *a.tuple(), *b.tuple())
         return out
 
 
