@@ -36,8 +36,8 @@ Style: Triton's fused-attention tutorial. The forward reads top to bottom like t
 is one helper (:func:`_attn_fwd_inner`) called for DENSE and TRIANGLE tiles alike; the backward's tile step
 (:func:`_attn_bwd_tile`, recompute ``P_ij`` and ``dS_ij``) is shared by the dK/dV and dQ kernels. Each product of
 the algorithm is one small matmul ``C (+)= A @ B`` (:func:`_matmul`), written with explicit SIMD vectors so that a
-block of ``C`` stays in registers while the reduction loop runs. float64 inputs run in float64; float32 inputs accumulate in float32,
-as FlashAttention does, with a vectorizable ``exp``.
+block of ``C`` stays in registers while the reduction loop runs. float64 inputs run in float64; float32 inputs
+accumulate in float32, as FlashAttention does, with a vectorized ``exp``.
 
 Kernels are compiled once per dtype (sizes are runtime arguments, so any head dim and block size reuses them) and
 cached on disk (``cache=True``): a second process loads them instead of compiling.
@@ -86,7 +86,8 @@ def _kernel(fastmath: frozenset = _FM_REDUCE) -> Callable:
 
 # Bundles of options, passed to the kernels as (typed) named tuples.
 Masks = namedtuple("Masks", "q_pos k_pos_b causal window num_sinks")
-"""``q_pos (Nq,)``, ``k_pos_b (B, Nk)`` int64 positions (-1 = empty), ``causal``, ``window`` (-1 = none), ``num_sinks``."""
+"""``q_pos (Nq,)``, ``k_pos_b (B, Nk)``: int64 positions (-1 = empty); ``causal``; ``window`` (-1 = none);
+``num_sinks``."""
 BiasArg = namedtuple("BiasArg", "present head_div")
 """``present``: is there a bias; the bias head of query head ``h`` is ``h // head_div`` (1, group or H)."""
 DropoutArg = namedtuple("DropoutArg", "present seed threshold inv_keep")
@@ -159,7 +160,8 @@ def _exp_overload(x):  # type: ignore[no-untyped-def]
 # A tiny SIMD vocabulary. Triton's ``tl.dot`` or a BLAS call would hide this; here it is in the open. LLVM's
 # auto-vectorizer cannot keep a block of C in vector registers across the K loop (it cannot prove that C does not
 # alias A or B), so the matmul spells its vectors out: ``Vec`` is one SIMD register of ``vwidth`` lanes (64 bytes
-# with AVX-512, else 32), and five intrinsics load, store, zero, fuse-multiply-add and max them.
+# with AVX-512, else 32), and a few intrinsics load, store, zero, add, fuse-multiply-add, max and exponentiate
+# them, or sum / max their lanes.
 _VEC_BYTES = 64 if llvm_binding.get_host_cpu_features().get("avx512f", False) else 32
 
 
@@ -259,14 +261,88 @@ def vmax(typingctx, a, b):  # type: ignore[no-untyped-def]
     return a(a, b), codegen
 
 
+def _reduce_lanes(builder, v, combine):  # type: ignore[no-untyped-def]
+    """Fold the lanes of ``v`` in a fixed tree order (halves, quarters, ...) and return lane 0."""
+    n = v.type.count
+    i32 = ir.IntType(32)
+    step = n // 2
+    while step >= 1:
+        mask = ir.Constant(ir.VectorType(i32, n), [(i + step) % n for i in range(n)])
+        v = combine(v, builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), mask))
+        step //= 2
+    return builder.extract_element(v, ir.Constant(i32, 0))
+
+
 @intrinsic
-def vlane(typingctx, v, k):  # type: ignore[no-untyped-def]
-    """Lane ``k`` of ``v`` as a scalar."""
+def vhsum(typingctx, v):  # type: ignore[no-untyped-def]
+    """The sum of the lanes of ``v`` (a fixed tree order: deterministic)."""
 
     def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        return builder.extract_element(args[0], builder.trunc(args[1], ir.IntType(32)))
+        return _reduce_lanes(builder, args[0], builder.fadd)
 
-    return v.dtype(v, k), codegen
+    return v.dtype(v), codegen
+
+
+@intrinsic
+def vhmax(typingctx, v):  # type: ignore[no-untyped-def]
+    """The largest lane of ``v``."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return _reduce_lanes(builder, args[0], lambda a, b: builder.select(builder.fcmp_ordered(">", a, b), a, b))
+
+    return v.dtype(v), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):  # type: ignore[no-untyped-def]
+    """Lane-wise ``a + b``."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return builder.fadd(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def vexp(typingctx, v, shift):  # type: ignore[no-untyped-def]
+    """Lane-wise ``exp(v - shift)``: for float32 the polynomial of :func:`exp`, written on vectors; for float64
+    LLVM's ``exp`` (one libm call per lane)."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        vty = args[0].type
+        n, bits = vty.count, sig.return_type.dtype.bitwidth
+        i32 = ir.IntType(32)
+
+        def const(x):  # type: ignore[no-untyped-def]
+            return ir.Constant(vty, [x] * n)
+
+        def call(name, *xs):  # type: ignore[no-untyped-def]
+            fnty = ir.FunctionType(vty, [vty] * len(xs))
+            fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.{name}.v{n}f{bits}")
+            return builder.call(fn, list(xs))
+
+        ivec = ir.VectorType(i32, n)
+        splat = builder.insert_element(ir.Constant(vty, ir.Undefined), args[1], ir.Constant(i32, 0))
+        splat = builder.shuffle_vector(splat, ir.Constant(vty, ir.Undefined), ir.Constant(ivec, [0] * n))
+        x = builder.fsub(args[0], splat)
+        if bits == 64:
+            return call("exp", x)
+        lo, hi = const(float(_EXP_LO)), const(float(_EXP_HI))
+        xc = builder.select(builder.fcmp_ordered(">", x, lo), x, lo)
+        xc = builder.select(builder.fcmp_ordered("<", xc, hi), xc, hi)
+        nf = call("floor", call("fma", xc, const(float(_LOG2E)), const(0.5)))
+        r = call("fma", nf, const(-float(_LN2_HI)), xc)
+        r = call("fma", nf, const(-float(_LN2_LO)), r)
+        p = const(1.9875691500e-4)
+        for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            p = call("fma", p, r, const(coef))
+        p = builder.fadd(call("fma", p, builder.fmul(r, r), r), const(1.0))
+        ni = builder.fptosi(nf, ivec)
+        pow2 = builder.shl(builder.add(ni, ir.Constant(ivec, [127] * n)), ir.Constant(ivec, [23] * n))
+        y = builder.fmul(p, builder.bitcast(pow2, vty))
+        return builder.select(builder.fcmp_ordered(">=", x, lo), y, const(0.0))
+
+    return v(v, v.dtype), codegen
 
 
 @_helper()
@@ -277,6 +353,8 @@ def _matmul(a, b, c, M, N, K, accumulate):  # type: ignore[no-untyped-def]
     runs: each step loads two vectors of row ``k`` of B and broadcasts one element of A per row, 8 fused
     multiply-adds. ``a`` and ``c`` need ``M`` rounded up to 4 rows, ``b`` and ``c`` ``N`` rounded up to 2 vectors
     of columns: the tile buffers are allocated padded, and padding (anything finite) gives results nobody reads.
+    ``b`` and ``c`` are C-contiguous; ``a`` may also be a transposed view (``x.T``, Numba compiles that variant
+    separately), which is how the backward multiplies by ``P^T`` and ``dS^T`` without copying them.
     """
     W = vwidth(c)
     for i in range(0, M, 4):
@@ -317,25 +395,29 @@ def _rows_max(s, nr, nc, m, m_new):  # type: ignore[no-untyped-def]
             vm = vload(s, i, 0)
             for j in range(W, nv, W):
                 vm = vmax(vm, vload(s, i, j))
-            for lane in range(W):
-                x = vlane(vm, lane)
-                mx = x if x > mx else mx
+            x = vhmax(vm)
+            mx = x if x > mx else mx
         for j in range(nv, nc):
             x = s[i, j]
             mx = x if x > mx else mx
         m_new[i] = mx
 
 
-@_helper(fastmath=_FM_REDUCE)
+@_helper()
 def _exp_rows(s, nr, nc, shift, rowsum):  # type: ignore[no-untyped-def]
-    """``s[i, :nc] = exp(s[i, :nc] - shift[i])`` and ``rowsum[i] = sum(s[i, :nc])``: one pass, exp once per score.
-
-    (The sum is reassociated so that it vectorizes; ``exp`` is compiled separately, without reassociation.)
-    """
+    """``s[i, :nc] = exp(s[i, :nc] - shift[i])`` and ``rowsum[i] = sum(s[i, :nc])``: one pass, exp once per score,
+    a vector at a time (the lanes of the sum are added in a fixed order)."""
+    W = vwidth(s)
+    nv = nc - nc % W
     for i in range(nr):
         x0 = shift[i]
-        acc = s.dtype.type(0)
-        for j in range(nc):
+        vsum = vzeros(s)
+        for j in range(0, nv, W):
+            p = vexp(vload(s, i, j), x0)
+            vstore(s, i, j, p)
+            vsum = vadd(vsum, p)
+        acc = vhsum(vsum)
+        for j in range(nv, nc):
             p = exp(s[i, j] - x0)
             s[i, j] = p
             acc += p
@@ -363,14 +445,6 @@ def _load_rows_t(src, start, n, dst):  # type: ignore[no-untyped-def]
     for r in range(n):
         for d in range(src.shape[1]):
             dst[d, r] = src[start + r, d]
-
-
-@_helper()
-def _transpose(src, nr, nc, dst):  # type: ignore[no-untyped-def]
-    """``dst[:nc, :nr] = src[:nr, :nc].T``."""
-    for i in range(nr):
-        for j in range(nc):
-            dst[j, i] = src[i, j]
 
 
 @_helper()
@@ -417,7 +491,9 @@ def _round_up(n, k):  # type: ignore[no-untyped-def]
 
 
 @_helper(fastmath=_FM_REDUCE)
-def _attn_fwd_inner(acc, m, l, qt, kT, vj, s, rows, nr, nc, D, qs, ks, b, h, masked, masks, bias2, bias_present, drop):  # type: ignore[no-untyped-def]
+def _attn_fwd_inner(  # type: ignore[no-untyped-def]
+    acc, m, l, qt, kT, vj, s, rows, nr, nc, D, qs, ks, b, h, masked, masks, bias2, bias_present, drop
+):
     """One step of the online softmax: fold key tile ``j`` into query tile ``i`` (FA2 Algorithm 1, lines 8-10).
 
     ``qt (R4, D)``: ``scale * Q_i``; ``kT (D, Bcp)``: ``K_j^T``; ``vj (Bc, Dp)``: ``V_j``; ``s (R4, Bcp)`` and
@@ -461,7 +537,9 @@ def _tile_shapes(Br, Bc, D, like):  # type: ignore[no-untyped-def]
 
 
 @_kernel()
-def _fwd_q_major(worker, n_workers, q, k, v, bias, out, lse, Br, Bc, tile_types, scale, masks, bias_arg, drop):  # type: ignore[no-untyped-def]
+def _fwd_q_major(  # type: ignore[no-untyped-def]
+    worker, n_workers, q, k, v, bias, out, lse, Br, Bc, tile_types, scale, masks, bias_arg, drop
+):
     """Q-major forward, FlashAttention-2 Algorithm 1. Grid: one program per (batch, head, query tile)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -500,7 +578,8 @@ def _fwd_q_major(worker, n_workers, q, k, v, bias, out, lse, Br, Bc, tile_types,
             _load_rows_t(k[b, hk], ks, nc, kT)
             _load_rows(v[b, hk], ks, nc, vj, T.type(1))
             # lines 8-10: S_ij, online softmax, O_i update
-            _attn_fwd_inner(acc, m, l, qt, kT, vj, s, rows, nr, nc, D, qs, ks, b, h, tile == TRIANGLE, masks, bias2, bias_arg.present, drop)
+            _attn_fwd_inner(acc, m, l, qt, kT, vj, s, rows, nr, nc, D, qs, ks, b, h, tile == TRIANGLE, masks, bias2,
+                            bias_arg.present, drop)
         # lines 12-13: O_i = diag(l_i)^-1 O_i, lse_i = m_i + log(l_i); a row that saw no key: O = 0, lse = -inf
         for i in range(nr):
             inv = T.type(1) / l[i] if l[i] > 0 else T.type(0)
@@ -510,7 +589,9 @@ def _fwd_q_major(worker, n_workers, q, k, v, bias, out, lse, Br, Bc, tile_types,
 
 
 @_kernel()
-def _fwd_k_major(worker, n_workers, q, k, v, bias, out, lse, m_hbm, l_hbm, Br, Bc, tile_types, scale, masks, bias_arg, drop):  # type: ignore[no-untyped-def]
+def _fwd_k_major(  # type: ignore[no-untyped-def]
+    worker, n_workers, q, k, v, bias, out, lse, m_hbm, l_hbm, Br, Bc, tile_types, scale, masks, bias_arg, drop
+):
     """K-major forward, FlashAttention-1 Algorithm 1. Grid: one program per (batch, head).
 
     ``out``, ``m_hbm``, ``l_hbm`` play the role of HBM: every visited tile reads ``O_i, l_i, m_i`` from them and
@@ -559,7 +640,8 @@ def _fwd_k_major(worker, n_workers, q, k, v, bias, out, lse, m_hbm, l_hbm, Br, B
                     for d in range(D):
                         acc[i, d] = out[b, h, qs + i, d] * l[i]
                 # lines 9-11: S_ij, m_ij, P_ij, l_ij and diag(l_i) e^{m_i - m_new} O_i + e^{m_ij - m_new} P_ij V_j
-                _attn_fwd_inner(acc, m, l, qt, kT, vj, s, rows, nr, nc, D, qs, ks, b, h, tile == TRIANGLE, masks, bias2, bias_arg.present, drop)
+                _attn_fwd_inner(acc, m, l, qt, kT, vj, s, rows, nr, nc, D, qs, ks, b, h, tile == TRIANGLE, masks,
+                                bias2, bias_arg.present, drop)
                 # lines 12-13: write O_i = diag(l_i^new)^-1 (...), l_i, m_i back
                 for i in range(nr):
                     inv = T.type(1) / l[i] if l[i] > 0 else T.type(0)
@@ -603,12 +685,15 @@ def _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, d
 
 
 @_helper(fastmath=_FM_REDUCE)
-def _attn_bwd_tile(qt, doi, kT, vT, lse_t, delta_t, s, dp, scratch, nr, nc, D, qs, ks, b, h, masked, masks, bias2, bias_present, drop):  # type: ignore[no-untyped-def]
+def _attn_bwd_tile(  # type: ignore[no-untyped-def]
+    qt, doi, kT, vT, lse_t, delta_t, s, dp, scratch, nr, nc, D, qs, ks, b, h, masked, masks, bias2, bias_present, drop
+):
     """Recompute one tile of the backward pass (FA2 Algorithm 2, lines 11-13 and 16-17), for both kernels:
 
     ``s <- P_ij = exp(Q_i K_j^T + bias - lse_i)`` (masked) and ``dp <- dS_ij = P_ij * (dP_ij - delta_i)`` with
     ``dP_ij = (dO_i V_j^T) * Z`` (``Z = keep / (1 - p)`` under dropout, else 1).
-    ``qt = scale * Q_i``, ``doi``: ``(R4, >= D)``; ``kT, vT``: ``K_j^T, V_j^T (D, Bcp)``; ``s, dp``: ``(R4, Bcp)``; ``scratch (R4,)``.
+    ``qt = scale * Q_i``, ``doi``: ``(R4, >= D)``; ``kT, vT``: ``K_j^T, V_j^T (D, Bcp)``; ``s, dp``: ``(R4, Bcp)``;
+    ``scratch (R4,)``.
     """
     # S_ij = Q_i K_j^T (+ bias, masked);  P_ij = exp(S_ij - lse_i)
     _matmul(qt, kT, s, nr, nc, D, False)
@@ -625,7 +710,10 @@ def _attn_bwd_tile(qt, doi, kT, vT, lse_t, delta_t, s, dp, scratch, nr, nc, D, q
 
 
 @_kernel()
-def _bwd_dkdv(worker, n_workers, q, k, v, bias, dout, lse, delta, dk, dv, dbias, Br, Bc, nb, nh, tile_types, scale, masks, bias_arg, drop):  # type: ignore[no-untyped-def]
+def _bwd_dkdv(  # type: ignore[no-untyped-def]
+    worker, n_workers, q, k, v, bias, dout, lse, delta, dk, dv, dbias, Br, Bc, nb, nh, tile_types, scale, masks,
+    bias_arg, drop
+):
     """dK, dV (and dBias), FA2 Algorithm 2's outer loop over key tiles. Grid: (batch, kv head, key tile).
 
     A program loops over the ``group`` query heads that read its kv head and over their query tiles, accumulating
@@ -650,8 +738,6 @@ def _bwd_dkdv(worker, n_workers, q, k, v, bias, dout, lse, delta, dk, dv, dbias,
     vT = np.zeros((D, Bcp), T)
     s = np.zeros((R4, Bcp), T)
     dp = np.zeros((R4, Bcp), T)
-    pT = np.zeros((C4, Br), T)
-    dsT = np.zeros((C4, Br), T)
     dk_acc = np.zeros((C4, Dp), T)
     dv_acc = np.zeros((C4, Dp), T)
     for prog in range(worker, nb * nh * Tc, n_workers):
@@ -679,22 +765,21 @@ def _bwd_dkdv(worker, n_workers, q, k, v, bias, dout, lse, delta, dk, dv, dbias,
                         # load Q_i, dO_i, lse_i, delta_i
                         _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, delta_t)
                         # s = P_ij, dp = dS_ij
-                        _attn_bwd_tile(qt, doi, kT, vT, lse_t, delta_t, s, dp, scratch, nr, nc, D, qs, ks, b, h, tile == TRIANGLE, masks, bias2, bias_arg.present, drop)
+                        _attn_bwd_tile(qt, doi, kT, vT, lse_t, delta_t, s, dp, scratch, nr, nc, D, qs, ks, b, h,
+                                       tile == TRIANGLE, masks, bias2, bias_arg.present, drop)
                         # dBias += dS_ij, summed over the dims the bias was broadcast along, in this fixed order
                         if bias_arg.present:
                             for i in range(nr):
                                 brow = qs + i if dbias2.shape[0] > 1 else 0
                                 for j in range(nc):
                                     dbias2[brow, ks + j] += dp[i, j]
-                        # dV_j += (P_ij * Z)^T dO_i
+                        # dV_j += (P_ij * Z)^T dO_i   (``s.T`` is a transposed view: no copy)
                         if drop.present:
                             for i in range(nr):
                                 _dropout_row(s, i, nc, b, h, qs + i, ks, drop)
-                        _transpose(s, nr, nc, pT)
-                        _matmul(pT, doi, dv_acc, nc, D, nr, True)
+                        _matmul(s.T, doi, dv_acc, nc, D, nr, True)
                         # dK_j += dS_ij^T (scale Q_i)
-                        _transpose(dp, nr, nc, dsT)
-                        _matmul(dsT, qt, dk_acc, nc, D, nr, True)
+                        _matmul(dp.T, qt, dk_acc, nc, D, nr, True)
                 # write dK_j, dV_j
                 for j in range(nc):
                     for d in range(D):
@@ -703,7 +788,9 @@ def _bwd_dkdv(worker, n_workers, q, k, v, bias, dout, lse, delta, dk, dv, dbias,
 
 
 @_kernel()
-def _bwd_dq(worker, n_workers, q, k, v, bias, dout, lse, delta, dq, Br, Bc, tile_types, scale, masks, bias_arg, drop):  # type: ignore[no-untyped-def]
+def _bwd_dq(  # type: ignore[no-untyped-def]
+    worker, n_workers, q, k, v, bias, dout, lse, delta, dq, Br, Bc, tile_types, scale, masks, bias_arg, drop
+):
     """dQ, FA2 Algorithm 2's dQ half as its own kernel (no atomics). Grid: (batch, head, query tile)."""
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -743,7 +830,8 @@ def _bwd_dq(worker, n_workers, q, k, v, bias, dout, lse, delta, dq, Br, Bc, tile
             _load_rows_t(v[b, hk], ks, nc, vT)
             _load_rows(k[b, hk], ks, nc, kj, one)
             # s = P_ij, dp = dS_ij
-            _attn_bwd_tile(qt, doi, kT, vT, lse_t, delta_t, s, dp, scratch, nr, nc, D, qs, ks, b, h, tile == TRIANGLE, masks, bias2, bias_arg.present, drop)
+            _attn_bwd_tile(qt, doi, kT, vT, lse_t, delta_t, s, dp, scratch, nr, nc, D, qs, ks, b, h, tile == TRIANGLE,
+                           masks, bias2, bias_arg.present, drop)
             # dQ_i += dS_ij K_j   (times scale, below)
             _matmul(dp, kj, dq_acc, nr, D, nc, True)
         for i in range(nr):
@@ -756,23 +844,25 @@ def _bwd_dq(worker, n_workers, q, k, v, bias, dout, lse, delta, dq, Br, Bc, tile
 # ------------------------------------------------------------------------------------------------------------------
 
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
 def _launch(kernel: Callable, n_programs: int, *args: Any) -> None:
     """Run ``kernel(worker, n_workers, *args)`` for every worker and wait: a grid launch, as on a GPU.
 
-    ``n_workers = min(numba.get_num_threads(), n_programs)``; the calling thread is worker 0. Programs write
-    disjoint memory, so how they are shared out cannot change any result.
+    ``n_workers = min(numba.get_num_threads(), n_programs)``; the calling thread is worker 0, a small thread pool
+    runs the others. Programs write disjoint memory, so how they are shared out cannot change any result.
     """
-    global _pool
+    global _pool, _pool_size
     n_workers = max(1, min(numba.get_num_threads(), n_programs))
     if n_workers == 1:
         kernel(0, 1, *args)
         return
     with _pool_lock:
-        if _pool is None or _pool._max_workers < n_workers - 1:  # type: ignore[attr-defined]
-            _pool = ThreadPoolExecutor(max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1), thread_name_prefix="minitorch-attn")
+        if _pool is None or _pool_size < n_workers - 1:
+            _pool_size = max(n_workers - 1, numba.config.NUMBA_NUM_THREADS - 1)
+            _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="minitorch-attention")
         pool = _pool
     futures = [pool.submit(kernel, w, n_workers, *args) for w in range(1, n_workers)]
     try:
@@ -815,12 +905,15 @@ def _kernel_args(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtyp
         int(spec.window),
         int(spec.num_sinks),
     )
-    drop = DropoutArg(spec.dropout > 0, int(spec.seed), np.uint64(spec.drop_threshold), dtype.type(1.0 / (1.0 - spec.dropout)))
+    inv_keep = dtype.type(1.0 / (1.0 - spec.dropout))
+    drop = DropoutArg(spec.dropout > 0, int(spec.seed), np.uint64(spec.drop_threshold), inv_keep)
     tile_types = _as_input(spec.tile_types, np.dtype(np.int8))
     return bias_arr, bias_arg, masks, drop, tile_types
 
 
-def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndarray], spec: AttentionSpec) -> Tuple[np.ndarray, np.ndarray]:
+def forward(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndarray], spec: AttentionSpec
+) -> Tuple[np.ndarray, np.ndarray]:
     """Flash attention forward: ``out (B, H, Nq, D)`` and ``lse (B, H, Nq)`` (natural log, ``-inf`` for empty rows).
 
     ``spec.order`` picks the Q-major (FlashAttention-2) or K-major (FlashAttention-1) loop order.
@@ -836,9 +929,11 @@ def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndarr
     if TileOrder(spec.order) == TileOrder.K_MAJOR:
         m_hbm = np.empty((B, H, Nq), dtype)
         l_hbm = np.empty((B, H, Nq), dtype)
-        _launch(_fwd_k_major, B * H, q, k, v, bias_arr, out, lse, m_hbm, l_hbm, spec.block_q, spec.block_k, tile_types, scale, masks, bias_arg, drop)
+        _launch(_fwd_k_major, B * H, q, k, v, bias_arr, out, lse, m_hbm, l_hbm, spec.block_q, spec.block_k,
+                tile_types, scale, masks, bias_arg, drop)
     else:
-        _launch(_fwd_q_major, B * H * Tr, q, k, v, bias_arr, out, lse, spec.block_q, spec.block_k, tile_types, scale, masks, bias_arg, drop)
+        _launch(_fwd_q_major, B * H * Tr, q, k, v, bias_arr, out, lse, spec.block_q, spec.block_k, tile_types, scale,
+                masks, bias_arg, drop)
     return out, lse
 
 
@@ -870,8 +965,10 @@ def backward(
     dbias_arr = np.zeros(bias_arr.shape, dtype)
     nb = 1 if (bias_arg.present and bias_arr.shape[0] == 1) else B
     nh = 1 if (bias_arg.present and bias_arr.shape[1] == 1) else Hkv
-    _launch(_bwd_dkdv, nb * nh * Tc, q, k, v, bias_arr, dout, lse, delta, dk, dv, dbias_arr, spec.block_q, spec.block_k, nb, nh, tile_types, scale, masks, bias_arg, drop)
+    _launch(_bwd_dkdv, nb * nh * Tc, q, k, v, bias_arr, dout, lse, delta, dk, dv, dbias_arr, spec.block_q,
+            spec.block_k, nb, nh, tile_types, scale, masks, bias_arg, drop)
     # dQ
-    _launch(_bwd_dq, B * H * Tr, q, k, v, bias_arr, dout, lse, delta, dq, spec.block_q, spec.block_k, tile_types, scale, masks, bias_arg, drop)
+    _launch(_bwd_dq, B * H * Tr, q, k, v, bias_arr, dout, lse, delta, dq, spec.block_q, spec.block_k, tile_types,
+            scale, masks, bias_arg, drop)
     dbias = None if bias is None else dbias_arr.reshape(np.shape(bias))
     return dq, dk, dv, dbias
