@@ -48,7 +48,8 @@ F64_TOL = 1e-10
 # Helpers: run the kernels, the reference and the float32 baseline on one case
 # ----------------------------------------------------------------------------------------------------------------
 
-REF_KEYS = ("causal", "scale", "window", "key_padding_mask", "dropout", "seed", "q_positions", "k_positions", "num_sinks")
+REF_KEYS = ("causal", "scale", "window", "key_padding_mask", "dropout", "seed", "q_positions", "k_positions",
+            "num_sinks")
 
 
 def make_inputs(B, H, Hkv, Nq, Nk, D, dtype, rng, bias_shape=None, logit_scale=1.0):  # type: ignore[no-untyped-def]
@@ -137,7 +138,9 @@ def _max_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
 
 
-def assert_matches(name: str, got: np.ndarray, ref: np.ndarray, naive: Optional[np.ndarray], dtype, D: int = 16) -> None:  # type: ignore[no-untyped-def]
+def assert_matches(  # type: ignore[no-untyped-def]
+    name: str, got: np.ndarray, ref: np.ndarray, naive: Optional[np.ndarray], dtype, D: int = 16
+) -> None:
     """``got`` vs the float64 reference: tight for float64, FlashAttention's rule for float32.
 
     The float32 floor, ``1e-5 sqrt(D) max(1, max|ref|)``, is the rounding of a length-D float32 dot product; it only
