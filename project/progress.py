@@ -52,6 +52,7 @@ class Progress:
         self.log_every = log_every if log_every is not None else max(1, (self.total - self.n) // 20)
         self.t0 = time.perf_counter()
         self.metrics: dict = {}
+        self.closed = False
 
     @property
     def elapsed(self) -> float:
@@ -88,14 +89,15 @@ class Progress:
 
     def write(self, message: str) -> None:
         """Print a message above the bar."""
-        if self.tty:
+        if self.tty and not self.closed:
             self.stream.write("\r\x1b[K" + message + "\n" + self.line())
         else:
             self.stream.write(message + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        """Finish the line."""
-        if self.tty:
+        """Finish the line (once)."""
+        if self.tty and not self.closed:
             self.stream.write("\n")
             self.stream.flush()
+        self.closed = True

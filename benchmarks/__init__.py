@@ -1,0 +1,1 @@
+"""minitorch's benchmark suite: ``python -m benchmarks [--quick]`` (see ``benchmarks/run.py``)."""
