@@ -63,8 +63,9 @@ def default_out(script: str, dataset: str) -> str:
     return os.path.join(OUT_DIR, f"{script}_{dataset}.png")
 
 
-def plot_run(path: str, X: Sequence[Sequence[float]], y: Sequence[int], predict_grid: Callable[[np.ndarray], np.ndarray],
-             losses: List[float], accuracies: List[float], title: str, grid: int = 40) -> str:
+def plot_run(path: str, X: Sequence[Sequence[float]], y: Sequence[int],
+             predict_grid: Callable[[np.ndarray], np.ndarray], losses: List[float], accuracies: List[float],
+             title: str, grid: int = 40) -> str:
     """Save a two-panel PNG: the decision boundary over the unit square with the points, and the loss curve.
 
     ``predict_grid(points (M, 2)) -> probabilities (M,)`` evaluates the trained model on a ``grid x grid`` mesh.
