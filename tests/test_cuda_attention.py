@@ -32,7 +32,7 @@ from minitorch.cuda_kernels import cuda_kernel_ops as ops
 from minitorch.cuda_kernels.flash_backward import dkdv_smem_bytes, dq_smem_bytes
 from minitorch.cuda_kernels.flash_forward import SMEM_LIMIT, TileShape, forward_smem_bytes
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.task5_4]
 
 SPEC_KEYS = ("causal", "scale", "window", "key_padding_mask", "dropout", "seed", "q_positions", "k_positions",
              "block_q", "block_k", "order", "num_sinks")
