@@ -282,34 +282,30 @@ class All(Function):
         return None
 
 
-class LT(Function):
+class _Comparison(Function):
+    """A 0/1-valued comparison: piecewise constant, so its gradient is zero for both inputs."""
+
+    @staticmethod
+    def backward(ctx: Context, grad_output: Tensor) -> Tuple[None, None]:
+        return None, None
+
+
+class LT(_Comparison):
     @staticmethod
     def forward(ctx: Context, a: Tensor, b: Tensor) -> Tensor:
         return a.f.lt_zip(a, b)
 
-    @staticmethod
-    def backward(ctx: Context, grad_output: Tensor) -> Tuple[None, None]:
-        return None, None
 
-
-class EQ(Function):
+class EQ(_Comparison):
     @staticmethod
     def forward(ctx: Context, a: Tensor, b: Tensor) -> Tensor:
         return a.f.eq_zip(a, b)
 
-    @staticmethod
-    def backward(ctx: Context, grad_output: Tensor) -> Tuple[None, None]:
-        return None, None
 
-
-class IsClose(Function):
+class IsClose(_Comparison):
     @staticmethod
     def forward(ctx: Context, a: Tensor, b: Tensor) -> Tensor:
         return a.f.is_close_zip(a, b)
-
-    @staticmethod
-    def backward(ctx: Context, grad_output: Tensor) -> Tuple[None, None]:
-        return None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
