@@ -1,7 +1,7 @@
 """minitorch: an educational autodiff framework with fused flash attention in Numba (CPU and CUDA).
 
 The course modules (operators, scalars, tensors, backends, nn) keep the MiniTorch names; attention lives in
-:mod:`minitorch.attention` and :mod:`minitorch.cuda_kernels`. See DESIGN.md for the public API.
+:mod:`minitorch.attention` (front end, and its engines in ``minitorch.attention.kernels``). See docs/api.md.
 """
 
 from . import operators  # noqa: F401
@@ -30,7 +30,6 @@ from .tensor_data import (  # noqa: F401
 from .tensor import Tensor  # noqa: F401
 from .tensor_ops import SimpleBackend, SimpleOps, TensorBackend, TensorOps  # noqa: F401
 from .tensor_functions import (  # noqa: F401
-    FlashAttention,
     Function,
     from_numpy,
     grad_central_difference,
@@ -45,8 +44,18 @@ from .fast_ops import FastOps, FastTensorBackend  # noqa: F401
 from .cuda_ops import CudaBackend, CudaOps, mm_practice, sum_practice  # noqa: F401
 from .fast_conv import Conv1dFun, Conv2dFun, conv1d, conv2d  # noqa: F401
 from .nn import argmax, avgpool2d, dropout, logsoftmax, max, maxpool2d, softmax, tile  # noqa: F401
-from .attention.tiling import TileOrder, TileSchedule, TileType  # noqa: F401
-from .attention.flash import attention_reference, flash_attention  # noqa: F401
-from .attention.kv_cache import DecoderFeedbackBuffer, RingBufferKVCache  # noqa: F401
-from .attention.ring_buffer import BufferState, RingBufferAttention, RingBufferConfig  # noqa: F401
-from .attention.dma import FlashDMAAttention, flash_dma_attention  # noqa: F401
+from .attention import (  # noqa: F401
+    BufferState,
+    DecoderFeedbackBuffer,
+    FlashAttention,
+    FlashDMAAttention,
+    RingBufferAttention,
+    RingBufferConfig,
+    RingBufferKVCache,
+    TileOrder,
+    TileSchedule,
+    TileType,
+    attention_reference,
+    flash_attention,
+    flash_dma_attention,
+)

@@ -495,7 +495,6 @@ class CudaOps(TensorOps):
     """Tensor operations on CUDA device storage. Kernels are compiled once per scalar function and dtype."""
 
     cuda = True
-    attention_kind = "cuda"
 
     threads_per_block = THREADS_PER_BLOCK
     reduce_block = REDUCE_BLOCK

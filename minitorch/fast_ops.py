@@ -634,7 +634,6 @@ class FastOps(TensorOps):
     storage hooks (`to_storage`, `zeros_storage`, `storage_to_numpy`) are `TensorOps`' NumPy defaults."""
 
     cuda = False
-    attention_kind = "fast"
 
     @staticmethod
     def map(fn: Callable[[float], float]) -> MapProto:

@@ -401,15 +401,8 @@ class Tensor:
             shape = tuple(shape[0])
         return _tf.View.apply(self, tuple(int(s) for s in shape))
 
-    def flash_attention(self, k: "Tensor", v: "Tensor", **options: Any) -> Any:
-        """Fused attention with this tensor as the queries: ``q (B, H, Nq, D)``, ``k, v (B, Hkv, Nk, D)``.
-
-        Same options as :func:`minitorch.flash_attention` (causal, scale, window, key_padding_mask, attn_bias,
-        dropout, seed, return_lse, q_positions, k_positions, block_q, block_k, order).
-        """
-        from .attention.flash import flash_attention
-
-        return flash_attention(self, k, v, **options)
+    # ``q.flash_attention(k, v, ...)`` is added by minitorch.attention (attention/api.py), which builds on this
+    # module: the core never imports the attention package.
 
     @property
     def __cuda_array_interface__(self) -> Any:

@@ -40,7 +40,9 @@ class TensorOps:
     """Interface of a backend. Subclasses override the factories; the storage hooks default to NumPy."""
 
     cuda: bool = False
-    attention_kind: str = "simple"
+    attention: Any = None
+    """The backend's attention engine (raw-array flash attention), installed by :mod:`minitorch.attention`; the
+    core never imports attention."""
 
     @staticmethod
     def map(fn: Callable[[float], float]) -> MapProto:
@@ -107,11 +109,16 @@ class TensorBackend:
         name: the ops class name (used in error messages).
     """
 
+    @property
+    def attention(self) -> Any:
+        """The attention engine of this backend's ops (``ops.attention``; None until :mod:`minitorch.attention`
+        is imported, which ``import minitorch`` does)."""
+        return self.ops.attention
+
     def __init__(self, ops: Type[TensorOps]):
         self.ops = ops
         self.cuda = bool(getattr(ops, "cuda", False))
         self.name = ops.__name__
-        self.attention_kind = getattr(ops, "attention_kind", "simple")
 
         # Maps
         self.neg_map = ops.map(operators.neg)
@@ -173,7 +180,6 @@ class SimpleOps(TensorOps):
     """Reference backend: one Python loop iteration per output element. Slow but obviously right."""
 
     cuda = False
-    attention_kind = "simple"
 
     @staticmethod
     def map(fn: Callable[[float], float]) -> MapProto:

@@ -1,19 +1,29 @@
-"""Attention: tiling, reference, kernels, KV cache, DMA.
+"""Attention: the front end (API, spec, tiling, masks, reference, caches, selection) and the engines.
 
-Submodules, one concept each:
+Front end, one concept per module:
 
-* :mod:`.tiling`: ``TileType``, ``TileOrder``, ``TileSchedule`` (which tiles exist, their type and order).
-* :mod:`.spec`: validation of an attention call and the ``AttentionSpec`` the kernels read.
+* :mod:`.api`: ``flash_attention`` / ``attention_reference`` on tensors (and the ``Tensor.flash_attention`` method).
+* :mod:`.functions`: the autodiff Functions (``FlashAttention``, ``FlashAttentionLSE``, ``FlashDMAAttention``).
+* :mod:`.spec`: validation of a call and the ``AttentionSpec`` every engine reads (key source, score modification).
+* :mod:`.masks`: the one visibility rule (and DMA's keep rule), for NumPy, Numba CPU and CUDA.
+* :mod:`.tiling`: ``TileType``, ``TileOrder``, ``TileSchedule``: which tiles exist, their type and order.
 * :mod:`.dropout`: the counter-based keep-mask (``dropout_mask``).
 * :mod:`.reference`: the float64 NumPy oracle.
-* :mod:`.simple`, :mod:`.cpu`: the SimpleBackend (readable NumPy) and FastTensorBackend (Numba) kernels.
-* :mod:`.flash`: the tensor-level ``flash_attention`` / ``attention_reference``.
-* :mod:`.kv_cache`, :mod:`.decode`, :mod:`.ring_buffer`: the ring-buffer KV cache and the seed-compatible module.
-* :mod:`.dma`: Dynamic Mask Attention.
+* :mod:`.online_softmax`, :mod:`.merge`: the online softmax step by step, and the merge of partial results by lse.
+* :mod:`.kv_cache`, :mod:`.ring_buffer`: the ring-buffer KV cache and the seed-compatible module.
+* :mod:`.dma`, :mod:`.importance`, :mod:`.selection`: Dynamic Mask Attention.
+* :mod:`.engine`: the raw-array contract between the front end and the kernels.
+
+Engines (:mod:`.kernels`): ``simple`` (NumPy), ``cpu`` (Numba CPU), ``cuda`` (Numba CUDA), one per backend,
+reached as ``backend.attention``.
 """
 
+from . import kernels  # noqa: F401  (installs the engines on the backends)
+from .api import attention_reference, flash_attention  # noqa: F401
+from .dma import flash_dma_attention  # noqa: F401
 from .dropout import dropout_mask  # noqa: F401
-from .flash import attention_reference, flash_attention  # noqa: F401
+from .functions import FlashAttention, FlashAttentionLSE, FlashDMAAttention  # noqa: F401
+from .kv_cache import DecoderFeedbackBuffer, RingBufferKVCache  # noqa: F401
 from .reference import (  # noqa: F401
     attention_probs,
     naive_attention_float32,
@@ -21,5 +31,5 @@ from .reference import (  # noqa: F401
     reference_attention_backward,
     reference_mask,
 )
+from .ring_buffer import BufferState, RingBufferAttention, RingBufferConfig, build_attention, register_attention  # noqa: F401
 from .tiling import TileOrder, TileSchedule, TileType, standard_attention_hbm_bytes  # noqa: F401
-from .ring_buffer import build_attention, register_attention  # noqa: F401

@@ -22,6 +22,7 @@ _C2 = np.uint64(0x846CA68B)
 _GOLDEN = np.uint64(0x9E3779B9)
 _S16 = np.uint64(16)
 _S15 = np.uint64(15)
+_S32 = np.uint64(32)
 
 
 def _mix32(x):  # type: ignore[no-untyped-def]
@@ -35,7 +36,7 @@ def _mix32(x):  # type: ignore[no-untyped-def]
 
 
 def build_dropout_hash(jit: Callable[[Callable], Callable] = lambda f: f) -> Callable:
-    """Return ``dropout_hash(seed, b, h, i, j) -> uint32-valued uint64`` compiled with ``jit``.
+    """Return ``dropout_hash(seed, b, h, i, j) -> uint32-valued uint64`` compiled with ``jit`` (``seed``: 64 bits).
 
     ``jit`` is ``numba.njit(inline="always")`` for the CPU kernels, ``numba.cuda.jit(device=True)`` for the CUDA
     kernels, and the identity for NumPy (then the arguments may be ``uint64`` arrays). Every version computes
@@ -45,6 +46,7 @@ def build_dropout_hash(jit: Callable[[Callable], Callable] = lambda f: f) -> Cal
 
     def dropout_hash(seed, b, h, i, j):  # type: ignore[no-untyped-def]
         x = mix((np.uint64(seed) & _M32) ^ _GOLDEN)
+        x = mix(x ^ (np.uint64(seed) >> _S32))  # all 64 bits of the seed count
         x = mix(x ^ (np.uint64(b) & _M32))
         x = mix(x ^ (np.uint64(h) & _M32))
         x = mix(x ^ (np.uint64(i) & _M32))
@@ -79,5 +81,5 @@ def dropout_mask(seed: int, shape: Tuple[int, int, int, int], p: float) -> np.nd
         indexing="ij",
     )
     with np.errstate(over="ignore"):
-        hashed = dropout_hash(np.uint64(seed & 0xFFFFFFFF), b, h, i, j)
+        hashed = dropout_hash(np.uint64(seed), b, h, i, j)
     return hashed >= np.uint64(drop_threshold(p))

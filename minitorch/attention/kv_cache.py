@@ -10,7 +10,7 @@ buffer keeps exactly those, in fixed memory ``(B, Hkv, capacity, D)``, however m
 * **Pointers.** ``write_ptr`` is the slot the next token goes to; ``read_ptr`` the slot of the oldest non-sink token
   still held (equal to ``write_ptr`` once the ring is full: the classic full ring buffer).
 * **Positions, not order.** Every slot records its absolute position (``-1`` while empty). Attention masks are
-  functions of positions (DESIGN.md section 3), so :meth:`RingBufferKVCache.attend` runs directly on the rotated
+  functions of positions (docs/api.md), so :meth:`RingBufferKVCache.attend` runs directly on the rotated
   slots: a query at position ``t`` sees exactly the keys ``p <= t`` with ``t - p < capacity - s`` or ``p < s``.
 
 Three buffers, as in the original design:
@@ -26,16 +26,20 @@ Three buffers, as in the original design:
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .decode import decode_attention_cpu, decode_attention_numpy
-from .spec import make_spec
-
-if TYPE_CHECKING:
-    from ..tensor import Tensor
+from ..cuda_ops import CudaBackend
+from ..fast_ops import FastTensorBackend
+from ..tensor import Tensor
+from ..tensor_functions import Function, from_numpy, zeros
+from ..tensor_ops import SimpleBackend, TensorBackend
+from .api import flash_attention
+from .engine import AttentionEngine, engine_of, raw4, wrap
+from .reference import attention_probs
+from .spec import check_dropout, check_flag, check_scale, check_seed, make_spec
+from .tiling import TileOrder
 
 ArrayLike = Any
 
@@ -66,90 +70,56 @@ def held_positions(seen: int, capacity: int, num_sinks: int = 0) -> np.ndarray:
 # Backends and raw arrays
 # ---------------------------------------------------------------------------------------------------------------------
 
-_KINDS = ("simple", "fast", "cuda")
+BACKENDS = {"simple": SimpleBackend, "fast": FastTensorBackend, "cuda": CudaBackend}
+"""The names a cache accepts for its ``backend`` argument."""
 
 
-def _resolve_backend(backend: Any) -> Tuple[str, Any]:
-    """``(kind, TensorBackend or None)`` from a TensorBackend, a kind string or None (SimpleBackend)."""
+def resolve_backend(backend: Any) -> TensorBackend:
+    """A TensorBackend from a TensorBackend, one of the names of :data:`BACKENDS`, or None (SimpleBackend)."""
     if backend is None:
-        backend = "simple"
+        return SimpleBackend
     if isinstance(backend, str):
-        if backend not in _KINDS:
-            raise ValueError(f"backend must be a TensorBackend or one of {_KINDS}, got {backend!r}")
-        return backend, None
-    kind = getattr(backend, "attention_kind", None) or ("cuda" if getattr(backend, "cuda", False) else "simple")
-    return kind, backend
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be a TensorBackend or one of {tuple(BACKENDS)}, got {backend!r}")
+        return BACKENDS[backend]
+    if not isinstance(backend, TensorBackend):
+        raise TypeError(f"backend must be a TensorBackend or one of {tuple(BACKENDS)}, got {type(backend).__name__}")
+    return backend
 
 
-def _tensor_backend(kind: str) -> Any:
-    """The TensorBackend for a kind (imported lazily: the tensor layer imports this module)."""
-    if kind == "cuda":
-        from ..cuda_ops import CudaBackend
-
-        return CudaBackend
-    if kind == "fast":
-        from ..fast_ops import FastTensorBackend
-
-        return FastTensorBackend
-    from ..tensor_ops import SimpleBackend
-
-    return SimpleBackend
+def take_seq(engine: AttentionEngine, a: ArrayLike, idx: np.ndarray) -> ArrayLike:
+    """``a[:, :, idx]`` of a ``(B, H, N, D)`` array, as a new array (NumPy or device)."""
+    return engine.take_rows(a, np.asarray(idx, dtype=np.int64))
 
 
-def _is_tensor(x: Any) -> bool:
-    from ..tensor import Tensor
-
-    return isinstance(x, Tensor)
-
-
-def _is_device(x: Any) -> bool:
-    return not isinstance(x, np.ndarray) and hasattr(x, "copy_to_host")
+def scatter_seq(engine: AttentionEngine, a: ArrayLike, idx: np.ndarray, n: int) -> ArrayLike:
+    """Zeros of length ``n`` along dim 2 with ``out[:, :, idx] = a``."""
+    B, H, _, D = a.shape
+    out = engine.zeros((B, H, int(n), D), a.dtype)
+    engine.write_rows(out, a, np.asarray(idx, dtype=np.int64), np.arange(len(idx), dtype=np.int64))
+    return out
 
 
-def raw_view(t: "Tensor") -> ArrayLike:
-    """The contiguous data of a Tensor as an array of its shape: a NumPy view, or a device-array view for CUDA
-    (a contiguous copy first when the tensor is a strided view)."""
-    if not t._tensor.is_contiguous():
-        t = t.backend.id_map(t.detach())
-    storage = t._tensor._storage
-    if len(storage) != t.size:
-        storage = storage[: t.size]
-    return storage.reshape(t.shape)
+def concat_seq(engine: AttentionEngine, parts: List[ArrayLike]) -> ArrayLike:
+    """Concatenate ``(B, H, N_i, D)`` arrays along the sequence dim (NumPy or device)."""
+    B, H, _, D = parts[0].shape
+    out = engine.zeros((B, H, sum(int(p.shape[2]) for p in parts), D), parts[0].dtype)
+    start = 0
+    for p in parts:
+        n = int(p.shape[2])
+        engine.write_rows(out, p, np.arange(start, start + n, dtype=np.int64), np.arange(n, dtype=np.int64))
+        start += n
+    return out
 
 
-def wrap_raw(arr: ArrayLike, backend: Any) -> "Tensor":
-    """A constant Tensor over a contiguous raw array (no copy)."""
-    from ..tensor import Tensor
-
-    arr_shape = tuple(int(s) for s in arr.shape)
-    size = int(np.prod(arr_shape, dtype=np.int64))
-    flat = arr.reshape(size)
-    return Tensor.make(flat, arr_shape, backend=backend)
-
-
-def _to_device(x: np.ndarray) -> Any:
-    from numba import cuda
-
-    return cuda.to_device(np.ascontiguousarray(x))
-
-
-def _device_empty(shape: Tuple[int, ...], dtype: Any) -> Any:
-    """A zero-filled contiguous device array (allocated flat, so that Tensors can share it)."""
-    from numba import cuda
-
-    size = int(np.prod(shape, dtype=np.int64))
-    return cuda.to_device(np.zeros(size, dtype=dtype)).reshape(shape)
-
-
-def _raw_flash_forward(kind: str) -> Callable:
-    """The backend's flash attention ``forward(q, k, v, bias, spec)`` on raw arrays (docs/internals.md)."""
-    if kind == "cuda":
-        from ..cuda_kernels.cuda_kernel_ops import forward
-    elif kind == "fast":
-        from .cpu import forward  # type: ignore[no-redef]
-    else:
-        from .simple import forward  # type: ignore[no-redef]
-    return forward
+def _float_dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -157,111 +127,54 @@ def _raw_flash_forward(kind: str) -> Callable:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _gather_raw(a: ArrayLike, idx: np.ndarray, out_len: Optional[int] = None, scatter: bool = False) -> ArrayLike:
-    """``out[:, :, n] = a[:, :, idx[n]]`` (gather) or, with ``scatter``, ``out[:, :, idx[n]] = a[:, :, n]`` into
-    zeros of length ``out_len``. NumPy or device arrays ``(B, H, N, D)``."""
-    B, H, _, D = a.shape
-    n_out = len(idx) if not scatter else int(out_len)  # type: ignore[arg-type]
-    if _is_device(a):
-        from ..cuda_kernels.decode import write_slots
+class SeqTake(Function):
+    """``a[:, :, idx]`` for distinct indices ``idx``; backward scatters the gradient back."""
 
-        out = _device_empty((B, H, n_out, D), a.dtype)
-        rows = np.arange(len(idx), dtype=np.int64)
-        if scatter:
-            write_slots(out, a, idx, rows)
-        else:
-            write_slots(out, a, rows, idx)
-        return out
-    if scatter:
-        out = np.zeros((B, H, n_out, D), dtype=a.dtype)
-        out[:, :, idx] = a
-        return out
-    return np.ascontiguousarray(a[:, :, idx])
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, idx: np.ndarray) -> Tensor:
+        ctx.save_for_backward(int(a.shape[2]), idx)
+        return wrap(take_seq(engine_of(a.backend), raw4(a), idx), a.backend)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> Tensor:
+        n, idx = ctx.saved_values
+        return wrap(scatter_seq(engine_of(grad_output.backend), raw4(grad_output), idx, n), grad_output.backend)
 
 
-def _concat_raw(parts: List[ArrayLike]) -> ArrayLike:
-    """Concatenate ``(B, H, N_i, D)`` arrays along the sequence dim (NumPy or device)."""
-    if not _is_device(parts[0]):
-        return np.concatenate(parts, axis=2)
-    from ..cuda_kernels.decode import write_slots
+class SeqCat(Function):
+    """Concatenation of 4-D tensors along dim 2; backward slices the gradient."""
 
-    B, H, _, D = parts[0].shape
-    total = sum(int(p.shape[2]) for p in parts)
-    out = _device_empty((B, H, total, D), parts[0].dtype)
-    start = 0
-    for p in parts:
-        n = int(p.shape[2])
-        write_slots(out, p, np.arange(start, start + n, dtype=np.int64), np.arange(n, dtype=np.int64))
-        start += n
-    return out
+    @staticmethod
+    def forward(ctx: Any, *parts: Tensor) -> Tensor:
+        ctx.save_for_backward(tuple(int(p.shape[2]) for p in parts))
+        return wrap(concat_seq(engine_of(parts[0].backend), [raw4(p) for p in parts]), parts[0].backend)
 
-
-_FUNCTIONS: dict = {}
-
-
-def _seq_functions() -> Tuple[Any, Any]:
-    """``(SeqTake, SeqCat)``: autograd Functions that gather and concatenate along dim 2 of 4-D tensors."""
-    if _FUNCTIONS:
-        return _FUNCTIONS["take"], _FUNCTIONS["cat"]
-    from ..tensor_functions import Function
-
-    class SeqTake(Function):
-        """``a[:, :, idx]`` for distinct indices ``idx``; backward scatters the gradient back."""
-
-        @staticmethod
-        def forward(ctx: Any, a: "Tensor", idx: np.ndarray) -> "Tensor":
-            ctx.save_for_backward(int(a.shape[2]), idx)
-            return wrap_raw(_gather_raw(raw_view(a), idx), a.backend)
-
-        @staticmethod
-        def backward(ctx: Any, grad_output: "Tensor") -> "Tensor":
-            n, idx = ctx.saved_values
-            return wrap_raw(_gather_raw(raw_view(grad_output), idx, n, scatter=True), grad_output.backend)
-
-    class SeqCat(Function):
-        """Concatenation of 4-D tensors along dim 2; backward slices the gradient."""
-
-        @staticmethod
-        def forward(ctx: Any, *parts: "Tensor") -> "Tensor":
-            ctx.save_for_backward(tuple(int(p.shape[2]) for p in parts))
-            return wrap_raw(_concat_raw([raw_view(p) for p in parts]), parts[0].backend)
-
-        @staticmethod
-        def backward(ctx: Any, grad_output: "Tensor") -> Tuple["Tensor", ...]:
-            (lengths,) = ctx.saved_values
-            g = raw_view(grad_output)
-            out, start = [], 0
-            for n in lengths:
-                out.append(wrap_raw(_gather_raw(g, np.arange(start, start + n, dtype=np.int64)), grad_output.backend))
-                start += n
-            return tuple(out)
-
-    _FUNCTIONS["take"], _FUNCTIONS["cat"] = SeqTake, SeqCat
-    return SeqTake, SeqCat
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> Tuple[Tensor, ...]:
+        (lengths,) = ctx.saved_values
+        engine, g = engine_of(grad_output.backend), raw4(grad_output)
+        out, start = [], 0
+        for n in lengths:
+            out.append(wrap(take_seq(engine, g, np.arange(start, start + n)), grad_output.backend))
+            start += n
+        return tuple(out)
 
 
-def seq_take(a: "Tensor", idx: Union[np.ndarray, slice]) -> "Tensor":
+def seq_take(a: Tensor, idx: Union[np.ndarray, slice]) -> Tensor:
     """Differentiable ``a[:, :, idx]`` of a 4-D tensor (``idx`` distinct indices or a slice)."""
     if isinstance(idx, slice):
         idx = np.arange(int(a.shape[2]))[idx]
     idx = np.asarray(idx, dtype=np.int64)
     if len(np.unique(idx)) != len(idx):
         raise ValueError("seq_take needs distinct indices")
-    return _seq_functions()[0].apply(a, idx)
+    return SeqTake.apply(a, idx)
 
 
-def seq_cat(*parts: "Tensor") -> "Tensor":
+def seq_cat(*parts: Tensor) -> Tensor:
     """Differentiable concatenation of 4-D tensors along dim 2."""
     if len(parts) == 1:
         return parts[0]
-    return _seq_functions()[1].apply(*parts)
-
-
-def _flash(q: "Tensor", k: "Tensor", v: "Tensor", **options: Any) -> "Tensor":
-    """The tensor-level flash attention (the ``FlashAttention`` Function: autograd through q, k, v)."""
-    from .flash import flash_attention
-
-    return flash_attention(q, k, v, **options)
+    return SeqCat.apply(*parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -315,21 +228,19 @@ class RingBufferKVCache:
         if num_sinks >= capacity:
             raise ValueError(f"num_sinks ({num_sinks}) must be smaller than capacity ({capacity}): the window "
                              f"capacity - num_sinks must hold at least one token")
-        dt = np.dtype(dtype)
-        if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        dt = _float_dtype(dtype)
         self.B, self.Hkv, self.D = int(batch), int(num_kv_heads), int(head_dim)
         self.capacity, self.num_sinks = int(capacity), int(num_sinks)
         self.window = self.capacity - self.num_sinks
         self.dtype = dt
-        self.kind, self._backend = _resolve_backend(backend)
+        self.backend = resolve_backend(backend)
+        self.engine = engine_of(self.backend)
+        for name, val in (("block_size", block_size), ("tile_size", tile_size)):
+            if val is not None and (isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {val!r}")
         self.block_size = min(self.capacity, 128) if block_size is None else int(block_size)
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.tile_size = None if tile_size is None else int(tile_size)
         self.head_tile_size = int(head_tile_size)
-        from .tiling import TileOrder
-
         self.order = TileOrder.Q_MAJOR if order is None else TileOrder(order)
         self.keep_graph = bool(keep_graph)
         self.seen = 0
@@ -345,21 +256,11 @@ class RingBufferKVCache:
             self._k_t = zeros(shape, backend=self.backend, dtype=dt)
             self._v_t = zeros(shape, backend=self.backend, dtype=dt)
             self._k = self._v = None
-        elif self.kind == "cuda":
-            self._k = _device_empty(shape, dt)
-            self._v = _device_empty(shape, dt)
-            self._kpb_dev = _to_device(self._kpb)
         else:
-            self._k = np.zeros(shape, dtype=dt)
-            self._v = np.zeros(shape, dtype=dt)
+            self._k = self.engine.zeros(shape, dt)
+            self._v = self.engine.zeros(shape, dt)
 
     # -- pointers and views --------------------------------------------------------------------------------------
-    @property
-    def backend(self) -> Any:
-        """The TensorBackend of the storage (resolved lazily for a kind string)."""
-        if self._backend is None:
-            self._backend = _tensor_backend(self.kind)
-        return self._backend
 
     @property
     def length(self) -> int:
@@ -401,12 +302,12 @@ class RingBufferKVCache:
     @property
     def keys(self) -> "Tensor":
         """Slot storage of the keys as a Tensor ``(B, Hkv, capacity, D)`` (rotated; shares the storage)."""
-        return self._k_t if self.keep_graph else wrap_raw(self._k, self.backend)
+        return self._k_t if self.keep_graph else wrap(self._k, self.backend)
 
     @property
     def values(self) -> "Tensor":
         """Slot storage of the values as a Tensor ``(B, Hkv, capacity, D)`` (rotated; shares the storage)."""
-        return self._v_t if self.keep_graph else wrap_raw(self._v, self.backend)
+        return self._v_t if self.keep_graph else wrap(self._v, self.backend)
 
     def chronological_slots(self) -> np.ndarray:
         """Slots of the held tokens, oldest first: the sink slots, then the ring from ``read_ptr`` on."""
@@ -420,7 +321,8 @@ class RingBufferKVCache:
         order = self.chronological_slots()
         if self.keep_graph:
             return seq_take(self._k_t, order), seq_take(self._v_t, order)
-        return (wrap_raw(_gather_raw(self._k, order), self.backend), wrap_raw(_gather_raw(self._v, order), self.backend))
+        return (wrap(take_seq(self.engine, self._k, order), self.backend),
+                wrap(take_seq(self.engine, self._v, order), self.backend))
 
     def reset(self) -> None:
         """Forget every token (the storage is kept)."""
@@ -428,13 +330,11 @@ class RingBufferKVCache:
         self._pos[:] = -1
         self._kpb[:] = -1
         self._ws = None
-        if self.kind == "cuda" and not self.keep_graph:
-            self._kpb_dev = _to_device(self._kpb)
 
     def __repr__(self) -> str:
         return (f"RingBufferKVCache(B={self.B}, Hkv={self.Hkv}, D={self.D}, capacity={self.capacity}, "
                 f"num_sinks={self.num_sinks}, seen={self.seen}, read_ptr={self.read_ptr}, write_ptr={self.write_ptr}, "
-                f"backend={self.kind}, dtype={self.dtype.name}{', keep_graph' if self.keep_graph else ''})")
+                f"backend={self.backend.name}, dtype={self.dtype.name}{', keep_graph' if self.keep_graph else ''})")
 
     # -- input checks ------------------------------------------------------------------------------------------------
     def _check_kv(self, k: Any, v: Any) -> int:
@@ -460,31 +360,29 @@ class RingBufferKVCache:
         return qs[1], qs[2]
 
     def _raw(self, x: Any, name: str) -> ArrayLike:
-        """A raw contiguous array of this cache's kind and dtype from a Tensor, NumPy array or device array."""
-        if _is_tensor(x):
-            if bool(x.backend.cuda) != (self.kind == "cuda"):
-                raise ValueError(f"{name} is on backend {x.backend.name}, the cache on {self.kind}")
+        """A raw contiguous array of this cache's backend and dtype from a Tensor, NumPy array or device array."""
+        if isinstance(x, Tensor):
+            if bool(x.backend.cuda) != bool(self.backend.cuda):
+                raise ValueError(f"{name} is on backend {x.backend.name}, the cache on {self.backend.name}")
             if x.dtype != self.dtype:
                 raise TypeError(f"{name} has dtype {np.dtype(x.dtype).name}, the cache {self.dtype.name}")
-            return raw_view(x)
-        if self.kind == "cuda":
-            if _is_device(x):
-                if np.dtype(x.dtype) != self.dtype:
-                    raise TypeError(f"{name} has dtype {np.dtype(x.dtype).name}, the cache {self.dtype.name}")
-                return x
-            return _to_device(np.asarray(x, dtype=self.dtype))
-        if _is_device(x):
-            x = x.copy_to_host()
-        return np.ascontiguousarray(x, dtype=self.dtype)
+            return raw4(x)
+        if isinstance(x, (list, tuple)) or not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be a Tensor or an array of shape (B, H, T, D), got {type(x).__name__}")
+        if np.dtype(x.dtype).kind not in "iuf":
+            raise TypeError(f"{name} must hold real numbers, got dtype {np.dtype(x.dtype)}")
+        return self.engine.asarray(x, self.dtype)
 
     @staticmethod
     def _padding(key_padding_mask: Any, B: int, T: int) -> np.ndarray:
         if key_padding_mask is None:
             return np.zeros((B, T), dtype=bool)
-        pad = key_padding_mask.to_numpy() if _is_tensor(key_padding_mask) else np.asarray(key_padding_mask)
+        pad = key_padding_mask.to_numpy() if isinstance(key_padding_mask, Tensor) else np.asarray(key_padding_mask)
         if pad.shape != (B, T):
             raise ValueError(f"key_padding_mask must have shape (B, T) = ({B}, {T}) for the keys appended, "
                              f"got {pad.shape}")
+        if pad.dtype != np.bool_ and not np.all((pad == 0) | (pad == 1)):
+            raise ValueError("key_padding_mask must hold booleans or 0/1 (True/1 means padding)")
         return pad.astype(bool)
 
     # -- writing ---------------------------------------------------------------------------------------------------------
@@ -517,19 +415,12 @@ class RingBufferKVCache:
         else:
             kr, vr = self._raw(k, "k"), self._raw(v, "v")
             if needs_ws:
-                self._ws = (_concat_raw([self._k, kr]), _concat_raw([self._v, vr]),
+                self._ws = (concat_seq(self.engine, [self._k, kr]), concat_seq(self.engine, [self._v, vr]),
                             np.concatenate([self._pos, pos]), np.concatenate([self._kpb, chunk_kpb], axis=1))
             else:
                 self._ws = None
-            if self.kind == "cuda":
-                from ..cuda_kernels.decode import write_positions, write_slots
-
-                write_slots(self._k, kr, slots, rows)
-                write_slots(self._v, vr, slots, rows)
-                write_positions(self._kpb_dev, chunk_kpb[:, rows], slots)
-            else:
-                self._k[:, :, slots] = kr[:, :, rows]
-                self._v[:, :, slots] = vr[:, :, rows]
+            self.engine.write_rows(self._k, kr, slots, rows)
+            self.engine.write_rows(self._v, vr, slots, rows)
         self._pos[slots] = pos[rows]
         self._kpb[:, slots] = chunk_kpb[:, rows]
         self.seen += T
@@ -538,11 +429,11 @@ class RingBufferKVCache:
     def _append_graph(self, k: Any, v: Any, pos: np.ndarray, rows: np.ndarray, slots: np.ndarray,
                       chunk_kpb: np.ndarray) -> None:
         """Backward cache: the workspace is ``cat(slots, chunk)`` and the new slots a gather from it (autograd)."""
-        if not (_is_tensor(k) and _is_tensor(v)):
+        if not (isinstance(k, Tensor) and isinstance(v, Tensor)):
             raise TypeError("a keep_graph cache needs Tensor keys and values (their history is what it keeps)")
-        if k.dtype != self.dtype or bool(k.backend.cuda) != (self.kind == "cuda"):
+        if k.dtype != self.dtype or bool(k.backend.cuda) != bool(self.backend.cuda):
             raise TypeError(f"append: k is {np.dtype(k.dtype).name} on {k.backend.name}, the cache "
-                            f"{self.dtype.name} on {self.kind}")
+                            f"{self.dtype.name} on {self.backend.name}")
         C = self.capacity
         ws_k, ws_v = seq_cat(self._k_t, k), seq_cat(self._v_t, v)
         self._ws = (ws_k, ws_v, np.concatenate([self._pos, pos]), np.concatenate([self._kpb, chunk_kpb], axis=1))
@@ -587,82 +478,72 @@ class RingBufferKVCache:
         dropout: float = 0.0,
         seed: Optional[int] = None,
         return_lse: bool = False,
+        attn_bias: Any = None,
     ) -> Any:
         """Attention of ``q (B, H, T, D)``, the queries of the ``T`` newest positions, over the cache.
 
         A query at position ``t`` sees the keys at positions ``p <= t`` with ``t - p < capacity - num_sinks`` or
-        ``p < num_sinks``: causal attention with that window plus the sinks. ``T == 1`` (decoding) runs the decode
-        kernel of the backend directly on the rotated slots; ``T > 1`` the backend's flash attention with the
-        slots' (or the chunk workspace's) positions. Returns what ``q`` is: a Tensor for a Tensor (with autograd
-        in a ``keep_graph`` cache), else a raw array; ``(out, lse)`` with ``return_lse``.
+        ``p < num_sinks``: causal attention with that window plus the sinks. It is the backend's flash attention
+        with the slots' positions, run directly on the rotated slots (a decode step, ``T == 1``, splits the slots
+        into ``block_size`` tiles and, on a GPU, one split-K part per tile); ``T > 1`` queries whose keys the
+        append overwrote read the chunk workspace instead. Empty slots (position -1) are never read. ``attn_bias``
+        (optional, not with ``keep_graph``): an additive bias over the slots, ``(B|1, H|1, T|1, capacity)``
+        (``-inf`` masks a slot). Returns what ``q`` is: a Tensor for a Tensor (with autograd in a ``keep_graph``
+        cache), else a raw array; ``(out, lse)`` with ``return_lse``.
         """
         H, T = self._check_q(q)
-        if dropout > 0 and seed is None:
-            seed = int(np.random.randint(0, 2**31 - 1))
-        seed = 0 if seed is None else int(seed)
+        scale = check_scale(scale, self.D)
+        dropout = check_dropout(dropout)
+        seed = check_seed(seed, dropout)
+        return_lse = check_flag("return_lse", return_lse)
         k, v, pos, kpb, is_slots = self._key_set(T)
         q_pos = self.seen - T + np.arange(T, dtype=np.int64)
-        scale = 1.0 / math.sqrt(self.D) if scale is None else float(scale)
+        pad = (kpb < 0) & (pos[None, :] >= 0)
         if self.keep_graph:
-            if not _is_tensor(q):
+            if not isinstance(q, Tensor):
                 raise TypeError("a keep_graph cache attends Tensor queries")
-            res = _flash(q, k, v, causal=True, scale=scale, window=self.window, num_sinks=self.num_sinks,
-                         key_padding_mask=(kpb < 0) & (pos[None, :] >= 0), q_positions=q_pos, k_positions=pos,
-                         dropout=dropout, seed=seed, return_lse=return_lse, order=self.order,
-                         **self._blocks())
-            return res
+            if attn_bias is not None:
+                raise ValueError("attn_bias is not supported by a keep_graph cache")
+            return flash_attention(q, k, v, causal=True, scale=scale, window=self.window, num_sinks=self.num_sinks,
+                                   key_padding_mask=pad, q_positions=q_pos, k_positions=pos, dropout=dropout,
+                                   seed=seed, return_lse=return_lse, order=self.order, **self._blocks())
         qr = self._raw(q, "q")
-        if T == 1 and is_slots:
-            out, lse = self._decode(qr, q_pos, scale, dropout, seed)
-        else:
-            out, lse = self._chunk(qr, k, v, pos, kpb, q_pos, scale, dropout, seed)
-        if _is_tensor(q):
-            out, lse = wrap_raw(out, q.backend), wrap_raw(lse, q.backend)
+        bias = None
+        if attn_bias is not None:
+            if not is_slots:
+                raise ValueError("attn_bias covers the cache slots: attend with it right after single-token appends")
+            bias = self._raw(attn_bias, "attn_bias") if isinstance(attn_bias, Tensor) else \
+                self.engine.asarray(np.asarray(attn_bias), self.dtype)
+        blocks = self._blocks()
+        splits = 1
+        if T == 1 and is_slots:  # decoding: tiles of block_size slots, split-K where the engine wants it
+            blocks = {"block_q": 1, "block_k": self.block_size}
+            splits = self.engine.decode_splits(-(-self.capacity // self.block_size))
+        spec = make_spec(
+            tuple(qr.shape), tuple(k.shape), tuple(v.shape), causal=True, scale=scale, window=self.window,
+            key_padding_mask=pad, bias_shape=None if bias is None else tuple(bias.shape), dropout=dropout, seed=seed,
+            q_positions=q_pos, k_positions=pos, order=self.order, num_sinks=self.num_sinks, num_splits=splits,
+            default_blocks=self.engine.default_blocks(self.D), **blocks,
+        )
+        out, lse = self.engine.forward(qr, k, v, bias, spec)
+        if isinstance(q, Tensor):
+            out, lse = wrap(out, q.backend), wrap(lse, q.backend)
         return (out, lse) if return_lse else out
 
     def _blocks(self) -> dict:
         return {} if self.tile_size is None else {"block_q": self.tile_size, "block_k": self.tile_size}
 
-    def _decode(self, q: ArrayLike, q_pos: np.ndarray, scale: float, dropout: float, seed: int) -> Tuple[Any, Any]:
-        """One decode step over the slots with the backend's decode kernel."""
-        opts = dict(scale=scale, causal=True, window=self.window, num_sinks=self.num_sinks, block=self.block_size,
-                    head_tile=self.head_tile_size, dropout=dropout, seed=seed)
-        if self.kind == "cuda":
-            from ..cuda_kernels.decode import decode_attention_cuda
-
-            return decode_attention_cuda(q, self._k, self._v, self._kpb_dev, q_pos, k_pos_host=self._kpb,
-                                         tile=self.tile_size, **opts)
-        if self.kind == "fast":
-            return decode_attention_cpu(q, self._k, self._v, self._kpb, q_pos, **opts)
-        return decode_attention_numpy(q, self._k, self._v, self._kpb, q_pos, **opts)
-
-    def _chunk(self, q: ArrayLike, k: ArrayLike, v: ArrayLike, pos: np.ndarray, kpb: np.ndarray, q_pos: np.ndarray,
-               scale: float, dropout: float, seed: int) -> Tuple[Any, Any]:
-        """Chunk attention with the backend's flash attention over ``k, v`` at positions ``pos``."""
-        pad = (kpb < 0) & (pos[None, :] >= 0)
-        spec = make_spec(
-            q.shape, k.shape, v.shape, causal=True, scale=scale, window=self.window, key_padding_mask=pad,
-            dropout=dropout, seed=seed, q_positions=q_pos, k_positions=pos, order=self.order,
-            backend_kind=self.kind, num_sinks=self.num_sinks, **self._blocks(),
-        )
-        return _raw_flash_forward(self.kind)(q, k, v, None, spec)
-
-    def attention_weights(self, q: Any, scale: Optional[float] = None) -> np.ndarray:
+    def attention_weights(self, q: Any, scale: Optional[float] = None, attn_bias: Any = None) -> np.ndarray:
         """Softmax weights ``(B, H, T, capacity)`` of ``q`` (the ``T`` newest positions) over the slots, in slot
         order (zero for empty, padded and invisible slots); float64 NumPy, for inspection (``needs_weights``)."""
-        from .reference import attention_probs
-
         H, T = self._check_q(q)
-        qn = q.to_numpy() if _is_tensor(q) else (q.copy_to_host() if _is_device(q) else np.asarray(q))
-        if self.keep_graph:
-            kn = self._k_t.to_numpy()
-        else:
-            kn = self._k.copy_to_host() if _is_device(self._k) else self._k
+        qn = q.to_numpy() if isinstance(q, Tensor) else self.engine.to_host(q)
+        kn = self._k_t.to_numpy() if self.keep_graph else self.engine.to_host(self._k)
         kn = np.where((self._kpb >= 0)[:, None, :, None], kn, 0.0)  # empty slots are never read
         q_pos = self.seen - T + np.arange(T, dtype=np.int64)
         p, _, _ = attention_probs(qn, kn, causal=True, scale=scale, window=self.window,
-                                  key_padding_mask=(self._kpb < 0), q_positions=q_pos, k_positions=self._pos,
-                                  num_sinks=self.num_sinks)
+                                  key_padding_mask=(self._kpb < 0), attn_bias=attn_bias, q_positions=q_pos,
+                                  k_positions=self._pos, num_sinks=self.num_sinks)
         return p
 
 
@@ -706,7 +587,7 @@ def chunked_causal_attention(
                               block_size=block_size, tile_size=tile_size, order=order, keep_graph=True)
     pad = None
     if key_padding_mask is not None:
-        pad = key_padding_mask.to_numpy() if _is_tensor(key_padding_mask) else np.asarray(key_padding_mask)
+        pad = key_padding_mask.to_numpy() if isinstance(key_padding_mask, Tensor) else np.asarray(key_padding_mask)
         pad = pad.astype(bool)
     outs = []
     for a in range(0, N, chunk):
@@ -739,8 +620,8 @@ class DecoderFeedbackBuffer:
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
         self.capacity, self.batch, self.dim = int(capacity), int(batch), int(dim)
-        self.kind, self._backend = _resolve_backend(backend)
-        self.dtype = np.dtype(dtype)
+        self.backend = resolve_backend(backend)
+        self.dtype = _float_dtype(dtype)
         self.start_value = start_value
         self._buf = np.zeros((self.capacity, self.batch, self.dim), dtype=self.dtype)
         self.reset()
@@ -749,12 +630,6 @@ class DecoderFeedbackBuffer:
         """Back to ``[start]``."""
         self.count = 1  # inputs written so far (x_0 = start)
         self._buf[0] = self.start_value
-
-    @property
-    def backend(self) -> Any:
-        if self._backend is None:
-            self._backend = _tensor_backend(self.kind)
-        return self._backend
 
     @property
     def pushed(self) -> int:
@@ -778,7 +653,7 @@ class DecoderFeedbackBuffer:
 
     def push(self, y: Any) -> None:
         """Store decoder output ``y (batch, dim)`` (a Tensor or an array) as the next input."""
-        arr = y.to_numpy() if _is_tensor(y) else (y.copy_to_host() if _is_device(y) else np.asarray(y))
+        arr = y.to_numpy() if isinstance(y, Tensor) else engine_of(self.backend).to_host(y)
         if arr.shape != (self.batch, self.dim):
             raise ValueError(f"push: expected a decoder output of shape (batch, dim) = ({self.batch}, {self.dim}), "
                              f"got {arr.shape}")

@@ -35,18 +35,11 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import numpy as np
 
 from ..module import Module
-from .kv_cache import (
-    DecoderFeedbackBuffer,
-    RingBufferKVCache,
-    _concat_raw,
-    _flash,
-    _gather_raw,
-    _is_tensor,
-    _raw_flash_forward,
-    chunked_causal_attention,
-    raw_view,
-    wrap_raw,
-)
+from ..tensor import Tensor
+from ..tensor_functions import from_numpy
+from .api import flash_attention
+from .engine import engine_of, raw4, wrap
+from .kv_cache import DecoderFeedbackBuffer, RingBufferKVCache, chunked_causal_attention, concat_seq, take_seq
 from .spec import make_spec
 from .tiling import TileOrder, TileSchedule
 
@@ -176,7 +169,7 @@ class RingBufferAttention(Module):
     # -- helpers -----------------------------------------------------------------------------------------------------
     def _check_inputs(self, q: Any, k: Any, v: Any) -> Tuple[int, int, int, int, int]:
         for name, t in (("q", q), ("k", k), ("v", v)):
-            if not _is_tensor(t):
+            if not isinstance(t, Tensor):
                 raise TypeError(f"RingBufferAttention: {name} must be a Tensor, got {type(t).__name__}")
         if self.backend is not None and q.backend.ops is not self.backend.ops:
             raise ValueError(f"RingBufferAttention is on backend {self.backend.name}, q on {q.backend.name}; "
@@ -244,7 +237,7 @@ class RingBufferAttention(Module):
                              "continue it with decoder steps (is_decoder=True)")
         pad = None
         if key_padding_mask is not None:
-            pad = key_padding_mask.to_numpy() if _is_tensor(key_padding_mask) else np.asarray(key_padding_mask)
+            pad = key_padding_mask.to_numpy() if isinstance(key_padding_mask, Tensor) else np.asarray(key_padding_mask)
             pad = pad.astype(bool)
         dropout = self._dropout()
         if dropout > 0 and seed is None:
@@ -259,28 +252,28 @@ class RingBufferAttention(Module):
                     q, k, v, P, c.window, c.num_sinks, key_padding_mask=pad, dropout=dropout, seed=seed,
                     block_size=c.block_size, tile_size=c.tile_size, order=tiles["order"])
             else:
-                out = _flash(q, k, v, key_padding_mask=pad, dropout=dropout, seed=seed, **masks, **tiles)
+                out = flash_attention(q, k, v, key_padding_mask=pad, dropout=dropout, seed=seed, **masks, **tiles)
             state.cache.append(k.detach(), v.detach(), pad)
             return out, state
         # the forward cache: no graph
         cache = state.cache
+        engine = engine_of(q.backend)
         if c.causal:
             outs = []
-            qr = raw_view(q.detach())
-            kr, vr = raw_view(k.detach()), raw_view(v.detach())
+            qr = raw4(q.detach())
+            kr, vr = raw4(k.detach()), raw4(v.detach())
             for a in range(0, N, P):
                 b = min(a + P, N)
                 rows = np.arange(a, b, dtype=np.int64)
-                cache.append(_gather_raw(kr, rows), _gather_raw(vr, rows), None if pad is None else pad[:, a:b])
-                outs.append(cache.attend(_gather_raw(qr, rows), dropout=dropout,
+                cache.append(take_seq(engine, kr, rows), take_seq(engine, vr, rows), None if pad is None else pad[:, a:b])
+                outs.append(cache.attend(take_seq(engine, qr, rows), dropout=dropout,
                                          seed=None if seed is None else seed + a))
-            out = wrap_raw(_concat_raw(outs), q.backend)
+            out = wrap(concat_seq(engine, outs), q.backend)
         else:
-            forward = _raw_flash_forward(cache.kind)
             spec = make_spec(q.shape, k.shape, v.shape, key_padding_mask=pad, dropout=dropout, seed=seed,
-                             backend_kind=cache.kind, **tiles)
-            out_raw, _ = forward(raw_view(q.detach()), raw_view(k.detach()), raw_view(v.detach()), None, spec)
-            out = wrap_raw(out_raw, q.backend)
+                             default_blocks=engine.default_blocks(int(q.shape[3])), **tiles)
+            out_raw, _ = engine.forward(raw4(q.detach()), raw4(k.detach()), raw4(v.detach()), None, spec)
+            out = wrap(out_raw, q.backend)
             cache.append(k.detach(), v.detach(), pad)
         return out, state
 
@@ -292,8 +285,8 @@ class RingBufferAttention(Module):
             raise ValueError(f"a decoder step appends one key per query, got q length {T} and k length {Tk}")
         state = buffer_state if buffer_state is not None else self.new_state(B, q.backend, q.dtype)
         cache = state.cache
-        if bool(q.backend.cuda) != (cache.kind == "cuda"):
-            raise ValueError(f"buffer_state is on {cache.kind}, q on backend {q.backend.name}")
+        if bool(q.backend.cuda) != bool(cache.backend.cuda):
+            raise ValueError(f"buffer_state is on {cache.backend.name}, q on backend {q.backend.name}")
         if position is not None:
             if position < cache.seen:
                 raise ValueError(f"position {position} is behind the cache, which has already seen {cache.seen} "
@@ -309,68 +302,29 @@ class RingBufferAttention(Module):
             if T > 1 and cache._ws is not None:
                 raise ValueError("att_mask is given over the cache slots; this step evicted keys its own earlier "
                                  "queries need, so it must be split into steps of one token")
-            out = self._biased_step(q, cache, bias, dropout, seed)
-        else:
-            out = cache.attend(q, dropout=dropout, seed=seed)
+        out = cache.attend(q, dropout=dropout, seed=seed, attn_bias=bias)
         if state.feedback is not None:
             last = out.to_numpy()[:, :, -1, :].reshape(B, H * self.config.head_dim)
             state.feedback.push(last)
         if weights:
-            from ..tensor_functions import from_numpy
-
-            w = cache.attention_weights(q)
-            if bias is not None:
-                w = self._reweight(w, q, cache, bias)
+            w = cache.attention_weights(q, attn_bias=bias)
             return out, from_numpy(w.astype(cache.dtype), backend=q.backend)
         return out
 
     @staticmethod
     def _att_bias(att_mask: Any, B: int, H: int, T: int, C: int, dtype: np.dtype) -> np.ndarray:
         """``att_mask`` over the cache slots, ``(B|1, H|1, T|1, capacity)``: booleans (True: masked) or additive
-        floats, as a 4-D additive bias (a masked slot gets a large finite negative score)."""
-        m = att_mask.to_numpy() if _is_tensor(att_mask) else np.asarray(att_mask)
+        floats, as a 4-D additive bias (a masked slot gets ``-inf``: it is never read, and a row whose every slot
+        is masked outputs zeros, as everywhere else)."""
+        m = att_mask.to_numpy() if isinstance(att_mask, Tensor) else np.asarray(att_mask)
         m = m.reshape((1,) * (4 - m.ndim) + m.shape)
         if m.ndim != 4 or m.shape[0] not in (1, B) or m.shape[1] not in (1, H) or m.shape[2] not in (1, T) \
                 or m.shape[3] != C:
             raise ValueError(f"att_mask must broadcast as (B|1, H|1, T|1, capacity) = ({B}|1, {H}|1, {T}|1, {C}) "
                              f"over the cache slots, got {tuple(np.shape(att_mask))}")
         if m.dtype == np.bool_:
-            m = np.where(m, np.finfo(dtype).min / 4, 0.0)
+            m = np.where(m, -np.inf, 0.0)
         return np.ascontiguousarray(m, dtype=dtype)
-
-    def _biased_step(self, q: Any, cache: RingBufferKVCache, bias: np.ndarray, dropout: float,
-                     seed: Optional[int]) -> Any:
-        """A decoder step with an additive bias over the slots: the backend's flash attention on the slots."""
-        T = int(q.shape[2])
-        q_pos = cache.seen - T + np.arange(T, dtype=np.int64)
-        pad = cache.key_padding
-        if dropout > 0 and seed is None:
-            seed = int(np.random.randint(0, 2**31 - 1))
-        kr = cache.key_storage
-        spec = make_spec(q.shape, kr.shape, kr.shape, causal=True, window=cache.window, num_sinks=cache.num_sinks,
-                         key_padding_mask=pad, bias_shape=bias.shape, dropout=dropout, seed=seed, q_positions=q_pos,
-                         k_positions=cache.positions, backend_kind=cache.kind, **self.tiling_processor.options())
-        forward = _raw_flash_forward(cache.kind)
-        braw = bias
-        if cache.kind == "cuda":
-            from numba import cuda
-
-            braw = cuda.to_device(bias)
-        out, _ = forward(cache._raw(q, "q"), cache.key_storage, cache.value_storage, braw, spec)
-        return wrap_raw(out, q.backend)
-
-    @staticmethod
-    def _reweight(w: np.ndarray, q: Any, cache: RingBufferKVCache, bias: np.ndarray) -> np.ndarray:
-        """Weights with the additive bias: recompute the softmax over the visible slots."""
-        from .reference import attention_probs
-
-        T = int(q.shape[2])
-        kn = cache.keys.to_numpy()
-        kn = np.where((cache._kpb >= 0)[:, None, :, None], kn, 0.0)
-        p, _, _ = attention_probs(q.to_numpy(), kn, causal=True, window=cache.window, key_padding_mask=cache._kpb < 0,
-                                  attn_bias=bias, q_positions=cache.seen - T + np.arange(T),
-                                  k_positions=cache._pos, num_sinks=cache.num_sinks)
-        return p
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum, IntEnum
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .masks import visible
 
 
 class TileType(IntEnum):
@@ -65,23 +67,6 @@ def default_block_sizes(head_dim: int, backend: str = "fast") -> Tuple[int, int]
     return 32, 32
 
 
-def visible(q: np.ndarray, k: np.ndarray, causal: bool, window: int, num_sinks: int = 0) -> np.ndarray:
-    """Elementwise mask: may a query at position ``q`` see a key at position ``k``? (broadcasts; -1 = empty).
-
-    Keys at positions ``< num_sinks`` (attention sinks, used by the ring-buffer cache) ignore the window.
-    """
-    q = np.asarray(q)
-    k = np.asarray(k)
-    ok = (q >= 0) & (k >= 0)
-    if causal:
-        ok &= k <= q
-        if window >= 0:
-            ok &= ((q - k) < window) | (k < num_sinks)
-    elif window >= 0:
-        ok &= (np.abs(q - k) < window) | (k < num_sinks)
-    return ok
-
-
 def _as_positions(pos: Optional[Sequence[int]], n: int, default_start: int, name: str) -> np.ndarray:
     if pos is None:
         return np.arange(default_start, default_start + n, dtype=np.int64)
@@ -95,6 +80,23 @@ def _as_positions(pos: Optional[Sequence[int]], n: int, default_start: int, name
     if np.any(arr < -1):
         raise ValueError(f"{name} must be >= 0, or -1 for an empty slot; got min {arr.min()}")
     return arr
+
+
+def _tile_bounds(pos: np.ndarray, block: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For positions ``pos (B, N)`` cut into tiles of ``block``: per ``(B, tile)`` the smallest and largest valid
+    position (0 where there is none), whether there is a valid one, and whether the tile holds an empty (-1) slot."""
+    B, N = pos.shape
+    T = -(-N // block)
+    padded = np.full((B, T * block), -1, dtype=np.int64)
+    padded[:, :N] = pos
+    tiles = padded.reshape(B, T, block)
+    valid = tiles >= 0
+    has = valid.any(axis=2)
+    lo = np.where(has, np.where(valid, tiles, np.iinfo(np.int64).max).min(axis=2), 0)
+    hi = np.where(has, tiles.max(axis=2), 0)
+    in_range = (np.arange(T * block) < N).reshape(T, block)
+    empty = (~valid & in_range).any(axis=2)
+    return lo, hi, has, empty
 
 
 @dataclass(frozen=True)
@@ -116,16 +118,19 @@ class TileSchedule:
     Args:
         Nq, Nk: number of query rows and key slots.
         block_q, block_k: ``Br`` and ``Bc``.
-        causal, window: the masks (window ``None`` or ``-1`` for none; see DESIGN.md section 3).
+        causal, window: the masks (window ``None`` for none; see docs/api.md).
         q_positions, k_positions: absolute positions (defaults: keys ``0..Nk-1``, queries bottom-right aligned
             ``Nk-Nq..Nk-1``); ``-1`` marks an empty slot.
         order: :class:`TileOrder`.
         num_sinks: keys at positions ``< num_sinks`` are exempt from the window (attention sinks).
+        key_padding_mask: optional ``(B, Nk)`` booleans, True where the key is padding in that batch row.
 
     Attributes:
         Tr, Tc: number of query and key tiles.
-        types: ``int8`` array ``(Tr, Tc)`` of :class:`TileType` values.
-        q_pos, k_pos: the positions used.
+        types: ``int8`` array ``(Tr, Tc)`` of :class:`TileType` values (of the positions, without padding).
+        batch_types: ``int8 (B, Tr, Tc)``: the types per batch row with its padding (``B = 1`` without padding);
+            what the kernels read.
+        q_pos, k_pos: the positions used; ``k_pos_b (B, Nk)``: ``k_pos`` with padded keys set to ``-1``.
     """
 
     def __init__(
@@ -140,11 +145,15 @@ class TileSchedule:
         k_positions: Optional[Sequence[int]] = None,
         order: TileOrder = TileOrder.Q_MAJOR,
         num_sinks: int = 0,
+        key_padding_mask: Optional[np.ndarray] = None,
     ) -> None:
-        if Nq < 0 or Nk < 0:
-            raise ValueError(f"Nq and Nk must be >= 0, got Nq={Nq}, Nk={Nk}")
-        if block_q < 1 or block_k < 1:
-            raise ValueError(f"block sizes must be >= 1, got block_q={block_q}, block_k={block_k}")
+        for name, val, lo in (("Nq", Nq, 0), ("Nk", Nk, 0), ("block_q", block_q, 1), ("block_k", block_k, 1),
+                              ("num_sinks", num_sinks, 0)):
+            if isinstance(val, (bool, np.bool_)) or not isinstance(val, (int, np.integer)) or val < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
+        if window is not None and (isinstance(window, (bool, np.bool_)) or not isinstance(window, (int, np.integer))
+                                   or window < -1):
+            raise ValueError(f"window must be None or an int >= 0, got {window!r}")
         self.Nq, self.Nk = int(Nq), int(Nk)
         self.block_q, self.block_k = int(block_q), int(block_k)
         self.causal = bool(causal)
@@ -158,51 +167,61 @@ class TileSchedule:
         self.q_pos = _as_positions(q_positions, self.Nq, shift + self.Nk - self.Nq, "q_positions")
         self.Tr = -(-self.Nq // self.block_q)
         self.Tc = -(-self.Nk // self.block_k)
-        self.types = self._classify()
+        # k_pos_b (B, Nk): the key positions of every batch row, -1 where the key is padding there
+        if key_padding_mask is None:
+            self.k_pos_b = self.k_pos[None, :]
+        else:
+            pad = np.asarray(key_padding_mask)
+            if pad.ndim != 2 or pad.shape[1] != self.Nk:
+                raise ValueError(f"key_padding_mask must have shape (B, Nk) with Nk={self.Nk}, got {pad.shape}")
+            if pad.dtype != np.bool_:
+                if not np.all((pad == 0) | (pad == 1)):
+                    raise ValueError("key_padding_mask must hold booleans or 0/1 (True/1 means padding)")
+                pad = pad.astype(bool)
+            self.k_pos_b = np.where(pad, -1, self.k_pos[None, :])
+        self.batch_types = self.classify(self.q_pos, self.k_pos_b)
+        self.types = self.batch_types[0] if key_padding_mask is None else self.classify(self.q_pos, self.k_pos[None])[0]
 
     # -- classification --------------------------------------------------------------------------------------
-    @staticmethod
-    def _tile_bounds(pos: np.ndarray, block: int, count: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per tile: min and max valid position, and whether the tile holds an empty (-1) slot."""
-        lo = np.full(count, np.iinfo(np.int64).max, dtype=np.int64)
-        hi = np.full(count, -1, dtype=np.int64)
-        empty = np.zeros(count, dtype=bool)
-        for t in range(count):
-            p = pos[t * block : (t + 1) * block]
-            valid = p[p >= 0]
-            empty[t] = valid.size < p.size
-            if valid.size:
-                lo[t], hi[t] = valid.min(), valid.max()
-        return lo, hi, empty
+    def classify(self, q_pos: np.ndarray, k_pos_b: np.ndarray) -> np.ndarray:
+        """:class:`TileType` of every tile, ``int8 (B, Tr, Tc)``, for query positions ``q_pos (Nq,)`` and key
+        positions ``k_pos_b (B, Nk)`` (``-1``: empty or padded), with this schedule's tiles and masks.
 
-    def _classify(self) -> np.ndarray:
-        types = np.full((self.Tr, self.Tc), TileType.TRIANGLE, dtype=np.int8)
+        Exact for the *boxes* of positions of the tiles, with the one rule of :mod:`.masks` and no other. The rule
+        sees a valid pair only through ``d = qp - kp`` and whether the key is a sink, and for either kind of key
+        its visible ``d`` form an interval that contains 0. So, for the keys of one kind in a tile (a box of
+        positions ``[qlo, qhi] x [klo, khi]``, i.e. differences ``[qlo - khi, qhi - klo]``):
+
+        * every pair is visible iff the two extreme pairs ``(qlo, khi)`` and ``(qhi, klo)`` are;
+        * some pair is visible iff the pair whose difference is closest to 0 is.
+
+        A tile is SKIP when no pair of either kind is visible (or it holds no valid query or key), DENSE when every
+        pair is and no row or slot of it is empty, else TRIANGLE (masked element by element).
+        """
+        B = k_pos_b.shape[0]
+        types = np.full((B, self.Tr, self.Tc), TileType.TRIANGLE, dtype=np.int8)
         if self.Tr == 0 or self.Tc == 0:
             return types
-        qlo, qhi, qempty = self._tile_bounds(self.q_pos, self.block_q, self.Tr)
-        klo, khi, kempty = self._tile_bounds(self.k_pos, self.block_k, self.Tc)
-        qlo, qhi, qempty = qlo[:, None], qhi[:, None], qempty[:, None]
-        klo, khi, kempty = klo[None, :], khi[None, :], kempty[None, :]
-        no_valid = (qhi < 0) | (khi < 0)
-        W = self.window
-        has_sink = klo < self.num_sinks  # a sink key in the tile: the window cannot skip it
-        all_sink = khi < self.num_sinks  # only sink keys: the window does not apply at all
-        if self.causal:
-            # visible iff 0 <= q - k (< W): all visible iff the extreme pairs are.
-            all_vis = khi <= qlo
-            none_vis = klo > qhi
-            if W >= 0:
-                all_vis &= ((qhi - klo) < W) | all_sink
-                none_vis |= ((qlo - khi) >= W) & ~has_sink
-        else:
-            all_vis = np.ones_like(no_valid)
-            none_vis = np.zeros_like(no_valid)
-            if W >= 0:
-                all_vis = (((qhi - klo) < W) & ((khi - qlo) < W)) | all_sink
-                none_vis = (((klo - qhi) >= W) | ((qlo - khi) >= W)) & ~has_sink
-        types[all_vis & ~qempty & ~kempty] = TileType.DENSE
-        types[none_vis | no_valid] = TileType.SKIP
+        qlo, qhi, q_has, q_empty = (x[:, :, None] for x in _tile_bounds(q_pos[None, :], self.block_q))  # (1, Tr, 1)
+        k_empty = _tile_bounds(k_pos_b, self.block_k)[3][:, None, :]  # (B, 1, Tc)
+        every = q_has & ~q_empty & ~k_empty
+        some = np.zeros((B, self.Tr, self.Tc), dtype=bool)
+        for sink in (True, False):  # the two kinds of keys, each a box of positions (the other kind set to -1)
+            kind = np.where((k_pos_b < self.num_sinks) == sink, k_pos_b, -1)
+            klo, khi, k_has, _ = (x[:, None, :] for x in _tile_bounds(kind, self.block_k))  # (B, 1, Tc)
+            # every pair visible iff both extreme pairs are (a kind absent from the tile is vacuously all visible)
+            every &= ~k_has | (self._vis(qlo, khi) & self._vis(qhi, klo))
+            # some pair visible iff the pair whose difference is closest to 0 is
+            mid = np.maximum(qlo, klo)  # when qlo - khi < 0 < qhi - klo, a pair with difference 0
+            q_star = np.where(qlo - khi >= 0, qlo, np.where(qhi - klo <= 0, qhi, mid))
+            k_star = np.where(qlo - khi >= 0, khi, np.where(qhi - klo <= 0, klo, mid))
+            some |= q_has & k_has & self._vis(q_star, k_star)
+        types[every] = TileType.DENSE
+        types[~some] = TileType.SKIP
         return types
+
+    def _vis(self, qp: np.ndarray, kp: np.ndarray) -> np.ndarray:
+        return visible(qp, kp, self.causal, self.window, self.num_sinks)
 
     # -- geometry --------------------------------------------------------------------------------------------
     def q_range(self, tq: int) -> Tuple[int, int]:
@@ -306,3 +325,55 @@ def standard_attention_hbm_bytes(Nq: int, Nk: int, head_dim: int, itemsize: int 
     """Bytes standard attention moves: read Q, K, V, write and re-read S and P (Nq x Nk each), write O."""
     D = int(head_dim)
     return int(itemsize) * ((Nq + 2 * Nk) * D + 4 * Nq * Nk + Nq * D)
+
+
+def build_list_classifier(jit: Callable[[Callable], Callable] = lambda f: f) -> Callable:
+    """The tile classification of a *key list with lifetimes* (Dynamic Mask Attention's selection), compiled with
+    ``jit`` like :func:`~.masks.build_visible` (NumPy callers pass the identity).
+
+    ``list_tile_types(kidx, counts, evict, b, g, tq, Br, Bc, causal, off, Nq, types)`` fills
+    ``types[b, g, tq, :]``: query tile ``tq`` (rows ``[tq Br, (tq + 1) Br)`` at positions ``off + i``) against every
+    tile of ``Bc`` entries of the list ``kidx[b, g, :counts[b, g]]``. Key ``j`` is kept by the rows at positions
+    ``[j, evict[b, g, j])`` (causal; ``evict = Nk``: never evicted), or by every row if never evicted (not causal).
+    Exact, key by key: SKIP if no row keeps a key of the tile, DENSE if every row keeps every key, else TRIANGLE.
+    """
+
+    def list_tile_types(kidx, counts, evict, b, g, tq, Br, Bc, causal, off, Nq, types):  # type: ignore[no-untyped-def]
+        Nk = evict.shape[2]
+        never = Nk
+        i0 = tq * Br
+        i1 = min(Nq, i0 + Br)
+        p_first = off + i0  # causal: the last key index the tile's first and last rows see
+        p_last = off + i1 - 1
+        rows_valid = p_first >= 0  # causal rows at p < 0 keep nothing
+        if p_first < 0:
+            p_first = 0
+        if not causal:  # every row keeps the final heap: lifetimes are [0, Nk) or empty
+            rows_valid = True
+            p_first = 0
+            p_last = 0
+        count = counts[b, g]
+        for tc in range(types.shape[3]):
+            c0 = tc * Bc
+            c1 = min(count, c0 + Bc)
+            t = 0  # SKIP
+            if p_last >= 0 and c0 < count:
+                some = False
+                every = rows_valid
+                for c in range(c0, c1):
+                    j = kidx[b, g, c]
+                    start = j  # kept by rows at positions [start, end)
+                    end = evict[b, g, j]
+                    if not causal:
+                        start = 0
+                        if end != never:
+                            end = 0
+                    if start < end and start <= p_last and end > p_first:
+                        some = True
+                    if not (start <= p_first and end > p_last):
+                        every = False
+                if some:
+                    t = 1 if every else 2  # DENSE : TRIANGLE
+            types[b, g, tq, tc] = t
+
+    return jit(list_tile_types)

@@ -38,8 +38,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ..attention.dropout import build_dropout_hash
-from ..attention.tiling import TileType
+from ...dropout import build_dropout_hash
+from ...tiling import TileType
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 

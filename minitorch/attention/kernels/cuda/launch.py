@@ -28,9 +28,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 from numba import cuda
 
-from ..attention.spec import AttentionSpec
-from ..attention.tiling import TileOrder
-from .flash_backward import (
+import weakref
+
+from ...spec import AttentionSpec
+from ...tiling import TileOrder
+from .backward import (
     DBIAS_NONE,
     DBIAS_ROWS,
     DBIAS_ROWSUM,
@@ -42,7 +44,7 @@ from .flash_backward import (
     make_preprocess,
     make_zero4,
 )
-from .flash_forward import (
+from .forward import (
     MAX_THREADS,
     SMEM_LIMIT,
     TileShape,
@@ -58,6 +60,8 @@ ROW_THREADS = 128
 """Threads per block of the one-thread-per-row/element kernels (init, finish, preprocess, reductions)."""
 
 _DUMMY: Dict[str, DeviceArray] = {}
+_MEMO: "weakref.WeakKeyDictionary[AttentionSpec, Dict[Any, Any]]" = weakref.WeakKeyDictionary()
+"""What a launcher derives from a spec (device copies of the positions and tile types, kernel tiles), per spec."""
 
 
 def fit_shape(
@@ -89,22 +93,23 @@ def fit_shape(
 def kernel_shapes(spec: AttentionSpec, itemsize: int) -> Dict[str, TileShape]:
     """The kernel tiles of every kernel for this spec: ``forward`` and ``dq`` (queries x keys), ``dkdv`` (keys x
     queries). Cached in ``spec.extra``."""
+    memo = _MEMO.setdefault(spec, {})
     key = ("cuda_shapes", itemsize)
-    if key not in spec.extra:
+    if key not in memo:
         bq, bk, D = spec.block_q, spec.block_k, spec.D
-        spec.extra[key] = {
+        memo[key] = {
             "forward": fit_shape(bq, bk, spec.Nq, spec.Nk, D, itemsize, forward_smem_bytes),
             "dq": fit_shape(bq, bk, spec.Nq, spec.Nk, D, itemsize, dq_smem_bytes),
             "dkdv": fit_shape(bk, bq, spec.Nk, spec.Nq, D, itemsize, dkdv_smem_bytes),
         }
-    return spec.extra[key]
+    return memo[key]
 
 
 def smem_report(D: int, dtype: Any = np.float32, block_q: Optional[int] = None, block_k: Optional[int] = None,
                 N: int = 4096, max_threads: Tuple[int, int] = (16, 16)) -> Dict[str, Tuple[Tuple[int, int], int]]:
     """Kernel name -> ((rows, cols) of the kernel tile, shared-memory bytes) at the default CUDA tiles for ``D``,
     for the thread grid of a real GPU (``max_threads``; the simulator uses smaller blocks)."""
-    from ..attention.tiling import default_block_sizes
+    from ...tiling import default_block_sizes
 
     dq, dk = default_block_sizes(D, "cuda")
     bq, bk = block_q or dq, block_k or dk
@@ -122,13 +127,14 @@ def smem_report(D: int, dtype: Any = np.float32, block_q: Optional[int] = None, 
 
 def _meta(spec: AttentionSpec) -> Dict[str, DeviceArray]:
     """Positions and tile types on the device, copied once per spec."""
-    if "cuda" not in spec.extra:
-        spec.extra["cuda"] = {
+    memo = _MEMO.setdefault(spec, {})
+    if "cuda" not in memo:
+        memo["cuda"] = {
             "q_pos": cuda.to_device(np.ascontiguousarray(spec.q_pos, dtype=np.int64)),
             "k_pos_b": cuda.to_device(np.ascontiguousarray(spec.k_pos_b, dtype=np.int64)),
             "tile_types": cuda.to_device(np.ascontiguousarray(spec.tile_types, dtype=np.int8)),
         }
-    return spec.extra["cuda"]
+    return memo["cuda"]
 
 
 def _dummy(dtype: np.dtype) -> DeviceArray:

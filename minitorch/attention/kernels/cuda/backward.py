@@ -32,7 +32,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .flash_forward import (
+from .forward import (
     BIG,
     DENSE,
     NEG_HALF,

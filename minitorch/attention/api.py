@@ -1,0 +1,224 @@
+"""The tensor-level attention API: ``flash_attention`` and ``attention_reference`` (docs/api.md).
+
+``flash_attention`` validates the call once (:func:`~minitorch.attention.spec.make_spec`), runs the engine of
+``q``'s backend once (:func:`~.functions.attend`) and records it with the :class:`~.functions.FlashAttention`
+Function (and :class:`~.functions.FlashAttentionLSE` for ``return_lse``):
+
+========================  =======================================================  ==============
+backend                   engine (``backend.attention``)                            arrays
+========================  =======================================================  ==============
+``SimpleBackend``         :mod:`minitorch.attention.kernels.simple` (NumPy tiles)   NumPy
+``FastTensorBackend``     :mod:`minitorch.attention.kernels.cpu` (Numba CPU)        NumPy
+``CudaBackend``           :mod:`minitorch.attention.kernels.cuda` (Numba CUDA)      device arrays
+========================  =======================================================  ==============
+
+``attention_reference`` is standard ``O(N^2)`` attention built from tensor ops, differentiated by autodiff: a
+second opinion for tests and the baseline of the benchmarks.
+
+Importing this module also gives tensors their ``q.flash_attention(k, v, ...)`` method (the core package never
+imports attention; attention extends it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+from ..tensor import Tensor
+from ..tensor_functions import from_numpy
+from .dropout import dropout_mask
+from .engine import engine_of
+from .functions import FlashAttention, FlashAttentionLSE, attend
+from .reference import reference_mask
+from .spec import AttentionSpec, check_flag, check_qkv, make_spec
+from .tiling import TileOrder
+
+
+def _to_numpy_mask(mask: Any) -> Optional[np.ndarray]:
+    if mask is None:
+        return None
+    if hasattr(mask, "to_numpy"):
+        mask = mask.to_numpy()
+    return np.asarray(mask)
+
+
+def _positions(pos: Any) -> Any:
+    if pos is None:
+        return None
+    if hasattr(pos, "to_numpy"):
+        pos = pos.to_numpy()
+    return np.asarray(pos)
+
+
+def _bias_tensor(attn_bias: Any, q: Tensor) -> Optional[Tensor]:
+    """``attn_bias`` as a Tensor of q's backend and dtype (a Tensor is used as it is: it may need a gradient)."""
+    if attn_bias is None:
+        return None
+    if isinstance(attn_bias, Tensor):
+        return attn_bias
+    try:
+        arr = np.asarray(attn_bias)
+        if arr.dtype.kind not in "biuf":
+            raise TypeError
+        arr = arr.astype(q.dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"attn_bias must be a Tensor or an array of numbers, got {type(attn_bias).__name__}") from None
+    return from_numpy(arr, backend=q.backend)
+
+
+def _check_tensors(q: Any, k: Any, v: Any) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a minitorch Tensor, got {type(t).__name__}")
+
+
+def _spec(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], **options: Any) -> AttentionSpec:
+    """Validate a call on ``q``'s backend (its engine's default tiles)."""
+    return make_spec(
+        q.shape, k.shape, v.shape, bias_shape=None if bias is None else bias.shape,
+        default_blocks=engine_of(q.backend).default_blocks(int(q.shape[-1])) if len(q.shape) == 4 else None,
+        **options,
+    )
+
+
+def flash_attention(
+    q: "Tensor",
+    k: "Tensor",
+    v: "Tensor",
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    window: Optional[int] = None,
+    key_padding_mask: Any = None,
+    attn_bias: Any = None,
+    dropout: float = 0.0,
+    seed: Optional[int] = None,
+    return_lse: bool = False,
+    q_positions: Any = None,
+    k_positions: Any = None,
+    block_q: Optional[int] = None,
+    block_k: Optional[int] = None,
+    order: Union[TileOrder, str] = TileOrder.Q_MAJOR,
+    num_sinks: int = 0,
+) -> Union["Tensor", Tuple["Tensor", "Tensor"]]:
+    """Fused, memory-efficient attention: ``softmax(scale * q k^T + bias, masked) v``.
+
+    Args:
+        q: ``(B, H, Nq, D)``. k, v: ``(B, Hkv, Nk, D)`` with ``H % Hkv == 0`` (MHA, GQA and MQA).
+        causal, window, q_positions, k_positions: masks by absolute position (docs/api.md).
+        key_padding_mask: ``(B, Nk)`` booleans, True = padding (ignored key).
+        attn_bias: added to the scaled scores, ``(B|1, H|Hkv|1, Nq|1, Nk)``; differentiable if a Tensor.
+        dropout, seed: attention dropout with a counter-based keep-mask (see :mod:`.dropout`).
+        return_lse: also return ``lse (B, H, Nq)``, the natural-log log-sum-exp of each row (``-inf`` if empty).
+        block_q, block_k, order: tiling (``Br``, ``Bc``, :class:`TileOrder`); the result does not depend on them.
+        num_sinks: keys at positions below it ignore the window (attention sinks; used by the KV cache).
+
+    Returns:
+        ``out (B, H, Nq, D)``, or ``(out, lse)``.
+    """
+    _check_tensors(q, k, v)
+    return_lse = check_flag("return_lse", return_lse)
+    bias = _bias_tensor(attn_bias, q)
+    spec = _spec(
+        q, k, v, bias, causal=causal, scale=scale, window=window, key_padding_mask=_to_numpy_mask(key_padding_mask),
+        dropout=dropout, seed=seed, q_positions=_positions(q_positions), k_positions=_positions(k_positions),
+        block_q=block_q, block_k=block_k, order=order, num_sinks=num_sinks,
+    )
+    attended = attend(q, k, v, bias, spec)
+    out = FlashAttention.apply(q, k, v, bias, spec, attended)
+    if return_lse:
+        return out, FlashAttentionLSE.apply(q, k, v, bias, spec, attended)
+    return out
+
+
+def attention_reference(
+    q: "Tensor",
+    k: "Tensor",
+    v: "Tensor",
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    window: Optional[int] = None,
+    key_padding_mask: Any = None,
+    attn_bias: Any = None,
+    dropout: float = 0.0,
+    seed: Optional[int] = None,
+    return_lse: bool = False,
+    q_positions: Any = None,
+    k_positions: Any = None,
+    block_q: Optional[int] = None,
+    block_k: Optional[int] = None,
+    order: Union[TileOrder, str] = TileOrder.Q_MAJOR,
+    num_sinks: int = 0,
+) -> Union["Tensor", Tuple["Tensor", "Tensor"]]:
+    """Standard attention from tensor ops (matmul, exp, sum), differentiated by autodiff. ``O(Nq Nk)`` memory.
+
+    Same arguments and results as :func:`flash_attention` (the tiling arguments are validated and ignored); the
+    ``lse`` it returns is differentiable too. Masked scores are excluded *before* the row max and the ``exp``, so a
+    masked score, however large, never overflows a row.
+    """
+    _check_tensors(q, k, v)
+    return_lse = check_flag("return_lse", return_lse)
+    B, H, Hkv, Nq, Nk, D = check_qkv(q.shape, k.shape, v.shape)
+    bias = _bias_tensor(attn_bias, q)
+    pad = _to_numpy_mask(key_padding_mask)
+    spec = _spec(  # validation only, so both APIs reject the same inputs
+        q, k, v, bias, causal=causal, scale=scale, window=window, key_padding_mask=pad, dropout=dropout, seed=seed,
+        q_positions=_positions(q_positions), k_positions=_positions(k_positions), block_q=block_q, block_k=block_k,
+        order=order, num_sinks=num_sinks,
+    )
+    G = H // Hkv
+    backend, dtype = q.backend, q.dtype
+    # Group query heads by their kv head: (B, Hkv, G, Nq, D) against (B, Hkv, 1, Nk, D), no K/V copies per head.
+    q5 = q.contiguous().view(B, Hkv, G, Nq, D)
+    kT = k.contiguous().view(B, Hkv, 1, Nk, D).permute(0, 1, 2, 4, 3)
+    s = (q5 @ kT) * spec.scale  # (B, Hkv, G, Nq, Nk)
+    if bias is not None:
+        b4 = bias.contiguous().view(*spec.bias_shape)
+        Hb = spec.bias_shape[1]
+        if Hb == H and H != Hkv:
+            b5 = b4.view(spec.bias_shape[0], Hkv, G, spec.bias_shape[2], Nk)
+        elif Hb == H:  # H == Hkv
+            b5 = b4.view(spec.bias_shape[0], Hkv, 1, spec.bias_shape[2], Nk)
+        else:  # Hb in (1, Hkv): shared by the group
+            b5 = b4.view(spec.bias_shape[0], Hb, 1, spec.bias_shape[2], Nk)
+        s = s + b5
+    mask_np = reference_mask(B, Nq, Nk, causal, window, spec.q_pos, spec.k_pos, pad, num_sinks)[:, None, None]
+    mask = from_numpy(mask_np.astype(dtype), backend=backend)  # (B, 1, 1, Nq, Nk)
+    row_any = mask_np.any(axis=-1, keepdims=True)
+    # Softmax over visible keys: a constant row max of the *visible* scores (no gradient needed through it); masked
+    # scores are replaced by that max before the exp (s * 0 + m - m = 0 exactly), so however large a masked score
+    # is it never overflows, and the mask's 0 removes it.
+    s_np = s.detach().to_numpy()
+    m_np = np.where(mask_np, s_np, -np.inf).max(axis=-1, keepdims=True)
+    m_np = np.where(row_any, m_np, 0.0).astype(dtype)
+    m = from_numpy(m_np, backend=backend)
+    fill = from_numpy(np.where(mask_np, 0.0, m_np).astype(dtype), backend=backend)
+    e = (s * mask + fill - m).exp() * mask
+    l = e.sum(4)
+    l_safe = l + from_numpy((~row_any).astype(dtype), backend=backend)  # 1 on empty rows, so they divide 0 by 1
+    p = e / l_safe
+    if spec.dropout > 0:
+        keep = dropout_mask(spec.seed, (B, H, Nq, Nk), spec.dropout).astype(dtype) / (1.0 - spec.dropout)
+        p = p * from_numpy(keep.reshape(B, Hkv, G, Nq, Nk), backend=backend)
+    v5 = v.contiguous().view(B, Hkv, 1, Nk, D)
+    out = (p @ v5).contiguous().view(B, H, Nq, D)
+    if return_lse:
+        # lse = m + log(l), differentiable through l; an empty row gets -inf (a constant)
+        empty = from_numpy(np.where(row_any, 0.0, -np.inf).astype(dtype), backend=backend)
+        lse = (l_safe.log() + m + empty).contiguous().view(B, H, Nq)
+        return out, lse
+    return out
+
+
+def _flash_attention_method(self: Tensor, k: Tensor, v: Tensor, **options: Any) -> Any:
+    """Fused attention with this tensor as the queries: ``q (B, H, Nq, D)``, ``k, v (B, Hkv, Nk, D)``.
+
+    Same options as :func:`minitorch.flash_attention` (causal, scale, window, key_padding_mask, attn_bias,
+    dropout, seed, return_lse, q_positions, k_positions, block_q, block_k, order).
+    """
+    return flash_attention(self, k, v, **options)
+
+
+Tensor.flash_attention = _flash_attention_method  # type: ignore[attr-defined]

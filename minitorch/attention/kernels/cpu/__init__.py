@@ -1,0 +1,25 @@
+"""The FastTensorBackend's attention engine: fused Numba CPU kernels (:mod:`.flash`) on NumPy arrays.
+
+Modules: :mod:`.launch` (how kernels are compiled and launched on a thread pool), :mod:`.simd` (the SIMD
+vocabulary and the tile matmul), :mod:`.flash` (the inner steps and the forward / backward kernels),
+:mod:`.select` (DMA's top-k selection).
+"""
+
+from __future__ import annotations
+
+from ...engine import AttentionEngine
+from ...importance import importance, importance_backward
+from . import flash, select
+
+
+class CpuAttention(AttentionEngine):
+    """Numba CPU kernels on NumPy arrays."""
+
+    name = "cpu"
+    blocks_for = "cpu"
+
+    forward = staticmethod(flash.forward)
+    backward = staticmethod(flash.backward)
+    importance = staticmethod(importance)
+    importance_backward = staticmethod(importance_backward)
+    select = staticmethod(select.select)

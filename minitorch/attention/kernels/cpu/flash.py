@@ -1,0 +1,700 @@
+"""Fused flash attention on the CPU: the FastTensorBackend's engine, as Numba kernels on raw NumPy arrays.
+
+The two functions of every engine (:mod:`minitorch.attention.engine`)::
+
+    forward(q, k, v, bias, spec) -> (out, lse)
+    backward(q, k, v, bias, out, lse, dout, spec, dlse=None) -> (dq, dk, dv, dbias)
+
+Shapes: ``q, out, dout, dq`` are ``(B, H, Nq, D)``; ``k, v, dk, dv`` are ``(B, Hkv, Nk, D)``; ``lse`` is ``(B, H, Nq)``;
+``bias, dbias`` are ``(Bb, Hb, Nqb, Nk)`` or ``None``. Query head ``h`` reads kv head ``g = h // group`` in place.
+
+The algorithm is FlashAttention's (Dao et al. 2022, 2023). The ``Nq x Nk`` score matrix never exists: queries are
+cut into ``Tr`` tiles of ``Br`` rows, keys into ``Tc`` tiles of ``Bc`` columns, and every visited ``(i, j)`` tile pair
+computes a ``Br x Bc`` score tile ``S_ij``, folds it into an *online softmax* (running row max ``m``, running row sum
+``l``) and forgets it. Which tile pairs exist, and whether they need masking, comes from ``spec.kernel_tiles()``:
+``SKIP`` tiles are never loaded, ``DENSE`` tiles run the inner step without any mask test, ``TRIANGLE`` tiles test
+every element with the one visibility rule of :mod:`minitorch.attention.masks`.
+
+**One inner step per direction**, configured by the spec (:class:`Config`), used by every kernel below:
+
+* :func:`_key_rows` and :func:`_gather`: the *key source*, key tile ``tk`` as contiguous rows or read through a
+  key list (DMA's compacted keys);
+* :func:`_score_tile`: the *score modification*, ``+ bias``, the visibility rule, DMA's top-k keep rule;
+* :func:`_fwd_step`: ``S_ij``, online softmax, ``O_i += P_ij V_j`` (FA2 Algorithm 1 lines 8-10);
+* :func:`_bwd_step`: recompute ``P_ij`` and ``dS_ij`` (FA2 Algorithm 2 lines 11-14).
+
+Kernels (programs launched as grids by :func:`~.launch.launch`):
+
+* forward, ``TileOrder.Q_MAJOR`` (FlashAttention-2): one program per (batch, head, query tile, split) keeps ``O_i,
+  m_i, l_i`` in local buffers and streams the key tiles of its split (``spec.num_splits``, split-K, merged by lse);
+* forward, ``TileOrder.K_MAJOR`` (FlashAttention-1, Algorithm 1): per (batch, head), the outer loop runs over key
+  tiles; for every query tile the partial ``O_i, l_i, m_i`` are read from the full output arrays, updated and
+  written back;
+* backward: preprocess ``delta``; a dQ kernel, one program per (batch, head, query tile), which also sums each row
+  of ``dS``; a dK/dV kernel, one program per (batch, kv head, key tile), looping over the query heads of its group
+  and the query tiles, with ``delta`` refined by those sums (docs/internals.md). ``P`` is recomputed from ``lse``.
+
+Each product of the algorithm is one small matmul ``C (+)= A @ B`` (:func:`~.simd.matmul`), written with explicit
+SIMD vectors. float64 inputs run in float64; float32 inputs accumulate in float32, as FlashAttention does. A key
+that a query does not see is never read for it: in a TRIANGLE tile whose inputs hold NaN or Inf the products skip
+the masked pairs (:func:`~.simd.matmul_visible`).
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from typing import Any, Optional, Tuple
+
+import numba
+import numpy as np
+
+from ...dropout import build_dropout_hash
+from ...masks import build_kept, build_visible
+from ...merge import merge_partials
+from ...spec import AttentionSpec
+from ...tiling import TileOrder, TileType
+from .launch import FM_REDUCE, as_input, helper, kernel, launch
+from .simd import exp, exp_rows, matmul, matmul_visible, rows_max, vwidth
+
+# Tile types as plain ints (Numba freezes module-level ints into the compiled code).
+SKIP = int(TileType.SKIP)
+DENSE = int(TileType.DENSE)
+TRIANGLE = int(TileType.TRIANGLE)
+
+_inline = numba.njit(inline="always")
+_visible = build_visible(_inline)
+_kept = build_kept(_inline)
+_dropout_hash = build_dropout_hash(_inline)
+
+Config = namedtuple(
+    "Config",
+    "q_pos k_pos_b causal window num_sinks "
+    "bias has_bias bias_head_div "
+    "kidx counts has_list "
+    "thr_val thr_idx has_topk "
+    "has_dropout seed drop_threshold inv_keep",
+)
+"""The spec, as the kernels read it (one typed named tuple; absent features hold small dummy arrays):
+
+* masks: ``q_pos (Nq,)``, ``k_pos_b (B, Nk)`` int64 positions (-1: empty), ``causal``, ``window`` (-1: none),
+  ``num_sinks``;
+* bias: ``bias (Bb, Hb, Nqb, Nk)``; query head ``h`` reads bias head ``h // bias_head_div``;
+* key source: with ``has_list``, key tile entries ``c`` are key rows ``kidx[b, g, c]`` (``counts[b, g]`` of them);
+* DMA's top-k: row ``i`` keeps key ``j`` iff ``kept(bias[b, g, 0, j], j, thr_val[b, g, i], thr_idx[b, g, i])``;
+* dropout: keep iff ``dropout_hash(seed, b, h, i, j) >= drop_threshold``; kept probabilities times ``inv_keep``.
+"""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Building blocks of the two steps
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@helper()
+def _masked_value(x):  # type: ignore[no-untyped-def]
+    """The finite sentinel that stands for a masked score, and for 'no key seen yet' in the running max."""
+    return x.dtype.type(np.finfo(x.dtype).min)
+
+
+@helper()
+def _round_up(n, k):  # type: ignore[no-untyped-def]
+    return (n + k - 1) // k * k
+
+
+@helper()
+def _tile_shapes(Br, Bc, D, like):  # type: ignore[no-untyped-def]
+    """Padded tile sizes: rows of a matmul's A and C to a multiple of 4, columns of its B and C to 2 vectors."""
+    W2 = 2 * vwidth(like)
+    return _round_up(Br, 4), _round_up(Bc, 4), _round_up(Bc, W2), _round_up(D, W2)
+
+
+@helper()
+def _load_rows(src, start, n, dst, scale):  # type: ignore[no-untyped-def]
+    """``dst[:n] = scale * src[start:start + n]`` for 2-D ``(rows, D)`` arrays: a tile copied to a local buffer.
+    Returns whether every value is finite (a sum of ``x - x``, which is 0 unless some ``x`` is NaN or Inf)."""
+    fin = dst.dtype.type(0)
+    for r in range(n):
+        for d in range(src.shape[1]):
+            x = src[start + r, d]
+            dst[r, d] = x * scale
+            fin += x - x
+    return fin == 0
+
+
+@helper()
+def _tile_count(cfg, b, g, Nk, Bc):  # type: ignore[no-untyped-def]
+    """The number of key tiles of (b, kv head g): of the key rows, or of the entries of the key list."""
+    n = cfg.counts[b % cfg.counts.shape[0], g % cfg.counts.shape[1]] if cfg.has_list else Nk
+    return (n + Bc - 1) // Bc, n
+
+
+@helper()
+def _key_rows(cfg, b, g, start, n, jt):  # type: ignore[no-untyped-def]
+    """The key source: ``jt[c]`` = the key row of entry ``start + c`` of (b, kv head g), for ``c < n``: the row
+    itself (contiguous keys) or ``kidx[b, g, start + c]`` (a key list)."""
+    for c in range(n):
+        j = start + c
+        if cfg.has_list:
+            j = cfg.kidx[b % cfg.kidx.shape[0], g % cfg.kidx.shape[1], start + c]
+        jt[c] = j
+
+
+@helper()
+def _gather(src, jt, n, dst, transposed):  # type: ignore[no-untyped-def]
+    """Load the key rows ``jt[:n]`` of ``src (Nk, D)`` on chip: ``dst[c] = src[jt[c]]``, or ``dst[:, c]`` when
+    ``transposed`` (a product that reduces over the keys then reads contiguous memory). Returns whether every value
+    is finite (a sum of ``x - x``, which is 0 unless some ``x`` is NaN or Inf)."""
+    fin = dst.dtype.type(0)
+    for c in range(n):
+        j = jt[c]
+        for d in range(src.shape[1]):
+            x = src[j, d]
+            fin += x - x
+            if transposed:
+                dst[d, c] = x
+            else:
+                dst[c, d] = x
+    return fin == 0
+
+
+@helper()
+def _score_tile(s, vis, nr, nc, qs, b, g, jt, masked, cfg, bias2):  # type: ignore[no-untyped-def]
+    """The score modification of a ``(query, key)`` tile: ``S += bias``; then, in a TRIANGLE tile, ``S = MASKED``
+    where the pair is not visible (the rule of :mod:`...masks`; with DMA also the top-k keep rule), and
+    ``vis[i, c]`` records it. ``bias2`` is the bias's ``(Nqb, Nk)`` slab for this (b, h)."""
+    sentinel = _masked_value(s)
+    for i in range(nr):
+        if cfg.has_bias:
+            brow = qs + i if bias2.shape[0] > 1 else 0
+            for c in range(nc):
+                s[i, c] += bias2[brow, jt[c]]
+        if masked:
+            qp = cfg.q_pos[qs + i]
+            for c in range(nc):
+                j = jt[c]
+                ok = _visible(qp, cfg.k_pos_b[b, j], cfg.causal, cfg.window, cfg.num_sinks)
+                if cfg.has_topk:
+                    ok = ok & _kept(bias2[0, j], j, cfg.thr_val[b, g, qs + i], cfg.thr_idx[b, g, qs + i])
+                vis[i, c] = ok
+                if not ok:
+                    s[i, c] = sentinel
+
+
+@helper()
+def _dropout_row(p, i, nc, b, h, qi, jt, cfg):  # type: ignore[no-untyped-def]
+    """``p[i, :nc] *= keep / (1 - dropout)`` for query row ``qi``: the mask is re-hashed from ``(seed, b, h, qi, j)``
+    with ``j`` the key row, never stored."""
+    zero = p.dtype.type(0)
+    for c in range(nc):
+        keep = _dropout_hash(cfg.seed, b, h, qi, jt[c]) >= cfg.drop_threshold
+        p[i, c] = p[i, c] * cfg.inv_keep if keep else zero
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@helper(fastmath=FM_REDUCE)
+def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, masked, v_finite, cfg, bias2):  # type: ignore[no-untyped-def]
+    """One step of the online softmax: fold key tile ``j`` into query tile ``i`` (FA2 Algorithm 1, lines 8-10).
+
+    ``qt (R4, D)``: ``scale * Q_i``; ``kT (D, Bcp)``: ``K_j^T``; ``vj (Bc, Dp)``: ``V_j``; ``s, vis (R4, Bcp)`` and
+    ``stats (3, R4)``: scratch. Updated in place: ``acc (R4, Dp)``, the unnormalized ``O_i``; ``m, l (R4,)``, the
+    running row max and row sum. ``masked`` is True for a TRIANGLE tile (test every element), False for DENSE.
+    """
+    m_new, alpha, rowsum = stats[0], stats[1], stats[2]
+    sentinel = _masked_value(s)
+    # S_ij = Q_i K_j^T (scale already folded into Q_i) + bias, masked
+    matmul(qt, kT, s, nr, nc, D, False)
+    if masked or cfg.has_bias:
+        _score_tile(s, vis, nr, nc, qs, b, g, jt, masked, cfg, bias2)
+    # m_i^new = max(m_i, rowmax(S_ij)); a row that has seen no visible key yet keeps the sentinel, and shifting
+    # by +max then makes its P_ij exactly 0 (l_i stays 0, alpha = 1)
+    rows_max(s, nr, nc, m, m_new)
+    for i in range(nr):
+        alpha[i] = exp(m[i] - m_new[i])
+        m[i] = m_new[i]
+        if m_new[i] == sentinel:
+            m_new[i] = np.finfo(s.dtype).max
+    # P_ij = exp(S_ij - m_i^new);  l_i = exp(m_i - m_i^new) l_i + rowsum(P_ij)
+    exp_rows(s, nr, nc, m_new, rowsum)
+    for i in range(nr):
+        l[i] = alpha[i] * l[i] + rowsum[i]
+        # O_i = diag(exp(m_i - m_i^new)) O_i   (the "+ P_ij V_j" follows, as one matmul for the whole tile)
+        a = alpha[i]
+        for d in range(D):
+            acc[i, d] *= a
+        # dropout acts on P in the product with V only (l, hence lse, are of the undropped scores)
+        if cfg.has_dropout:
+            _dropout_row(s, i, nc, b, h, qs + i, jt, cfg)
+    # O_i += P_ij V_j
+    if masked and not v_finite:
+        matmul_visible(s, vj, acc, vis, nr, D, nc)
+    else:
+        matmul(s, vj, acc, nr, D, nc, True)
+
+
+@helper()
+def _write_rows(acc, m, l, nr, D, out2, lse1, qs):  # type: ignore[no-untyped-def]
+    """FA2 Algorithm 1 lines 12-13: ``O_i = diag(l_i)^-1 O_i`` and ``lse_i = m_i + log(l_i)`` into the rows
+    ``qs ..`` of ``out2 (Nq, D)``, ``lse1 (Nq,)``; a row that saw no key gets 0 and ``-inf`` (NaN stays NaN)."""
+    T = acc.dtype
+    for i in range(nr):
+        seen = l[i] != 0
+        inv = T.type(1) / l[i] if seen else T.type(0)
+        for d in range(D):
+            out2[qs + i, d] = acc[i, d] * inv
+        lse1[qs + i] = m[i] + np.log(l[i]) if seen else -np.inf
+
+
+@kernel()
+def _fwd_q_major(worker, n_workers, q, k, v, out, lse, Br, Bc, n_splits, tile_types, scale, cfg):  # type: ignore[no-untyped-def]
+    """Q-major forward, FlashAttention-2 Algorithm 1. Grid: one program per (batch, head, query tile, split).
+
+    Split ``sp`` of ``n_splits`` runs the key tiles ``[sp Tsp, (sp + 1) Tsp)``, ``Tsp = ceil(Tc / n_splits)``, and
+    writes its partial ``(O, lse)`` to ``out[b, h, sp]``, ``lse[b, h, sp]`` (``out (B, H, S, Nq, D)``, ``lse (B, H,
+    S, Nq)``); with one split that is the result.
+    """
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    T = q.dtype
+    group = H // k.shape[1]
+    Tr, Gt = tile_types.shape[2], tile_types.shape[1]
+    R4, _, Bcp, Dp = _tile_shapes(Br, Bc, D, q)
+    # on-chip buffers (allocated once per worker, reused by its programs)
+    qt = np.zeros((R4, D), T)
+    acc = np.zeros((R4, Dp), T)
+    m = np.zeros(R4, T)
+    l = np.zeros(R4, T)
+    kT = np.zeros((D, Bcp), T)
+    vj = np.zeros((Bc, Dp), T)
+    jt = np.zeros(Bcp, np.int64)
+    s = np.zeros((R4, Bcp), T)
+    vis = np.zeros((R4, Bcp), np.uint8)
+    stats = np.zeros((3, R4), T)
+    for prog in range(worker, B * H * Tr * n_splits, n_workers):
+        b, h = prog // (H * Tr * n_splits), (prog // (Tr * n_splits)) % H
+        tq, sp = (prog // n_splits) % Tr, prog % n_splits
+        g = h // group  # GQA / MQA: the kv head this query head reads, in place
+        bias2 = cfg.bias[b % cfg.bias.shape[0], h // cfg.bias_head_div]
+        qs = tq * Br
+        nr = min(Br, Nq - qs)
+        Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
+        per = (Tc + n_splits - 1) // n_splits
+        # line 4: load Q_i (scale folded in); O_i = 0, l_i = 0, m_i = -inf (a finite sentinel)
+        _load_rows(q[b, h], qs, nr, qt, scale)
+        acc[:] = 0
+        l[:] = 0
+        m[:] = _masked_value(m)
+        # line 5: for each key tile j of this split (SKIP tiles are never loaded)
+        for tk in range(sp * per, min(Tc, (sp + 1) * per)):
+            tile = tile_types[b, g % Gt, tq, tk]
+            if tile == SKIP:
+                continue
+            ks = tk * Bc
+            nc = min(Bc, n_keys - ks)
+            # line 6: load K_j (transposed: S_ij = Q_i K_j^T reads it by rows), V_j, through the key source
+            _key_rows(cfg, b, g, ks, nc, jt)
+            _gather(k[b, g], jt, nc, kT, True)
+            v_finite = _gather(v[b, g], jt, nc, vj, False)
+            # lines 8-10: S_ij, online softmax, O_i update
+            _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, tile == TRIANGLE, v_finite,
+                      cfg, bias2)
+        # lines 12-13: O_i = diag(l_i)^-1 O_i, lse_i = m_i + log(l_i)
+        _write_rows(acc, m, l, nr, D, out[b, h, sp], lse[b, h, sp], qs)
+
+
+@kernel()
+def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, tile_types, scale, cfg):  # type: ignore[no-untyped-def]
+    """K-major forward, FlashAttention-1 Algorithm 1. Grid: one program per (batch, head).
+
+    ``out``, ``m_hbm``, ``l_hbm`` play the role of HBM: every visited tile reads ``O_i, l_i, m_i`` from them and
+    writes them back. ``lse`` is filled at the end.
+    """
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    T = q.dtype
+    group = H // k.shape[1]
+    Tr, Gt = tile_types.shape[2], tile_types.shape[1]
+    R4, _, Bcp, Dp = _tile_shapes(Br, Bc, D, q)
+    qt = np.zeros((R4, D), T)
+    acc = np.zeros((R4, Dp), T)
+    m = np.zeros(R4, T)
+    l = np.zeros(R4, T)
+    kT = np.zeros((D, Bcp), T)
+    vj = np.zeros((Bc, Dp), T)
+    jt = np.zeros(Bcp, np.int64)
+    s = np.zeros((R4, Bcp), T)
+    vis = np.zeros((R4, Bcp), np.uint8)
+    stats = np.zeros((3, R4), T)
+    for prog in range(worker, B * H, n_workers):
+        b, h = prog // H, prog % H
+        g = h // group
+        bias2 = cfg.bias[b % cfg.bias.shape[0], h // cfg.bias_head_div]
+        # line 2: O = 0, l = 0, m = -inf (a finite sentinel), in "HBM"
+        out[b, h] = 0
+        l_hbm[b, h] = 0
+        m_hbm[b, h] = _masked_value(m)
+        # line 5: outer loop over key tiles j; line 6: load K_j, V_j once
+        Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
+        for tk in range(Tc):
+            ks = tk * Bc
+            nc = min(Bc, n_keys - ks)
+            _key_rows(cfg, b, g, ks, nc, jt)
+            _gather(k[b, g], jt, nc, kT, True)
+            v_finite = _gather(v[b, g], jt, nc, vj, False)
+            # line 7: inner loop over query tiles i
+            for tq in range(Tr):
+                tile = tile_types[b, g % Gt, tq, tk]
+                if tile == SKIP:
+                    continue
+                qs = tq * Br
+                nr = min(Br, Nq - qs)
+                # line 8: load Q_i, O_i, l_i, m_i; keep diag(l_i) O_i, the unnormalized output
+                _load_rows(q[b, h], qs, nr, qt, scale)
+                for i in range(nr):
+                    m[i] = m_hbm[b, h, qs + i]
+                    l[i] = l_hbm[b, h, qs + i]
+                    for d in range(D):
+                        acc[i, d] = out[b, h, qs + i, d] * l[i]
+                # lines 9-11: S_ij, m_ij, P_ij, l_ij and diag(l_i) e^{m_i - m_new} O_i + e^{m_ij - m_new} P_ij V_j
+                _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, tile == TRIANGLE,
+                          v_finite, cfg, bias2)
+                # lines 12-13: write O_i = diag(l_i^new)^-1 (...), l_i, m_i back
+                _write_rows(acc, m, l, nr, D, out[b, h], lse[b, h], qs)
+                for i in range(nr):
+                    m_hbm[b, h, qs + i] = m[i]
+                    l_hbm[b, h, qs + i] = l[i]
+        for i in range(Nq):
+            li = l_hbm[b, h, i]
+            lse[b, h, i] = m_hbm[b, h, i] + np.log(li) if li != 0 else -np.inf
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@kernel()
+def _bwd_preprocess(worker, n_workers, out, dout, dlse, delta):  # type: ignore[no-untyped-def]
+    """``delta_i = rowsum(dO_i * O_i) - dlse_i`` (FA2 Algorithm 2, line 4). Grid: one program per (batch, head)."""
+    B, H, Nq, D = out.shape
+    for prog in range(worker, B * H, n_workers):
+        b, h = prog // H, prog % H
+        for i in range(Nq):
+            acc = out.dtype.type(0)
+            for d in range(D):
+                acc += dout[b, h, i, d] * out[b, h, i, d]
+            delta[b, h, i] = acc - dlse[b, h, i]
+
+
+@helper()
+def _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, delta_t):  # type: ignore[no-untyped-def]
+    """Load ``scale * Q_i``, ``dO_i``, ``lse_i``, ``delta_i`` of a query tile; returns whether Q_i and dO_i are
+    finite. A row that saw no key (``lse = -inf``) gets ``lse = +max`` so that ``exp(S - lse)`` is exactly 0."""
+    q_finite = _load_rows(q[b, h], qs, nr, qt, scale)
+    do_finite = _load_rows(dout[b, h], qs, nr, doi, q.dtype.type(1))
+    for i in range(nr):
+        x = lse[b, h, qs + i]
+        lse_t[i] = x if x != -np.inf else np.finfo(lse_t.dtype).max
+        delta_t[i] = delta[b, h, qs + i]
+    return q_finite, do_finite
+
+
+@helper(fastmath=FM_REDUCE)
+def _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, qs, b, h, g, jt, masked, cfg, bias2):  # type: ignore[no-untyped-def]
+    """Recompute one tile of the backward pass (FA2 Algorithm 2, lines 11-14), for both kernels:
+
+    ``s <- P_ij = exp(Q_i K_j^T + bias - lse_i)`` (masked) and ``dp <- dS_ij = P_ij * (dP_ij - delta_i)`` with
+    ``dP_ij = (dO_i V_j^T) * Z`` (``Z = keep / (1 - p)`` under dropout, else 1); ``dS`` is exactly 0 where masked.
+    ``qt = scale * Q_i``, ``doi``: ``(R4, >= D)``; ``kT, vT``: ``K_j^T, V_j^T (D, Bcp)``; ``s, dp, vis: (R4, Bcp)``;
+    ``scratch (R4,)``.
+    """
+    # S_ij = Q_i K_j^T (+ bias, masked);  P_ij = exp(S_ij - lse_i)
+    matmul(qt, kT, s, nr, nc, D, False)
+    if masked or cfg.has_bias:
+        _score_tile(s, vis, nr, nc, qs, b, g, jt, masked, cfg, bias2)
+    exp_rows(s, nr, nc, lse_t, scratch)  # (the row sums land in scratch, unused)
+    # dP_ij = dO_i V_j^T (times Z);  dS_ij = P_ij * (dP_ij - delta_i)
+    matmul(doi, vT, dp, nr, nc, D, False)
+    zero = dp.dtype.type(0)
+    for i in range(nr):
+        if cfg.has_dropout:
+            _dropout_row(dp, i, nc, b, h, qs + i, jt, cfg)
+        for c in range(nc):
+            dp[i, c] = s[i, c] * (dp[i, c] - delta_t[i])
+        if masked:
+            for c in range(nc):
+                if vis[i, c] == 0:
+                    dp[i, c] = zero  # a masked pair has no gradient, whatever V holds there
+
+
+@kernel()
+def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_types, scale, cfg):  # type: ignore[no-untyped-def]
+    """dQ and the row sums ``rs`` of dS (FA2 Algorithm 2's dQ half as its own kernel, no atomics). Grid: one program
+    per (batch, head, query tile)."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    T = q.dtype
+    group = H // k.shape[1]
+    Tr, Gt = tile_types.shape[2], tile_types.shape[1]
+    R4, _, Bcp, Dp = _tile_shapes(Br, Bc, D, q)
+    qt = np.zeros((R4, D), T)
+    doi = np.zeros((R4, D), T)
+    lse_t = np.zeros(R4, T)
+    delta_t = np.zeros(R4, T)
+    scratch = np.zeros(R4, T)
+    kT = np.zeros((D, Bcp), T)
+    vT = np.zeros((D, Bcp), T)
+    kj = np.zeros((Bc, Dp), T)
+    jt = np.zeros(Bcp, np.int64)
+    s = np.zeros((R4, Bcp), T)
+    dp = np.zeros((R4, Bcp), T)
+    vis = np.zeros((R4, Bcp), np.uint8)
+    dq_acc = np.zeros((R4, Dp), T)
+    rsum = np.zeros(R4, T)
+    for prog in range(worker, B * H * Tr, n_workers):
+        b, h, tq = prog // (H * Tr), (prog // Tr) % H, prog % Tr
+        g = h // group
+        bias2 = cfg.bias[b % cfg.bias.shape[0], h // cfg.bias_head_div]
+        qs = tq * Br
+        nr = min(Br, Nq - qs)
+        # load Q_i, dO_i, lse_i, delta_i; dQ_i = 0
+        _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, delta_t)
+        dq_acc[:] = 0
+        rsum[:] = 0
+        Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
+        for tk in range(Tc):
+            tile = tile_types[b, g % Gt, tq, tk]
+            if tile == SKIP:
+                continue
+            ks = tk * Bc
+            nc = min(Bc, n_keys - ks)
+            # load K_j (transposed for S = Q K^T, by rows for dS K) and V_j (transposed for dP = dO V^T)
+            _key_rows(cfg, b, g, ks, nc, jt)
+            _gather(k[b, g], jt, nc, kT, True)
+            k_finite = _gather(k[b, g], jt, nc, kj, False)
+            _gather(v[b, g], jt, nc, vT, True)
+            # s = P_ij, dp = dS_ij
+            _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, qs, b, h, g, jt,
+                      tile == TRIANGLE, cfg, bias2)
+            # rs_i += rowsum(dS_ij);  dQ_i += dS_ij K_j   (times scale, below)
+            for i in range(nr):
+                for c in range(nc):
+                    rsum[i] += dp[i, c]
+            if tile == TRIANGLE and not k_finite:
+                matmul_visible(dp, kj, dq_acc, vis, nr, D, nc)
+            else:
+                matmul(dp, kj, dq_acc, nr, D, nc, True)
+        for i in range(nr):
+            rs[b, h, qs + i] = rsum[i]
+            for d in range(D):
+                dq[b, h, qs + i, d] = dq_acc[i, d] * scale
+
+
+@kernel()
+def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, Bc, nb, nh, tile_types, scale, cfg):  # type: ignore[no-untyped-def]
+    """dK, dV (and dBias), FA2 Algorithm 2's outer loop over key tiles. Grid: (batch, kv head, key tile).
+
+    A program loops over the ``group`` query heads that read its kv head and over their query tiles, accumulating
+    ``dK_j, dV_j`` in local buffers, and adds ``dS_ij`` into ``dbias``. A bias broadcast over the batch (or the heads)
+    is shared by several (batch, kv head) pairs: then the caller passes ``nb = 1`` (or ``nh = 1``) and one program
+    runs all batch rows (kv heads) of its key tile one after the other, so that it is the only writer of its
+    ``dbias`` columns. A key appears once per key tile of (b, g) (a key list holds it at most once). No races, and
+    every sum in a fixed order.
+    """
+    B, Hkv = k.shape[0], k.shape[1]
+    Nq, D = q.shape[2], q.shape[3]
+    Nk = k.shape[2]
+    T = q.dtype
+    group = q.shape[1] // Hkv
+    Tr, Gt, Tc_max = tile_types.shape[2], tile_types.shape[1], tile_types.shape[3]
+    R4, C4, Bcp, Dp = _tile_shapes(Br, Bc, D, q)
+    qt = np.zeros((R4, Dp), T)  # scale * Q_i: A of S = Q K^T, and B of dK = dS^T (scale Q)
+    doi = np.zeros((R4, Dp), T)  # dO_i: A of dP = dO V^T, and B of dV = P^T dO
+    lse_t = np.zeros(R4, T)
+    delta_t = np.zeros(R4, T)
+    scratch = np.zeros(R4, T)
+    kT = np.zeros((D, Bcp), T)
+    vT = np.zeros((D, Bcp), T)
+    jt = np.zeros(Bcp, np.int64)
+    s = np.zeros((R4, Bcp), T)
+    dp = np.zeros((R4, Bcp), T)
+    vis = np.zeros((R4, Bcp), np.uint8)
+    dk_acc = np.zeros((C4, Dp), T)
+    dv_acc = np.zeros((C4, Dp), T)
+    for prog in range(worker, nb * nh * Tc_max, n_workers):
+        pb, ph, tk = prog // (nh * Tc_max), (prog // Tc_max) % nh, prog % Tc_max
+        b_lo, b_hi = (pb, pb + 1) if nb == B else (0, B)
+        h_lo, h_hi = (ph, ph + 1) if nh == Hkv else (0, Hkv)
+        for b in range(b_lo, b_hi):
+            for g in range(h_lo, h_hi):
+                Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
+                if tk >= Tc:
+                    continue
+                ks = tk * Bc
+                nc = min(Bc, n_keys - ks)
+                # load K_j, V_j (transposed, for the products with Q_i and dO_i); dK_j = dV_j = 0
+                _key_rows(cfg, b, g, ks, nc, jt)
+                _gather(k[b, g], jt, nc, kT, True)
+                _gather(v[b, g], jt, nc, vT, True)
+                dk_acc[:] = 0
+                dv_acc[:] = 0
+                for h in range(g * group, (g + 1) * group):  # the query heads that read kv head g
+                    bias2 = cfg.bias[b % cfg.bias.shape[0], h // cfg.bias_head_div]
+                    dbias2 = dbias[b % dbias.shape[0], h // cfg.bias_head_div]
+                    for tq in range(Tr):
+                        tile = tile_types[b, g % Gt, tq, tk]
+                        if tile == SKIP:
+                            continue
+                        masked = tile == TRIANGLE
+                        qs = tq * Br
+                        nr = min(Br, Nq - qs)
+                        # load Q_i, dO_i, lse_i, delta_i
+                        q_finite, do_finite = _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi,
+                                                               lse_t, delta_t)
+                        # s = P_ij, dp = dS_ij
+                        _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, qs, b, h, g, jt,
+                                  masked, cfg, bias2)
+                        # dBias += dS_ij, summed over the dims the bias was broadcast along, in this fixed order
+                        if cfg.has_bias:
+                            for i in range(nr):
+                                brow = qs + i if dbias2.shape[0] > 1 else 0
+                                for c in range(nc):
+                                    dbias2[brow, jt[c]] += dp[i, c]
+                        # dV_j += (P_ij * Z)^T dO_i   (``s.T`` is a transposed view: no copy)
+                        if cfg.has_dropout:
+                            for i in range(nr):
+                                _dropout_row(s, i, nc, b, h, qs + i, jt, cfg)
+                        if masked and not do_finite:
+                            matmul_visible(s.T, doi, dv_acc, vis.T, nc, D, nr)
+                        else:
+                            matmul(s.T, doi, dv_acc, nc, D, nr, True)
+                        # dK_j += dS_ij^T (scale Q_i)
+                        if masked and not q_finite:
+                            matmul_visible(dp.T, qt, dk_acc, vis.T, nc, D, nr)
+                        else:
+                            matmul(dp.T, qt, dk_acc, nc, D, nr, True)
+                # write dK_j, dV_j
+                for c in range(nc):
+                    j = jt[c]
+                    for d in range(D):
+                        dk[b, g, j, d] = dk_acc[c, d]
+                        dv[b, g, j, d] = dv_acc[c, d]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The Python entry points: the spec as a Config, and the launches
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _check_dtype(q: np.ndarray) -> np.dtype:
+    dtype = np.dtype(q.dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"flash attention on the CPU needs float32 or float64 arrays, got q of dtype {dtype}")
+    return dtype
+
+
+def _config(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtype) -> Tuple[Config, np.ndarray]:
+    """The spec as a :class:`Config` (dummy arrays for absent features, so that one compiled kernel serves all
+    configurations), and the kernels' tile types ``(B, 1 or Hkv, Tr, Tc)``."""
+    i64 = np.dtype(np.int64)
+    if bias is None:
+        bias_arr, head_div = np.zeros((1, 1, 1, 1), dtype), 1
+    else:
+        shape = spec.bias_shape if spec.bias_shape is not None else np.shape(bias)
+        bias_arr = as_input(np.reshape(bias, shape), dtype)
+        Hb = bias_arr.shape[1]
+        head_div = 1 if Hb == spec.H else (spec.group if Hb == spec.Hkv else spec.H)
+    keys, topk = spec.keys, spec.topk
+    kidx = as_input(keys.kidx, i64) if keys is not None else np.zeros((1, 1, 1), i64)
+    counts = as_input(keys.counts, i64) if keys is not None else np.zeros((1, 1), i64)
+    thr_val = as_input(topk.thr_val, dtype) if topk is not None else np.zeros((1, 1, 1), dtype)
+    thr_idx = as_input(topk.thr_idx, i64) if topk is not None else np.zeros((1, 1, 1), i64)
+    cfg = Config(
+        as_input(spec.q_pos, i64), as_input(spec.k_pos_b, i64), bool(spec.causal), int(spec.window),
+        int(spec.num_sinks),
+        bias_arr, bias is not None, int(head_div),
+        kidx, counts, keys is not None,
+        thr_val, thr_idx, topk is not None,
+        spec.dropout > 0, np.uint64(spec.seed), np.uint64(spec.drop_threshold), dtype.type(1.0 / (1.0 - spec.dropout)),
+    )
+    return cfg, as_input(spec.kernel_tiles(), np.dtype(np.int8))
+
+
+def forward(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndarray], spec: AttentionSpec
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Flash attention forward: ``out (B, H, Nq, D)`` and ``lse (B, H, Nq)`` (natural log, ``-inf`` for empty rows).
+
+    ``spec.order`` picks the Q-major (FlashAttention-2) or K-major (FlashAttention-1) loop order; Q-major with
+    ``spec.num_splits > 1`` runs split-K and merges the partial results by their lse.
+    """
+    dtype = _check_dtype(q)
+    q, k, v = (as_input(x, dtype) for x in (q, k, v))
+    cfg, tile_types = _config(bias, spec, dtype)
+    B, H, Nq, D = q.shape
+    scale = dtype.type(spec.scale)
+    Tr = tile_types.shape[2]
+    if TileOrder(spec.order) == TileOrder.K_MAJOR:
+        out = np.empty((B, H, Nq, D), dtype)
+        lse = np.empty((B, H, Nq), dtype)
+        m_hbm = np.empty((B, H, Nq), dtype)
+        l_hbm = np.empty((B, H, Nq), dtype)
+        launch(_fwd_k_major, B * H, q, k, v, out, lse, m_hbm, l_hbm, spec.block_q, spec.block_k, tile_types, scale,
+               cfg)
+        return out, lse
+    S = spec.num_splits
+    out_parts = np.empty((B, H, S, Nq, D), dtype)
+    lse_parts = np.empty((B, H, S, Nq), dtype)
+    launch(_fwd_q_major, B * H * Tr * S, q, k, v, out_parts, lse_parts, spec.block_q, spec.block_k, S, tile_types,
+           scale, cfg)
+    if S == 1:
+        return out_parts.reshape(B, H, Nq, D), lse_parts.reshape(B, H, Nq)
+    return merge_partials(np.moveaxis(out_parts, 2, 3), np.moveaxis(lse_parts, 2, 3))
+
+
+def backward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    bias: Optional[np.ndarray],
+    out: np.ndarray,
+    lse: np.ndarray,
+    dout: np.ndarray,
+    spec: AttentionSpec,
+    dlse: Optional[np.ndarray] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Flash attention backward: ``(dq, dk, dv, dbias)``; ``dbias`` has the bias's shape (``None`` without a bias).
+
+    Preprocess ``delta``, dQ (with the row sums ``rs`` of dS), ``delta += rs - dlse``, then dK/dV/dBias.
+    """
+    dtype = _check_dtype(q)
+    q, k, v, out, dout, lse = (as_input(x, dtype) for x in (q, k, v, out, dout, lse))
+    dlse = np.zeros(lse.shape, dtype) if dlse is None else as_input(dlse, dtype)
+    cfg, tile_types = _config(bias, spec, dtype)
+    B, H, Nq, D = q.shape
+    Hkv = k.shape[1]
+    Tr, Tc = tile_types.shape[2], tile_types.shape[3]
+    scale = dtype.type(spec.scale)
+    # preprocess: delta = rowsum(dO * O) - dlse
+    delta = np.empty((B, H, Nq), dtype)
+    launch(_bwd_preprocess, B * H, out, dout, dlse, delta)
+    # dQ, and the row sums of dS that refine delta for dK/dV
+    dq = np.empty_like(q)
+    rs = np.empty((B, H, Nq), dtype)
+    launch(_bwd_dq, B * H * Tr, q, k, v, dout, lse, delta, dq, rs, spec.block_q, spec.block_k, tile_types, scale,
+           cfg)
+    delta += rs - dlse
+    # dK, dV (and dBias). A bias shared across batch rows / heads makes one program own all of them.
+    zeros_needed = spec.keys is not None  # a key list leaves the keys nobody keeps untouched: their gradient is 0
+    dk = np.zeros_like(k) if zeros_needed else np.empty_like(k)
+    dv = np.zeros_like(v) if zeros_needed else np.empty_like(v)
+    dbias_arr = np.zeros(cfg.bias.shape, dtype)
+    nb = 1 if (cfg.has_bias and cfg.bias.shape[0] == 1) else B
+    nh = 1 if (cfg.has_bias and cfg.bias.shape[1] == 1) else Hkv
+    launch(_bwd_dkdv, nb * nh * Tc, q, k, v, dout, lse, delta, dk, dv, dbias_arr, spec.block_q, spec.block_k, nb,
+           nh, tile_types, scale, cfg)
+    dbias = None if bias is None else dbias_arr.reshape(np.shape(bias))
+    return dq, dk, dv, dbias

@@ -1,0 +1,75 @@
+"""How the CPU kernels are compiled and launched: Numba options, and a grid launcher on a thread pool.
+
+As on a GPU, a kernel is written for one *program* (a thread block, in CUDA words) and launched over a *grid* of
+programs. :func:`launch` runs the grid on ``numba.get_num_threads()`` threads, worker ``w`` taking programs
+``w, w + n, w + 2n, ...`` (interleaved, so that causal grids balance). The kernels are ``numba.njit(nogil=True)``
+functions, so the threads really run in parallel. Programs write disjoint memory and every sum runs in a fixed
+order, so the split between threads changes nothing: results are bitwise identical from run to run, with no float
+atomics and no races. (We launch from Python threads rather than with ``prange``: a ``parallel=True`` wrapper per
+kernel more than doubled the compile time.)
+
+Kernels are compiled once per dtype (sizes are runtime arguments, so any head dim and block size reuses them) and
+cached on disk (``cache=True``): a second process loads them instead of compiling.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+import numba
+import numpy as np
+
+# Floating-point flags. Reassociation lets LLVM vectorize dot products and row sums; the order it picks is fixed
+# at compile time, so results stay bitwise reproducible. We never allow 'nnan'/'ninf': lse = -inf, the masked
+# sentinel and NaN inputs must behave exactly. Element-wise code (exp's range reduction) must not be reassociated.
+FM_REDUCE = frozenset({"reassoc", "contract", "nsz", "arcp"})
+FM_EXACT = frozenset({"contract", "nsz", "arcp"})
+
+
+def helper(fastmath: frozenset = FM_EXACT, **kw: Any) -> Callable:
+    """``numba.njit`` for a device-side helper: cached on disk, no Python entry point."""
+    return numba.njit(cache=True, fastmath=set(fastmath), no_cpython_wrapper=True, no_cfunc_wrapper=True, **kw)
+
+
+def kernel(fastmath: frozenset = FM_REDUCE) -> Callable:
+    """``numba.njit`` for a grid kernel ``kernel(worker, n_workers, ...)``: cached, and it releases the GIL."""
+    return numba.njit(cache=True, nogil=True, fastmath=set(fastmath))
+
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def launch(kernel_fn: Callable, n_programs: int, *args: Any) -> None:
+    """Run ``kernel_fn(worker, n_workers, *args)`` for every worker and wait: a grid launch, as on a GPU.
+
+    ``n_workers = min(numba.get_num_threads(), n_programs)``; the calling thread is worker 0, a small thread pool
+    runs the others. Programs write disjoint memory, so how they are shared out cannot change any result.
+    """
+    global _pool, _pool_size
+    n_workers = max(1, min(numba.get_num_threads(), n_programs))
+    if n_workers == 1:
+        kernel_fn(0, 1, *args)
+        return
+    with _pool_lock:
+        if _pool is None or _pool_size < n_workers - 1:
+            _pool_size = max(n_workers - 1, numba.config.NUMBA_NUM_THREADS - 1)
+            _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="minitorch-attention")
+        pool = _pool
+    futures = [pool.submit(kernel_fn, w, n_workers, *args) for w in range(1, n_workers)]
+    try:
+        kernel_fn(0, n_workers, *args)
+    finally:
+        for f in futures:
+            f.result()
+
+
+def as_input(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """A C-contiguous, writeable array of ``dtype`` (no copy when ``x`` already is one)."""
+    arr = np.ascontiguousarray(x, dtype=dtype)
+    if not arr.flags.writeable:  # a read-only array would compile a second version of every kernel
+        arr = arr.copy()
+    return arr
