@@ -4,7 +4,7 @@
 
 float32, batch 1. For each sequence length N (``Nq = Nk = N``, 512 ... ``--max-n``):
 
-* **flash fwd** / **flash fwd+bwd** / **flash causal fwd**: ``minitorch.attention.cpu.forward`` / ``backward`` on
+* **flash fwd** / **flash fwd+bwd** / **flash causal fwd**: ``FastTensorBackend.attention.forward`` / ``backward`` (minitorch/attention/kernels/cpu) on
   NumPy arrays (``make_spec`` with the default block sizes).
 * **numpy naive**: ``softmax(Q K^T / sqrt(D)) V`` materializing the ``N x N`` scores (NumPy's BLAS, same threads).
 * **torch sdpa** (when ``import torch`` works; minitorch itself never imports it):
@@ -59,7 +59,7 @@ import numpy as np  # noqa: E402
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
-from minitorch.attention import cpu  # noqa: E402
+from minitorch.attention.kernels.cpu import flash as cpu  # noqa: E402
 from minitorch.attention.spec import make_spec  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ _MEMORY_PROBE = textwrap.dedent(
     import gc, json, resource, sys
     import numpy as np
     sys.path.insert(0, {root!r})
-    from minitorch.attention import cpu
+    from minitorch.attention.kernels.cpu import flash as cpu
     from minitorch.attention.spec import make_spec
 
     def status(key):

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minitorch.attention.kv_cache import RingBufferKVCache  # noqa: E402
+from minitorch.attention.kv_cache import RingBufferKVCache, take_seq  # noqa: E402
 from minitorch.attention.spec import make_spec  # noqa: E402
 
 
@@ -85,31 +85,27 @@ def bench(kind: str, capacity: int, B: int, H: int, Hkv: int, D: int, steps: int
     # unrotate + attend (chronological copy of the window every step)
     t0 = time.perf_counter()
     n_unrot = max(5, steps // 10)
-    from minitorch.attention.kv_cache import _gather_raw
-
     for i in range(n_unrot):
         cache.append(step_k[i % 8], step_v[i % 8])
         order = cache.chronological_slots()
-        _gather_raw(cache.key_storage, order)
-        _gather_raw(cache.value_storage, order)
+        take_seq(cache.engine, cache.key_storage, order)
+        take_seq(cache.engine, cache.value_storage, order)
         cache.attend(step_q[i % 8])
     _sync(kind)
     unrot_s = (time.perf_counter() - t0) / n_unrot
 
     # recompute: causal flash attention over the whole window, every step
-    if kind == "cuda":
-        from minitorch.cuda_kernels.cuda_kernel_ops import forward
-    else:
-        from minitorch.attention.cpu import forward
+    forward = cache.engine.forward
+    blocks = cache.engine.default_blocks(D)
     qw = _arrays(kind, rng, (B, H, capacity, D), dtype)
     kw = _arrays(kind, rng, (B, Hkv, capacity, D), dtype)
     vw = _arrays(kind, rng, (B, Hkv, capacity, D), dtype)
-    spec = make_spec(qw.shape, kw.shape, vw.shape, causal=True, window=capacity, backend_kind=kind)
+    spec = make_spec(qw.shape, kw.shape, vw.shape, causal=True, window=capacity, default_blocks=blocks)
     forward(qw, kw, vw, None, spec)  # warm-up / compile
     _sync(kind)
     t0 = time.perf_counter()
     for _ in range(recompute_steps):
-        spec = make_spec(qw.shape, kw.shape, vw.shape, causal=True, window=capacity, backend_kind=kind)
+        spec = make_spec(qw.shape, kw.shape, vw.shape, causal=True, window=capacity, default_blocks=blocks)
         forward(qw, kw, vw, None, spec)
     _sync(kind)
     recompute_s = (time.perf_counter() - t0) / recompute_steps

@@ -6,7 +6,7 @@
 For every sequence length N (Nq = Nk = N) and keep ratio r (``keep_window_size = r * N``):
 
 * **DMA**: what ``FlashDMAAttention`` runs, at the array level (no tensor glue): importance ``z`` (NumPy),
-  **selection included** (heap sweep, thresholds, compacted key list, tile flags: ``dma_cpu.select``), the fused
+  **selection included** (heap sweep, thresholds, compacted key list, tile flags: ``FastTensorBackend.attention.select``), the fused
   forward; for forward+backward also the fused backward and the chain of ``dz`` into ``v``, ``dt_proj``,
   ``a_coef``.
 * **dense**: flash attention at the same N and mask (``attention.cpu.forward`` / ``backward`` through
@@ -40,8 +40,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from minitorch.attention import cpu, dma_cpu  # noqa: E402
-from minitorch.attention.dma import make_dma_spec  # noqa: E402
+from minitorch import FastTensorBackend  # noqa: E402
+from minitorch.attention.functions import dma_config  # noqa: E402
+from minitorch.attention.spec import make_dma_spec  # noqa: E402
+
+engine = FastTensorBackend.attention
 from minitorch.attention.spec import make_spec  # noqa: E402
 
 TARGETS = {(1024, 0.2): (3.3, 4.0), (4096, 0.1): (5.0, 6.7), (16384, 0.05): (6.7, 10.0)}
@@ -80,14 +83,14 @@ def problem(N: int, H: int, Hkv: int, D: int, seed: int = 0) -> Dict[str, np.nda
 
 def dense_fns(p: Dict[str, np.ndarray], causal: bool) -> Dict[str, Callable[[], Any]]:
     q, k, v, do = p["q"], p["k"], p["v"], p["do"]
-    spec = make_spec(q.shape, k.shape, v.shape, causal=causal, backend_kind="fast")
+    spec = make_spec(q.shape, k.shape, v.shape, causal=causal)
 
     def fwd() -> Any:
-        return cpu.forward(q, k, v, None, spec)
+        return engine.forward(q, k, v, None, spec)
 
     def fwd_bwd() -> Any:
-        out, lse = cpu.forward(q, k, v, None, spec)
-        return cpu.backward(q, k, v, None, out, lse, do, spec)
+        out, lse = engine.forward(q, k, v, None, spec)
+        return engine.backward(q, k, v, None, out, lse, do, spec)
 
     return {"fwd": fwd, "fwd_bwd": fwd_bwd}
 
@@ -95,22 +98,23 @@ def dense_fns(p: Dict[str, np.ndarray], causal: bool) -> Dict[str, Callable[[], 
 def dma_fns(p: Dict[str, np.ndarray], causal: bool, keep: int, compact: bool = True) -> Dict[str, Callable[[], Any]]:
     q, k, v, do, dt, a = p["q"], p["k"], p["v"], p["do"], p["dt"], p["a"]
     spec = make_dma_spec(q.shape, k.shape, v.shape, dt.shape, a.shape, keep_window_size=keep, causal=causal,
-                         backend_kind="fast", compact=compact)
+                         compact=compact)
 
     def fwd() -> Any:
-        z, u = dma_cpu.importance(v, dt, a, False)
-        sel = dma_cpu.select(z, spec)
-        return dma_cpu.forward(q, k, v, z, sel, spec), z, u, sel
+        z, u = engine.importance(v, dt, a, False)
+        espec, sel = dma_config(engine, z, spec)
+        return engine.forward(q, k, v, z.reshape(espec.bias_shape), espec), z, u, espec
 
     def fwd_bwd() -> Any:
-        (out, lse), z, u, sel = fwd()
-        dq, dk, dv, dz = dma_cpu.backward(q, k, v, z, sel, out, lse, do, spec)
-        return dma_cpu.importance_backward(dz, v, dt, a, z, u, False, dv)
+        (out, lse), z, u, espec = fwd()
+        z4 = z.reshape(espec.bias_shape)
+        dq, dk, dv, dz = engine.backward(q, k, v, z4, out, lse, do, espec)
+        return engine.importance_backward(dz.reshape(z.shape), v, dt, a, z, u, False, dv)
 
     def stats() -> Dict[str, Any]:
-        z, _ = dma_cpu.importance(v, dt, a, False)
+        z, _ = engine.importance(v, dt, a, False)
         t0 = time.perf_counter()
-        sel = dma_cpu.select(z, spec)
+        sel = engine.select(z, spec)
         t_sel = time.perf_counter() - t0
         visited = int((sel.types != 0).sum())
         return {"select_s": t_sel, "listed_keys": int(sel.counts.max()), "tiles_visited": visited,

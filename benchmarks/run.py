@@ -248,7 +248,7 @@ def memory_sweep(ns: List[int], H: int, D: int, timeout: float) -> List[Dict[str
     B=1), each in a fresh process, next to the size of one dense score matrix ``H N^2`` floats."""
     setup_common = f"""
         import numpy as np
-        from minitorch.attention import cpu
+        from minitorch.attention.kernels.cpu import flash as cpu
         from minitorch.attention.spec import make_spec
         H, D, N = {H}, {D}, {{N}}
         rng = np.random.default_rng(0)

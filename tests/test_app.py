@@ -71,12 +71,12 @@ def test_online_softmax_masked_keys() -> None:
 
 def test_online_softmax_agrees_with_simple_kernel() -> None:
     """The trace and the SimpleBackend flash kernel compute the same row."""
-    from minitorch.attention.simple import forward
+    from minitorch.attention.kernels.simple.flash import forward
     from minitorch.attention.spec import make_spec
 
     rng = np.random.default_rng(3)
     q, k, v = rng.standard_normal((1, 1, 1, 4)), rng.standard_normal((1, 1, 21, 4)), rng.standard_normal((1, 1, 21, 4))
-    out, lse = forward(q, k, v, None, make_spec(q.shape, k.shape, v.shape, block_q=1, block_k=5, backend_kind="simple"))
+    out, lse = forward(q, k, v, None, make_spec(q.shape, k.shape, v.shape, block_q=1, block_k=5))
     tr = online_softmax_trace(0.5 * (k[0, 0] @ q[0, 0, 0]), v[0, 0], 5)
     np.testing.assert_allclose(tr.output, out[0, 0, 0], rtol=1e-12)
     assert tr.lse == pytest.approx(float(lse[0, 0, 0]), rel=1e-12)

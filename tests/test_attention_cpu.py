@@ -1,4 +1,4 @@
-"""The fused Numba CPU flash attention (``minitorch/attention/cpu.py``) against the float64 NumPy reference.
+"""The fused Numba CPU flash attention (``minitorch/attention/kernels/cpu/flash.py``) against the float64 NumPy reference.
 
 Correctness follows FlashAttention's rule. float64 kernels must match the float64 reference to 1e-10 (relative to the
 largest reference value). float32 kernels may err at most 3x as much as standard attention computed in float32
@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minitorch.attention import cpu
+from minitorch.attention.kernels.cpu import flash as cpu
 from minitorch.attention.dropout import dropout_mask
 from minitorch.attention.reference import (
     naive_attention_float32,
@@ -472,7 +472,7 @@ _CACHE_PROBE = textwrap.dedent(
     import json, time
     t0 = time.perf_counter()
     import numpy as np
-    from minitorch.attention import cpu
+    from minitorch.attention.kernels.cpu import flash as cpu
     from minitorch.attention.spec import make_spec
     for dt in (np.float32, np.float64):
         q = np.ones((1, 2, 5, 3), dt); k = np.ones((1, 1, 6, 3), dt)

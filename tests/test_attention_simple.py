@@ -1,4 +1,4 @@
-"""The tiled NumPy flash attention (minitorch/attention/simple.py) against the float64 NumPy reference.
+"""The tiled NumPy flash attention (minitorch/attention/kernels/simple/flash.py) against the float64 NumPy reference.
 
 float64 inputs must match the reference to ~1e-10 relative. float32 inputs follow FlashAttention's rule: the
 kernel's error against the float64 truth is at most 3x the error of standard attention computed in float32
@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minitorch.attention import reference as R
-from minitorch.attention import simple
+from minitorch.attention.kernels.simple import flash as simple
 from minitorch.attention.dropout import dropout_mask
 from minitorch.attention.spec import make_spec
 from minitorch.attention.tiling import TileOrder, TileType
@@ -76,7 +76,7 @@ def spec_for(case: Dict[str, Any]):
     bias = case["bias"]
     return make_spec(
         q.shape, k.shape, v.shape, bias_shape=None if bias is None else bias.shape,
-        block_q=case["block_q"], block_k=case["block_k"], order=case["order"], backend_kind="simple",
+        block_q=case["block_q"], block_k=case["block_k"], order=case["order"],
         **case["opts"],
     )
 

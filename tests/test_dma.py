@@ -1,13 +1,12 @@
-"""Dynamic mask attention (minitorch/attention/dma.py, dma_cpu.py, cuda_kernels/dma.py) against the float64 oracle.
+"""Dynamic mask attention (minitorch/attention/dma.py, selection.py, and the engines) against the float64 oracle.
 
 The oracle (``reference.reference_dma*``) builds the dense ``(Nq, Nk)`` keep-mask the direct way: a stable argsort
 of z per query over its visible keys. It shares no code with the selection (heap sweep, thresholds, compacted
 list, tile flags). float64 results must match it to ~1e-10 relative; float32 results follow FlashAttention's rule
 (error <= 3x a naive float32 implementation's error + a small floor), as in test_attention_simple.py.
 
-Backends: ``simple`` (NumPy), ``fast`` (fused Numba CPU kernels; through FastTensorBackend once fast_ops.py exists,
-until then through a SimpleOps backend whose attention kind is "fast"), ``cuda`` (the CUDA kernels in Numba's
-simulator, tiny sizes; plus a check that they lower for a real GPU).
+Backends: ``simple`` (NumPy), ``fast`` (fused Numba CPU kernels), ``cuda`` (the CUDA kernels in Numba's simulator,
+tiny sizes). DMA is the engine's flash attention configured with the selection (``functions.dma_config``).
 """
 
 from __future__ import annotations
@@ -24,19 +23,20 @@ import numpy as np
 import pytest
 
 from minitorch.attention import dma as DMA
-from minitorch.attention import dma_cpu
 from minitorch.attention import reference as R
-from minitorch.attention.dma import NumpyDMA, flash_dma_attention, kept_dense, make_dma_spec
+from minitorch.attention.dma import flash_dma_attention
+from minitorch.attention.functions import dma_config
+from minitorch.attention.importance import importance
+from minitorch.attention.kernels.cpu.select import select as select_cpu
+from minitorch.attention.selection import Selection, kept_dense, select_numpy
+from minitorch.attention.spec import DMASpec, KeyList, make_dma_spec, make_spec
+from minitorch.attention.tiling import TileType
+from minitorch.fast_ops import FastTensorBackend as FastBackend
 from minitorch.tensor import Tensor
 from minitorch.tensor_functions import from_numpy
-from minitorch.tensor_ops import SimpleBackend, SimpleOps, TensorBackend
+from minitorch.tensor_ops import SimpleBackend
 
 pytestmark = [pytest.mark.task5_6, pytest.mark.filterwarnings("error::RuntimeWarning")]
-
-try:  # the fused CPU kernels behind the real FastTensorBackend once it has landed
-    from minitorch.fast_ops import FastTensorBackend as FastBackend
-except ImportError:  # pragma: no cover - until fast_ops.py exists
-    FastBackend = TensorBackend(type("FastAttentionSimpleOps", (SimpleOps,), {"attention_kind": "fast"}))
 
 BACKENDS = {"simple": SimpleBackend, "fast": FastBackend}
 
@@ -188,7 +188,7 @@ SELECT_CASES = [
 ]
 
 
-def check_selection(sel: DMA.Selection, z: np.ndarray, spec: DMA.DMASpec, ref_mask: np.ndarray) -> None:
+def check_selection(sel: Selection, z: np.ndarray, spec: DMASpec, ref_mask: np.ndarray) -> None:
     """The thresholds, the lifetimes, the compacted list and the flags all describe exactly ``ref_mask``."""
     sel = sel.host()
     B, Hkv, Nq, Nk = ref_mask.shape
@@ -221,7 +221,7 @@ def check_selection(sel: DMA.Selection, z: np.ndarray, spec: DMA.DMASpec, ref_ma
                 for tc in range(sel.types.shape[3]):
                     cols = listed[tc * Bc : min(c, (tc + 1) * Bc)]
                     block = ref_mask[b, g, rows][:, cols]
-                    want = DMA.SKIP if not block.any() else (DMA.DENSE if block.all() else DMA.TRIANGLE)
+                    want = TileType.SKIP if not block.any() else (TileType.DENSE if block.all() else TileType.TRIANGLE)
                     assert sel.types[b, g, tq, tc] == want, (b, g, tq, tc)
 
 
@@ -233,13 +233,13 @@ def test_selection_matches_reference(case_kw: Dict[str, Any], compact: bool) -> 
     spec = make_dma_spec(case["q"].shape, case["k"].shape, case["v"].shape, case["dt"].shape, case["a"].shape,
                          keep_window_size=o["keep_window_size"], causal=o["causal"],
                          key_padding_mask=o["key_padding_mask"], block_q=8, block_k=8, compact=compact)
-    z, _ = DMA.importance(case["v"], case["dt"], case["a"], False)
+    z, _ = importance(case["v"], case["dt"], case["a"], False)
     z_ref = R.reference_dma_importance(case["v"], case["dt"], case["a"])[0]
     ref_mask = R.reference_dma_mask(z_ref, spec.Nq, spec.keep, spec.causal, o["key_padding_mask"])
     np.testing.assert_array_equal(R.reference_dma_mask(z, spec.Nq, spec.keep, spec.causal, o["key_padding_mask"]),
                                   ref_mask)  # same ranking from both importance computations
-    for impl in (NumpyDMA, dma_cpu):
-        check_selection(impl.select(z, spec), z, spec, ref_mask)
+    for select in (select_numpy, select_cpu):
+        check_selection(select(z, spec), z, spec, ref_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -312,11 +312,8 @@ def test_param_gradients_central_differences(backend: str, log_space: bool) -> N
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_a_zero_full_window_is_plain_flash_attention(backend: str, causal: bool) -> None:
     """a_coef = 0 makes z = 1 for every key (a constant shift that cancels in the softmax); with
-    keep_window_size >= N every visible key is kept: plain flash attention of the same backend (simple.py /
-    cpu.py), values and gradients."""
-    from minitorch.attention.flash import attention_impl
-    from minitorch.attention.spec import make_spec
-
+    keep_window_size >= N every visible key is kept: plain flash attention of the same backend's engine, values and
+    gradients."""
     case = make_case(Nq=23, Nk=37, H=4, Hkv=2, D=5, keep=37, causal=causal, ties="all", pad=True)
     got = run_tensors(case, BACKENDS[backend])
     q, k, v, do = case["q"], case["k"], case["v"], case["dout"]
@@ -324,20 +321,15 @@ def test_a_zero_full_window_is_plain_flash_attention(backend: str, causal: bool)
     out, _ = R.reference_attention(q, k, v, causal=causal, key_padding_mask=kpm, attn_bias=np.ones(37))
     np.testing.assert_allclose(got[0], out, rtol=1e-10, atol=1e-12)
     spec = make_spec(q.shape, k.shape, v.shape, causal=causal, key_padding_mask=kpm, block_q=8, block_k=8)
-    flash = attention_impl(BACKENDS[backend])  # the backend's flash attention, no bias
+    flash = BACKENDS[backend].attention  # the backend's flash attention, no bias
     fo, fl = flash.forward(q, k, v, None, spec)
     dq, dk, dv, _ = flash.backward(q, k, v, None, fo, fl, do, spec)
     for name, x, r in (("out", got[0], fo), ("dq", got[1], dq), ("dk", got[2], dk), ("dv", got[3], dv)):
         np.testing.assert_allclose(x, r, rtol=1e-10, atol=1e-12, err_msg=name)
     np.testing.assert_array_equal(got[4], 0.0)  # dz/du = z a sigmoid(u) = 0
-    from minitorch import tensor_functions
-
-    if hasattr(tensor_functions, "FlashAttention"):  # the tensor API once it has landed
-        from minitorch.attention.flash import flash_attention
-
-        ts = [from_numpy(x, backend=BACKENDS[backend]) for x in (q, k, v)]
-        plain = flash_attention(*ts, causal=causal, key_padding_mask=kpm)
-        np.testing.assert_allclose(got[0], plain.to_numpy(), rtol=1e-10, atol=1e-12)
+    ts = [from_numpy(x, backend=BACKENDS[backend]) for x in (q, k, v)]
+    plain = ts[0].flash_attention(ts[1], ts[2], causal=causal, key_padding_mask=kpm)
+    np.testing.assert_allclose(got[0], plain.to_numpy(), rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -346,24 +338,27 @@ def test_a_zero_full_window_is_plain_flash_attention(backend: str, causal: bool)
 
 
 def test_skipped_tiles_are_never_visited(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Simple engine, configured for DMA, computes scores exactly for the tiles the selection marks as work."""
+    from minitorch.attention.kernels.simple import flash as simple
+
     case = make_case(Nq=97, Nk=97, keep=9, causal=True, block_q=8, block_k=8)
     o = case["opts"]
-    spec = make_dma_spec(case["q"].shape, case["k"].shape, case["v"].shape, case["dt"].shape, case["a"].shape,
-                         keep_window_size=9, causal=True, block_q=8, block_k=8)
-    z, _ = DMA.importance(case["v"], case["dt"], case["a"], o["log_space"])
-    sel = NumpyDMA.select(z, spec)
+    dspec = make_dma_spec(case["q"].shape, case["k"].shape, case["v"].shape, case["dt"].shape, case["a"].shape,
+                          keep_window_size=9, causal=True, block_q=8, block_k=8)
+    z, _ = importance(case["v"], case["dt"], case["a"], o["log_space"])
+    spec, sel = dma_config(SimpleBackend.attention, z, dspec)
     seen = []
-    orig = NumpyDMA._scores
+    orig = simple._Head.scores
 
-    def spy(q_i, k, z_, sel_, spec_, b, g, rows, cols, t):  # type: ignore[no-untyped-def]
-        seen.append((b, g, int(rows[0]) // 8, [int(c) for c in cols]))
-        return orig(q_i, k, z_, sel_, spec_, b, g, rows, cols, t)
+    def spy(self, tq, tk):  # type: ignore[no-untyped-def]
+        seen.append((self.b, self.g, tq, [int(c) for c in self.key_rows(tk)]))
+        return orig(self, tq, tk)
 
-    monkeypatch.setattr(NumpyDMA, "_scores", staticmethod(spy))
-    NumpyDMA.forward(case["q"], case["k"], case["v"], z, sel, spec)
+    monkeypatch.setattr(simple._Head, "scores", spy)
+    simple.forward(case["q"], case["k"], case["v"], z.reshape(spec.bias_shape), spec)
     visited = {(tq, tuple(cols)) for _, _, tq, cols in seen}
     work = set()
-    for tq, tc in zip(*np.nonzero(sel.types[0, 0] != DMA.SKIP)):
+    for tq, tc in zip(*np.nonzero(sel.types[0, 0] != TileType.SKIP)):
         work.add((int(tq), tuple(int(c) for c in sel.kidx[0, 0, tc * 8 : min(sel.counts[0, 0], tc * 8 + 8)])))
     assert visited == work
     n_tiles = int(np.sum(-(-sel.counts[0, 0] // 8)) * sel.types.shape[2])
@@ -376,18 +371,20 @@ def test_fused_kernels_skip_only_empty_tiles(causal: bool) -> None:
     """The fused CPU kernels with the flags give exactly what they give when every tile is visited and masked."""
     case = make_case(Nq=70, Nk=90, H=4, Hkv=2, D=6, keep=11, causal=causal, pad=True, block_q=8, block_k=8)
     o = case["opts"]
-    spec = make_dma_spec(case["q"].shape, case["k"].shape, case["v"].shape, case["dt"].shape, case["a"].shape,
-                         keep_window_size=11, causal=causal, key_padding_mask=o["key_padding_mask"],
-                         block_q=8, block_k=8, backend_kind="fast")
+    dspec = make_dma_spec(case["q"].shape, case["k"].shape, case["v"].shape, case["dt"].shape, case["a"].shape,
+                          keep_window_size=11, causal=causal, key_padding_mask=o["key_padding_mask"],
+                          block_q=8, block_k=8)
     q, k, v, do = case["q"], case["k"], case["v"], case["dout"]
-    z, _ = DMA.importance(v, case["dt"], case["a"], False)
-    sel = dma_cpu.select(z, spec)
-    assert (sel.types == DMA.SKIP).any() and (sel.types != DMA.SKIP).any()
-    out, lse = dma_cpu.forward(q, k, v, z, sel, spec)
-    grads = dma_cpu.backward(q, k, v, z, sel, out, lse, do, spec)
-    sel.types[:] = DMA.TRIANGLE
-    out2, lse2 = dma_cpu.forward(q, k, v, z, sel, spec)
-    grads2 = dma_cpu.backward(q, k, v, z, sel, out2, lse2, do, spec)
+    engine = FastBackend.attention
+    z, _ = importance(v, case["dt"], case["a"], False)
+    spec, sel = dma_config(engine, z, dspec)
+    z4 = z.reshape(spec.bias_shape)
+    assert (sel.types == TileType.SKIP).any() and (sel.types != TileType.SKIP).any()
+    out, lse = engine.forward(q, k, v, z4, spec)
+    grads = engine.backward(q, k, v, z4, out, lse, do, spec)
+    everything = spec.replace(keys=KeyList(sel.kidx, sel.counts, np.full_like(sel.types, TileType.TRIANGLE)))
+    out2, lse2 = engine.forward(q, k, v, z4, everything)
+    grads2 = engine.backward(q, k, v, z4, out2, lse2, do, everything)
     for x, y in zip((out, lse) + grads, (out2, lse2) + grads2):
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
 
@@ -403,16 +400,18 @@ def test_no_score_sized_allocation() -> None:
     """Selection, forward and backward (NumPy implementation) never allocate an (Nq, Nk) array."""
     N = 1024
     case = make_case(Nq=N, Nk=N, H=1, Hkv=1, D=4, keep=100, causal=True)
-    spec = make_dma_spec(case["q"].shape, case["k"].shape, case["v"].shape, case["dt"].shape, case["a"].shape,
-                         keep_window_size=100, causal=True, block_q=128, block_k=128)
+    dspec = make_dma_spec(case["q"].shape, case["k"].shape, case["v"].shape, case["dt"].shape, case["a"].shape,
+                          keep_window_size=100, causal=True, block_q=128, block_k=128)
     q, k, v, do = case["q"], case["k"], case["v"], case["dout"]
+    engine = SimpleBackend.attention
     tracemalloc.start()
     try:
-        z, u = NumpyDMA.importance(v, case["dt"], case["a"], False)
-        sel = NumpyDMA.select(z, spec)
-        out, lse = NumpyDMA.forward(q, k, v, z, sel, spec)
-        dq, dk, dv, dz = NumpyDMA.backward(q, k, v, z, sel, out, lse, do, spec)
-        NumpyDMA.importance_backward(dz, v, case["dt"], case["a"], z, u, False, dv)
+        z, u = engine.importance(v, case["dt"], case["a"], False)
+        spec, _ = dma_config(engine, z, dspec)
+        z4 = z.reshape(spec.bias_shape)
+        out, lse = engine.forward(q, k, v, z4, spec)
+        dq, dk, dv, dz = engine.backward(q, k, v, z4, out, lse, do, spec)
+        engine.importance_backward(dz.reshape(z.shape), v, case["dt"], case["a"], z, u, False, dv)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

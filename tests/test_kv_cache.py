@@ -1,5 +1,6 @@
-"""Ring-buffer KV cache: slot arithmetic, decode kernels (NumPy, Numba CPU, CUDA split-K in the simulator), chunked
-prefill, the backward cache and the decoder feedback buffer, all against the float64 reference."""
+"""Ring-buffer KV cache: slot arithmetic, decoding (the engines' flash attention over the rotated slots: NumPy, Numba
+CPU, CUDA split-K in the simulator), chunked prefill, the backward cache and the decoder feedback buffer, all against
+the float64 reference."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitorch.attention.decode import decode_attention_cpu, decode_attention_numpy, slot_tile_types
+from minitorch import FastTensorBackend, SimpleBackend
 from minitorch.attention.kv_cache import (
     DecoderFeedbackBuffer,
     RingBufferKVCache,
@@ -19,6 +20,7 @@ from minitorch.attention.kv_cache import (
     slot_of,
 )
 from minitorch.attention.reference import reference_attention, reference_attention_backward
+from minitorch.attention.spec import make_spec
 from minitorch.attention.tiling import TileSchedule
 
 pytestmark = pytest.mark.task5_5
@@ -114,7 +116,9 @@ def test_append_longer_than_capacity_keeps_newest():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_slot_tile_types_match_tile_schedule():
+def test_padding_in_the_schedule_is_padding_per_row():
+    """A decode step's tiles come from TileSchedule: with a key padding mask, row b's tile types are those of the
+    positions with row b's padded slots emptied (-1)."""
     rng = np.random.default_rng(2)
     for _ in range(30):
         C = int(rng.integers(1, 20))
@@ -122,25 +126,38 @@ def test_slot_tile_types_match_tile_schedule():
         T = int(rng.integers(1, 4))
         pos = rng.permutation(40)[:C].astype(np.int64)
         pos[rng.random(C) < 0.2] = -1
+        pad = rng.random((2, C)) < 0.3
         q_pos = np.sort(rng.integers(0, 45, T))
         causal = bool(rng.integers(2))
-        window = int(rng.integers(-1, 12))
+        window = None if rng.random() < 0.3 else int(rng.integers(0, 12))
         sinks = int(rng.integers(0, 4))
-        got = slot_tile_types(q_pos, pos[None, :], block, causal, window, sinks)[0]
-        sched = TileSchedule(T, C, T, block, causal=causal, window=None if window < 0 else window,
-                             q_positions=q_pos, k_positions=pos, num_sinks=sinks)
-        np.testing.assert_array_equal(got, sched.types[0])
+        opts = dict(causal=causal, window=window, q_positions=q_pos, num_sinks=sinks)
+        sched = TileSchedule(T, C, T, block, k_positions=pos, key_padding_mask=pad, **opts)
+        for b in range(2):
+            row = TileSchedule(T, C, T, block, k_positions=np.where(pad[b], -1, pos), **opts)
+            np.testing.assert_array_equal(sched.batch_types[b], row.types)
 
 
-@pytest.mark.parametrize("fn", [decode_attention_numpy, decode_attention_cpu], ids=["numpy", "numba"])
+def decode(backend, q, k, v, kpb, q_pos, block, splits=1, causal=True, window=-1, num_sinks=0, dropout=0.0, seed=0):
+    """One decode step on raw arrays: the engine's flash attention over the slots (positions ``kpb``, -1 empty)."""
+    pos = kpb.max(axis=0)  # a slot's position where some row holds it; -1 where no row does
+    spec = make_spec(q.shape, k.shape, v.shape, causal=causal, window=None if window < 0 else window,
+                     num_sinks=num_sinks, dropout=dropout, seed=seed, q_positions=q_pos, k_positions=pos,
+                     key_padding_mask=(kpb < 0) & (pos >= 0), block_q=q.shape[2], block_k=block, num_splits=splits)
+    return backend.attention.forward(q, k, v, None, spec)
+
+
+@pytest.mark.parametrize("backend", [SimpleBackend, FastTensorBackend], ids=["simple", "fast"])
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("opts", [
     dict(causal=True, window=10, num_sinks=2),
     dict(causal=True, window=-1),
     dict(causal=False, window=5),
     dict(causal=True, window=10, num_sinks=2, dropout=0.3, seed=7),
 ])
-def test_decode_kernels_match_reference(fn, opts):
-    """Rotated, partly empty (NaN-filled) and padded slots; GQA; several query rows; tiles of 4 slots."""
+def test_decode_matches_reference(backend, splits, opts):
+    """Rotated, partly empty (NaN-filled) and padded (NaN-filled) slots; GQA; several query rows; tiles of 4 slots;
+    split-K or not."""
     rng = np.random.default_rng(3)
     B, H, Hkv, T, D, C = 2, 4, 2, 3, 8, 16
     q = rng.standard_normal((B, H, T, D))
@@ -153,23 +170,24 @@ def test_decode_kernels_match_reference(fn, opts):
     kn[:, :, 3] = np.nan
     vn[:, :, 7] = np.nan
     kn[1, :, 2] = np.nan
+    vn[1, :, 2] = np.inf
     q_pos = np.array([30, 31, 35])
     window = opts.get("window", -1)
     ref, ref_lse = reference_attention(
         q, k, v, causal=opts["causal"], window=None if window < 0 else window, q_positions=q_pos, k_positions=pos,
         key_padding_mask=kpb < 0, num_sinks=opts.get("num_sinks", 0), dropout=opts.get("dropout", 0.0),
         seed=opts.get("seed", 0))
-    out, lse = fn(q, kn, vn, kpb, q_pos, block=4, head_tile=3, **opts)
+    out, lse = decode(backend, q, kn, vn, kpb, q_pos, block=4, splits=splits, **opts)
     np.testing.assert_allclose(out, ref, atol=1e-12)
     np.testing.assert_allclose(lse, ref_lse, atol=1e-12)
 
 
-def test_decode_kernel_row_without_keys():
+def test_decode_row_without_keys():
     q = np.ones((1, 2, 1, 4))
     k = np.full((1, 1, 6, 4), np.nan)
     kpb = np.full((1, 6), -1, dtype=np.int64)
-    for fn in (decode_attention_numpy, decode_attention_cpu):
-        out, lse = fn(q, k, k, kpb, np.array([3]), block=2)
+    for backend in (SimpleBackend, FastTensorBackend):
+        out, lse = decode(backend, q, k, k, kpb, np.array([3]), block=2, splits=2)
         assert np.all(out == 0) and np.all(np.isneginf(lse))
 
 
@@ -359,12 +377,6 @@ def test_seq_take_and_cat_gradients():
     np.testing.assert_allclose(b.grad.to_numpy(), gb)
 
 
-def _needs_flash():
-    try:
-        from minitorch.tensor_functions import FlashAttention  # noqa: F401
-    except ImportError:
-        pytest.skip("the FlashAttention Function is not integrated yet")
-
 
 def _backend(name):
     if name == "fast":
@@ -390,7 +402,6 @@ def _backend(name):
 def test_backward_cache_gradients_equal_full_attention(backend, sizes, sinks, window, chunk):
     """Training in chunks through the backward cache: output and gradients to q, k, v equal full-sequence
     causal attention with the same window and sinks (GQA, batch 2)."""
-    _needs_flash()
     from minitorch.tensor_functions import from_numpy
 
     be = _backend(backend)
@@ -411,7 +422,6 @@ def test_backward_cache_gradients_equal_full_attention(backend, sizes, sinks, wi
 
 def test_backward_cache_upstream_gradient():
     """Gradients flow through the cache to what produced q, k, v (a shared projection)."""
-    _needs_flash()
     from minitorch.tensor_functions import from_numpy
 
     rng = np.random.default_rng(13)

@@ -21,12 +21,6 @@ from minitorch.tensor_functions import from_numpy
 pytestmark = pytest.mark.task5_5
 
 
-def _needs_flash():
-    try:
-        from minitorch.tensor_functions import FlashAttention  # noqa: F401
-    except ImportError:
-        pytest.skip("the FlashAttention Function is not integrated yet")
-
 
 def _config(**kw):
     opts = dict(num_heads=4, head_dim=8, buffer_size=8, block_size=4, tile_size=4, head_tile_size=2, prefill_size=6)
@@ -135,7 +129,6 @@ def test_encoder_then_decoder_inference(backend, order, sinks):
 @pytest.mark.parametrize("order", [TileOrder.Q_MAJOR, TileOrder.K_MAJOR])
 def test_encoder_requires_grad(order):
     """requires_grad=True: chunked prefill through the backward cache; gradients equal full-sequence attention."""
-    _needs_flash()
     rng = np.random.default_rng(1)
     B, H, Hkv, D, N = 1, 4, 2, 8, 15
     cfg = _config(num_kv_heads=Hkv)
@@ -213,7 +206,6 @@ def test_decoder_weights_masks_and_feedback():
 
 
 def test_dropout_train_and_eval():
-    _needs_flash()
     rng = np.random.default_rng(4)
     B, H, D, N = 1, 4, 8, 6
     model = RingBufferAttention(_config(dropout=0.5))

@@ -104,19 +104,25 @@ class DMAAttended:
     spec: AttentionSpec
 
 
-def dma_attend(q: Tensor, k: Tensor, v: Tensor, dt_proj: Tensor, a_coef: Tensor, dspec: DMASpec) -> DMAAttended:
-    """Run a DMA forward once (no autodiff): the importance ``z``, the selection (``engine.select``), then the
-    engine's flash attention configured for DMA: keys read through the selection's compacted list, ``z`` added as
-    a bias of shape ``(B, Hkv, 1, Nk)`` (one number per key, shared by a group's heads and every query), and the
-    top-k keep rule."""
-    engine = engine_of(q.backend)
-    z, u = engine.importance(raw4(v), raw4(dt_proj), raw4(a_coef), dspec.log_space)
+def dma_config(engine: Any, z: Array, dspec: DMASpec) -> Tuple[AttentionSpec, Any]:
+    """The engine configuration of a DMA call: ``engine.select`` the keys, then the flash spec with keys read
+    through the selection's compacted list, its tiles, ``z`` as a bias of shape ``(B, Hkv, 1, Nk)`` (one number
+    per key, shared by a group's heads and every query) and the top-k keep rule. Returns ``(spec, selection)``."""
     sel = engine.select(z, dspec)
     attn = dspec.attn
     spec = attn.replace(
         block_q=sel.block_q, block_k=sel.block_k, bias_shape=(attn.B, attn.Hkv, 1, attn.Nk),
         keys=KeyList(sel.kidx, sel.counts, sel.types), topk=TopK(sel.thr_val, sel.thr_idx),
     )
+    return spec, sel
+
+
+def dma_attend(q: Tensor, k: Tensor, v: Tensor, dt_proj: Tensor, a_coef: Tensor, dspec: DMASpec) -> DMAAttended:
+    """Run a DMA forward once (no autodiff): the importance ``z``, the selection, and the engine's flash attention
+    configured for DMA (:func:`dma_config`)."""
+    engine = engine_of(q.backend)
+    z, u = engine.importance(raw4(v), raw4(dt_proj), raw4(a_coef), dspec.log_space)
+    spec, sel = dma_config(engine, z, dspec)
     out, lse = engine.forward(raw4(q), raw4(k), raw4(v), z.reshape(spec.bias_shape), spec)
     return DMAAttended(out, lse, z, u, sel, spec)
 

@@ -185,13 +185,13 @@ def check_scale(value: Any, D: int, name: str = "scale") -> float:
     if value is None:
         return 1.0 / math.sqrt(D)
     if _is_bool(value) or not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(float(value)):
-        raise TypeError(f"{name} must be a finite number or None, got {value!r}")
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
 def check_dropout(value: Any, name: str = "dropout") -> float:
     if _is_bool(value) or not isinstance(value, (int, float, np.floating, np.integer)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return float(value)
 
 
@@ -204,9 +204,9 @@ def check_seed(seed: Any, dropout: float) -> int:
     return int(seed)
 
 
-def check_int(name: str, value: Any, low: int) -> int:
+def check_int(name: str, value: Any, low: int, none_ok: bool = False) -> int:
     if not _is_int(value):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+        raise TypeError(f"{name} must be an int{' or None' if none_ok else ''}, got {value!r}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     return int(value)
@@ -243,7 +243,7 @@ def make_spec(
     causal = check_flag("causal", causal)
     scale = check_scale(scale, D)
     if window is not None:
-        window = check_int("window", window, 0)
+        window = check_int("window", window, 0, none_ok=True)
         if window >= MAX_POSITION:  # wider than any distance between positions: no window at all
             window = None
     dropout = check_dropout(dropout)

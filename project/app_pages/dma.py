@@ -15,7 +15,10 @@ def compute(N: int, D: int, keep: int, causal: bool, block: int, a: float, sprea
             seed: int) -> dict:
     """Everything the page shows, from minitorch.attention.dma (SimpleBackend) and the float64 reference."""
     from minitorch.attention import dma
+    from minitorch.attention.importance import importance
     from minitorch.attention.reference import reference_dma
+    from minitorch.attention.selection import kept_dense, select_numpy
+    from minitorch.attention.spec import make_dma_spec
     from minitorch.attention.tiling import TileSchedule
     from minitorch.tensor_functions import from_numpy
     from minitorch.tensor_ops import SimpleBackend
@@ -26,17 +29,17 @@ def compute(N: int, D: int, keep: int, causal: bool, block: int, a: float, sprea
     v = rng.standard_normal((B, HKV, N, D))
     dt_proj = spread * rng.standard_normal((HKV, HKV * D))
     a_coef = np.full(HKV, a)
-    z, _ = dma.importance(v, dt_proj, a_coef, log_space)
+    z, _ = importance(v, dt_proj, a_coef, log_space)
     res = {"z": z[0, 0]}
     for compact in (True, False):
-        spec = dma.make_dma_spec(q.shape, k.shape, v.shape, dt_proj.shape, a_coef.shape, keep_window_size=keep,
+        spec = make_dma_spec(q.shape, k.shape, v.shape, dt_proj.shape, a_coef.shape, keep_window_size=keep,
                                  causal=causal, block_q=block, block_k=block, log_space=log_space, compact=compact)
-        sel = dma.NumpyDMA.select(z, spec)
+        sel = select_numpy(z, spec)
         count = int(sel.counts[0, 0])
         types = sel.types[0, 0][:, : -(-count // block)] if count else sel.types[0, 0][:, :0]
         res["compact" if compact else "sequence"] = {"types": types, "count": count}
         if compact:
-            res["kept"] = dma.kept_dense(sel, z, spec)[0, 0]
+            res["kept"] = kept_dense(sel, z, spec)[0, 0]
             res["thr_val"] = sel.thr_val[0, 0]
     ref_out, _, _, ref_mask, _ = reference_dma(q, k, v, dt_proj, a_coef, keep, causal, log_space=log_space)
     out = dma.flash_dma_attention(from_numpy(q, backend=SimpleBackend), from_numpy(k, backend=SimpleBackend),

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from minitorch.attention import simple
+from minitorch import SimpleBackend
 from minitorch.attention.reference import naive_attention_float32, reference_attention
 from minitorch.attention.spec import make_spec
 from minitorch.attention.tiling import default_block_sizes
@@ -58,9 +58,9 @@ def measured_memory(Ns: Tuple[int, ...], D: int) -> pd.DataFrame:
     for N in Ns:
         rng = np.random.default_rng(N)
         q, k, v = (rng.standard_normal((1, 1, N, D)).astype(np.float32) for _ in range(3))
-        spec = make_spec(q.shape, k.shape, v.shape, causal=True, backend_kind="simple", block_q=64, block_k=64)
+        spec = make_spec(q.shape, k.shape, v.shape, causal=True, block_q=64, block_k=64)
         # tracemalloc sees the whole process: the minimum of a few runs leaves out other threads' allocations
-        flash = min(_peak(lambda: simple.forward(q, k, v, None, spec)) for _ in range(2))
+        flash = min(_peak(lambda: SimpleBackend.attention.forward(q, k, v, None, spec)) for _ in range(2))
         naive = min(_peak(lambda: naive_attention_float32(q, k, v, causal=True)) for _ in range(2))
         rows.append({"N": N, "standard (measured)": naive, "flash, SimpleBackend (measured)": flash})
     return pd.DataFrame(rows)
@@ -191,15 +191,15 @@ def live_run(N: int, D: int, H: int, use_fast: bool) -> pd.DataFrame:
                      float(np.max(np.abs(np.asarray(out) - ref)))})
 
     for order in ("q_major", "k_major"):
-        spec = make_spec(q.shape, k.shape, v.shape, causal=True, order=order, backend_kind="simple")
-        timed(f"flash, SimpleBackend (NumPy), {order}", lambda: simple.forward(q, k, v, None, spec)[0])
+        spec = make_spec(q.shape, k.shape, v.shape, causal=True, order=order)
+        timed(f"flash, SimpleBackend (NumPy), {order}", lambda: SimpleBackend.attention.forward(q, k, v, None, spec)[0])
     timed("standard attention, float64 reference (O(N^2))", lambda: reference_attention(q, k, v, causal=True)[0])
     if use_fast:
-        from minitorch.attention import cpu
+        from minitorch import FastTensorBackend
 
-        spec = make_spec(q.shape, k.shape, v.shape, causal=True, backend_kind="fast")
+        spec = make_spec(q.shape, k.shape, v.shape, causal=True)
         cpu.forward(q, k, v, None, spec)  # compile (or load the cache) outside the timing
-        timed("flash, FastTensorBackend (Numba CPU)", lambda: cpu.forward(q, k, v, None, spec)[0])
+        timed("flash, FastTensorBackend (Numba CPU)", lambda: FastTensorBackend.attention.forward(q, k, v, None, spec)[0])
     return pd.DataFrame(rows)
 
 
@@ -230,7 +230,7 @@ def render() -> None:
     st.caption(
         f"At N = {int(last['N'])}: standard peaks at {fmt_bytes(last['standard (measured)'])}, flash at "
         f"{fmt_bytes(last['flash, SimpleBackend (measured)'])}. Measured with `tracemalloc` around "
-        "`minitorch.attention.simple.forward` and `minitorch.attention.reference.naive_attention_float32`."
+        "`SimpleBackend.attention.forward` (minitorch/attention/kernels/simple/flash.py) and `minitorch.attention.reference.naive_attention_float32`."
     )
 
     st.subheader("Committed benchmark results (`benchmarks/results/*.json`)")

@@ -10,7 +10,7 @@ import streamlit as st
 
 from minitorch.attention.online_softmax import online_softmax_trace
 from minitorch.attention.reference import reference_attention
-from minitorch.attention.simple import forward as simple_forward
+from minitorch.attention.kernels.simple.flash import forward as simple_forward
 from minitorch.attention.spec import make_spec
 
 from .common import chart
@@ -134,7 +134,7 @@ def render() -> None:
     lse_diff = abs(trace.lse - float(ref_lse[0, 0, 0])) if np.isfinite(trace.lse) else 0.0
     # The SimpleBackend kernel (tiled NumPy flash attention) on the same row, with the same Bc.
     spec = make_spec((1, 1, 1, D), (1, 1, Nk, D), (1, 1, Nk, D), scale=scale, bias_shape=(1, 1, 1, Nk),
-                     block_q=1, block_k=block_k, backend_kind="simple")
+                     block_q=1, block_k=block_k)
     kern_out, _ = simple_forward(q[None, None, None], k[None, None], v[None, None], bias[None, None, None], spec)
     kern_diff = float(np.max(np.abs(kern_out[0, 0, 0] - ref_out[0, 0, 0])))
     m = st.columns(3)
@@ -142,6 +142,6 @@ def render() -> None:
                 help="online_softmax_trace(...).output vs minitorch.attention.reference.reference_attention (float64)")
     m[1].metric("|lse - reference lse|", f"{lse_diff:.2e}", help="m + log(l) vs the reference log-sum-exp")
     m[2].metric("SimpleBackend kernel vs reference", f"{kern_diff:.2e}",
-                help="minitorch.attention.simple.forward on the same row with the same Bc")
+                help="the SimpleBackend engine (attention/kernels/simple/flash.py) on the same row with the same Bc")
     st.caption(f"online output `{np.array2string(trace.output, precision=5)}` | reference "
                f"`{np.array2string(ref_out[0, 0, 0], precision=5)}`")

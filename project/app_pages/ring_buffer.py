@@ -122,7 +122,7 @@ def render() -> None:
     try:
         from minitorch.attention.kv_cache import RingBufferKVCache, slot_of
         from minitorch.attention.reference import reference_attention
-        from minitorch.attention.tiling import visible
+        from minitorch.attention.masks import visible
     except Exception as err:  # the cache module not landed yet
         missing_module_note("minitorch.attention.kv_cache", err, "The Ring buffer page needs RingBufferKVCache.")
         return

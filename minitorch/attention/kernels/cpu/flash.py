@@ -110,15 +110,21 @@ def _tile_shapes(Br, Bc, D, like):  # type: ignore[no-untyped-def]
 
 @helper()
 def _load_rows(src, start, n, dst, scale):  # type: ignore[no-untyped-def]
-    """``dst[:n] = scale * src[start:start + n]`` for 2-D ``(rows, D)`` arrays: a tile copied to a local buffer.
-    Returns whether every value is finite (a sum of ``x - x``, which is 0 unless some ``x`` is NaN or Inf)."""
-    fin = dst.dtype.type(0)
+    """``dst[:n] = scale * src[start:start + n]`` for 2-D ``(rows, D)`` arrays: a tile copied to a local buffer."""
     for r in range(n):
         for d in range(src.shape[1]):
-            x = src[start + r, d]
-            dst[r, d] = x * scale
-            fin += x - x
-    return fin == 0
+            dst[r, d] = src[start + r, d] * scale
+
+
+@helper(fastmath=FM_REDUCE)
+def _finite(a, n0, n1):  # type: ignore[no-untyped-def]
+    """Is every value of ``a[:n0, :n1]`` finite? (a sum of ``x - x``, which is 0 unless some ``x`` is NaN or Inf;
+    vectorized). Asked only in TRIANGLE tiles, where a masked pair must not read a non-finite operand."""
+    acc = a.dtype.type(0)
+    for i in range(n0):
+        for j in range(n1):
+            acc += a[i, j] - a[i, j]
+    return acc == 0
 
 
 @helper()
@@ -142,19 +148,18 @@ def _key_rows(cfg, b, g, start, n, jt):  # type: ignore[no-untyped-def]
 @helper()
 def _gather(src, jt, n, dst, transposed):  # type: ignore[no-untyped-def]
     """Load the key rows ``jt[:n]`` of ``src (Nk, D)`` on chip: ``dst[c] = src[jt[c]]``, or ``dst[:, c]`` when
-    ``transposed`` (a product that reduces over the keys then reads contiguous memory). Returns whether every value
-    is finite (a sum of ``x - x``, which is 0 unless some ``x`` is NaN or Inf)."""
-    fin = dst.dtype.type(0)
-    for c in range(n):
-        j = jt[c]
-        for d in range(src.shape[1]):
-            x = src[j, d]
-            fin += x - x
-            if transposed:
-                dst[d, c] = x
-            else:
-                dst[c, d] = x
-    return fin == 0
+    ``transposed`` (a product that reduces over the keys then reads contiguous memory)."""
+    D = src.shape[1]
+    if transposed:
+        for c in range(n):
+            j = jt[c]
+            for d in range(D):
+                dst[d, c] = src[j, d]
+    else:
+        for c in range(n):
+            j = jt[c]
+            for d in range(D):
+                dst[c, d] = src[j, d]
 
 
 @helper()
@@ -196,7 +201,7 @@ def _dropout_row(p, i, nc, b, h, qi, jt, cfg):  # type: ignore[no-untyped-def]
 
 
 @helper(fastmath=FM_REDUCE)
-def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, masked, v_finite, cfg, bias2):  # type: ignore[no-untyped-def]
+def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, masked, cfg, bias2):  # type: ignore[no-untyped-def]
     """One step of the online softmax: fold key tile ``j`` into query tile ``i`` (FA2 Algorithm 1, lines 8-10).
 
     ``qt (R4, D)``: ``scale * Q_i``; ``kT (D, Bcp)``: ``K_j^T``; ``vj (Bc, Dp)``: ``V_j``; ``s, vis (R4, Bcp)`` and
@@ -228,8 +233,8 @@ def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, 
         # dropout acts on P in the product with V only (l, hence lse, are of the undropped scores)
         if cfg.has_dropout:
             _dropout_row(s, i, nc, b, h, qs + i, jt, cfg)
-    # O_i += P_ij V_j
-    if masked and not v_finite:
+    # O_i += P_ij V_j  (leaving out the masked pairs where V_j holds NaN or Inf)
+    if masked and not _finite(vj, nc, D):
         matmul_visible(s, vj, acc, vis, nr, D, nc)
     else:
         matmul(s, vj, acc, nr, D, nc, True)
@@ -297,10 +302,9 @@ def _fwd_q_major(worker, n_workers, q, k, v, out, lse, Br, Bc, n_splits, tile_ty
             # line 6: load K_j (transposed: S_ij = Q_i K_j^T reads it by rows), V_j, through the key source
             _key_rows(cfg, b, g, ks, nc, jt)
             _gather(k[b, g], jt, nc, kT, True)
-            v_finite = _gather(v[b, g], jt, nc, vj, False)
+            _gather(v[b, g], jt, nc, vj, False)
             # lines 8-10: S_ij, online softmax, O_i update
-            _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, tile == TRIANGLE, v_finite,
-                      cfg, bias2)
+            _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, tile == TRIANGLE, cfg, bias2)
         # lines 12-13: O_i = diag(l_i)^-1 O_i, lse_i = m_i + log(l_i)
         _write_rows(acc, m, l, nr, D, out[b, h, sp], lse[b, h, sp], qs)
 
@@ -343,7 +347,7 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
             nc = min(Bc, n_keys - ks)
             _key_rows(cfg, b, g, ks, nc, jt)
             _gather(k[b, g], jt, nc, kT, True)
-            v_finite = _gather(v[b, g], jt, nc, vj, False)
+            _gather(v[b, g], jt, nc, vj, False)
             # line 7: inner loop over query tiles i
             for tq in range(Tr):
                 tile = tile_types[b, g % Gt, tq, tk]
@@ -359,8 +363,8 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
                     for d in range(D):
                         acc[i, d] = out[b, h, qs + i, d] * l[i]
                 # lines 9-11: S_ij, m_ij, P_ij, l_ij and diag(l_i) e^{m_i - m_new} O_i + e^{m_ij - m_new} P_ij V_j
-                _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, tile == TRIANGLE,
-                          v_finite, cfg, bias2)
+                _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, tile == TRIANGLE, cfg,
+                          bias2)
                 # lines 12-13: write O_i = diag(l_i^new)^-1 (...), l_i, m_i back
                 _write_rows(acc, m, l, nr, D, out[b, h], lse[b, h], qs)
                 for i in range(nr):
@@ -391,15 +395,14 @@ def _bwd_preprocess(worker, n_workers, out, dout, dlse, delta):  # type: ignore[
 
 @helper()
 def _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, delta_t):  # type: ignore[no-untyped-def]
-    """Load ``scale * Q_i``, ``dO_i``, ``lse_i``, ``delta_i`` of a query tile; returns whether Q_i and dO_i are
-    finite. A row that saw no key (``lse = -inf``) gets ``lse = +max`` so that ``exp(S - lse)`` is exactly 0."""
-    q_finite = _load_rows(q[b, h], qs, nr, qt, scale)
-    do_finite = _load_rows(dout[b, h], qs, nr, doi, q.dtype.type(1))
+    """Load ``scale * Q_i``, ``dO_i``, ``lse_i``, ``delta_i`` of a query tile. A row that saw no key
+    (``lse = -inf``) gets ``lse = +max`` so that ``exp(S - lse)`` is exactly 0."""
+    _load_rows(q[b, h], qs, nr, qt, scale)
+    _load_rows(dout[b, h], qs, nr, doi, q.dtype.type(1))
     for i in range(nr):
         x = lse[b, h, qs + i]
         lse_t[i] = x if x != -np.inf else np.finfo(lse_t.dtype).max
         delta_t[i] = delta[b, h, qs + i]
-    return q_finite, do_finite
 
 
 @helper(fastmath=FM_REDUCE)
@@ -474,7 +477,7 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
             # load K_j (transposed for S = Q K^T, by rows for dS K) and V_j (transposed for dP = dO V^T)
             _key_rows(cfg, b, g, ks, nc, jt)
             _gather(k[b, g], jt, nc, kT, True)
-            k_finite = _gather(k[b, g], jt, nc, kj, False)
+            _gather(k[b, g], jt, nc, kj, False)
             _gather(v[b, g], jt, nc, vT, True)
             # s = P_ij, dp = dS_ij
             _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, qs, b, h, g, jt,
@@ -483,7 +486,7 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
             for i in range(nr):
                 for c in range(nc):
                     rsum[i] += dp[i, c]
-            if tile == TRIANGLE and not k_finite:
+            if tile == TRIANGLE and not _finite(kj, nc, D):
                 matmul_visible(dp, kj, dq_acc, vis, nr, D, nc)
             else:
                 matmul(dp, kj, dq_acc, nr, D, nc, True)
@@ -552,8 +555,7 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, B
                         qs = tq * Br
                         nr = min(Br, Nq - qs)
                         # load Q_i, dO_i, lse_i, delta_i
-                        q_finite, do_finite = _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi,
-                                                               lse_t, delta_t)
+                        _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, delta_t)
                         # s = P_ij, dp = dS_ij
                         _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, qs, b, h, g, jt,
                                   masked, cfg, bias2)
@@ -567,12 +569,12 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, B
                         if cfg.has_dropout:
                             for i in range(nr):
                                 _dropout_row(s, i, nc, b, h, qs + i, jt, cfg)
-                        if masked and not do_finite:
+                        if masked and not _finite(doi, nr, D):
                             matmul_visible(s.T, doi, dv_acc, vis.T, nc, D, nr)
                         else:
                             matmul(s.T, doi, dv_acc, nc, D, nr, True)
                         # dK_j += dS_ij^T (scale Q_i)
-                        if masked and not q_finite:
+                        if masked and not _finite(qt, nr, D):
                             matmul_visible(dp.T, qt, dk_acc, vis.T, nc, D, nr)
                         else:
                             matmul(dp.T, qt, dk_acc, nc, D, nr, True)

@@ -159,7 +159,8 @@ def _product(a: np.ndarray, b: np.ndarray, vis: Optional[np.ndarray]) -> np.ndar
     """
     if vis is None or np.isfinite(b).all():
         return a @ b
-    return np.where(vis[:, :, None], a[:, :, None] * b[None, :, :], 0).sum(axis=1).astype(a.dtype)
+    with np.errstate(invalid="ignore"):  # the products of masked pairs are computed, then thrown away
+        return np.where(vis[:, :, None], a[:, :, None] * b[None, :, :], 0).sum(axis=1).astype(a.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
