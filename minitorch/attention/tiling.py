@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numba
 import numpy as np
 
 from .masks import visible
@@ -82,21 +83,84 @@ def _as_positions(pos: Optional[Sequence[int]], n: int, default_start: int, name
     return arr
 
 
-def _tile_bounds(pos: np.ndarray, block: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For positions ``pos (B, N)`` cut into tiles of ``block``: per ``(B, tile)`` the smallest and largest valid
-    position (0 where there is none), whether there is a valid one, and whether the tile holds an empty (-1) slot."""
-    B, N = pos.shape
-    T = -(-N // block)
-    padded = np.full((B, T * block), -1, dtype=np.int64)
-    padded[:, :N] = pos
-    tiles = padded.reshape(B, T, block)
-    valid = tiles >= 0
-    has = valid.any(axis=2)
-    lo = np.where(has, np.where(valid, tiles, np.iinfo(np.int64).max).min(axis=2), 0)
-    hi = np.where(has, tiles.max(axis=2), 0)
-    in_range = (np.arange(T * block) < N).reshape(T, block)
-    empty = (~valid & in_range).any(axis=2)
-    return lo, hi, has, empty
+def build_tile_classifier(jit: Callable[[Callable], Callable] = lambda f: f) -> Callable:
+    """The classification of every tile by the one visibility rule of :mod:`.masks`, compiled with ``jit``.
+
+    ``classify_tiles(q_pos, k_pos_b, Br, Bc, causal, window, num_sinks, types)`` fills ``types (B, Tr, Tc)`` for
+    query positions ``q_pos (Nq,)`` and key positions ``k_pos_b (B, Nk)`` (``-1``: empty or padded).
+
+    Exact for the *boxes* of positions of the tiles, with the rule and no other. The rule sees a valid pair only
+    through ``d = qp - kp`` and whether the key is a sink, and for either kind of key its visible ``d`` form an
+    interval that contains 0. So, for the keys of one kind in a tile (a box of positions ``[qlo, qhi] x [klo, khi]``,
+    i.e. differences ``[qlo - khi, qhi - klo]``):
+
+    * every pair is visible iff the two extreme pairs ``(qlo, khi)`` and ``(qhi, klo)`` are;
+    * some pair is visible iff the pair whose difference is closest to 0 is.
+
+    A tile is SKIP when no pair of either kind is visible (or it holds no valid query or key), DENSE when every pair
+    is and no row or slot of it is empty, else TRIANGLE (masked element by element). ``O(B (Nq + Nk) + B Tr Tc)``.
+    """
+    vis = jit(visible)
+
+    def bounds(pos, start, end, lo_kind, hi_kind, out, t):  # type: ignore[no-untyped-def]
+        """``out[:, t] = (lo, hi, has, empty)`` of the positions ``pos[start:end]`` in ``[lo_kind, hi_kind)``."""
+        lo = hi = 0
+        has = empty = 0
+        for i in range(start, end):
+            p = pos[i]
+            if p < 0:
+                empty = 1
+            elif lo_kind <= p and p < hi_kind:
+                if has == 0 or p < lo:
+                    lo = p
+                if has == 0 or p > hi:
+                    hi = p
+                has = 1
+        out[0, t] = lo
+        out[1, t] = hi
+        out[2, t] = has
+        out[3, t] = empty
+
+    bounds_j = jit(bounds)
+
+    def classify_tiles(q_pos, k_pos_b, Br, Bc, causal, window, num_sinks, types):  # type: ignore[no-untyped-def]
+        B, Tr, Tc = types.shape[0], types.shape[1], types.shape[2]
+        Nq, Nk = q_pos.shape[0], k_pos_b.shape[1]
+        big = 1 << 62
+        qb = np.zeros((4, Tr), np.int64)
+        for tq in range(Tr):
+            bounds_j(q_pos, tq * Br, min(Nq, (tq + 1) * Br), 0, big, qb, tq)
+        kb = np.zeros((2, 4, Tc), np.int64)  # the two kinds of keys: sinks, then the others
+        for b in range(B):
+            kp = k_pos_b[b]
+            for tk in range(Tc):
+                ks, ke = tk * Bc, min(Nk, (tk + 1) * Bc)
+                bounds_j(kp, ks, ke, 0, num_sinks, kb[0], tk)
+                bounds_j(kp, ks, ke, num_sinks, big, kb[1], tk)
+            for tq in range(Tr):
+                qlo, qhi, q_has, q_empty = qb[0, tq], qb[1, tq], qb[2, tq], qb[3, tq]
+                for tk in range(Tc):
+                    every = q_has == 1 and q_empty == 0 and kb[0, 3, tk] == 0
+                    some = False
+                    for kind in range(2):
+                        klo, khi, k_has = kb[kind, 0, tk], kb[kind, 1, tk], kb[kind, 2, tk]
+                        if k_has == 0 or q_has == 0:
+                            continue
+                        # every pair of this kind visible iff both extreme pairs are
+                        if not (vis(qlo, khi, causal, window, num_sinks) and vis(qhi, klo, causal, window, num_sinks)):
+                            every = False
+                        # some pair visible iff the pair whose difference is closest to 0 is
+                        if qlo - khi >= 0:
+                            qs, ks_ = qlo, khi
+                        elif qhi - klo <= 0:
+                            qs, ks_ = qhi, klo
+                        else:
+                            qs = ks_ = max(qlo, klo)  # a pair with difference 0
+                        if vis(qs, ks_, causal, window, num_sinks):
+                            some = True
+                    types[b, tq, tk] = 0 if not some else (1 if every else 2)  # SKIP : DENSE : TRIANGLE
+
+    return jit(classify_tiles)
 
 
 @dataclass(frozen=True)
@@ -180,48 +244,24 @@ class TileSchedule:
                 pad = pad.astype(bool)
             self.k_pos_b = np.where(pad, -1, self.k_pos[None, :])
         self.batch_types = self.classify(self.q_pos, self.k_pos_b)
-        self.types = self.batch_types[0] if key_padding_mask is None else self.classify(self.q_pos, self.k_pos[None])[0]
+        self._types = self.batch_types[0] if key_padding_mask is None else None
+
+    @property
+    def types(self) -> np.ndarray:
+        """``int8 (Tr, Tc)``: the types of the positions, padding aside."""
+        if self._types is None:
+            self._types = self.classify(self.q_pos, self.k_pos[None])[0]
+        return self._types
 
     # -- classification --------------------------------------------------------------------------------------
     def classify(self, q_pos: np.ndarray, k_pos_b: np.ndarray) -> np.ndarray:
         """:class:`TileType` of every tile, ``int8 (B, Tr, Tc)``, for query positions ``q_pos (Nq,)`` and key
-        positions ``k_pos_b (B, Nk)`` (``-1``: empty or padded), with this schedule's tiles and masks.
-
-        Exact for the *boxes* of positions of the tiles, with the one rule of :mod:`.masks` and no other. The rule
-        sees a valid pair only through ``d = qp - kp`` and whether the key is a sink, and for either kind of key
-        its visible ``d`` form an interval that contains 0. So, for the keys of one kind in a tile (a box of
-        positions ``[qlo, qhi] x [klo, khi]``, i.e. differences ``[qlo - khi, qhi - klo]``):
-
-        * every pair is visible iff the two extreme pairs ``(qlo, khi)`` and ``(qhi, klo)`` are;
-        * some pair is visible iff the pair whose difference is closest to 0 is.
-
-        A tile is SKIP when no pair of either kind is visible (or it holds no valid query or key), DENSE when every
-        pair is and no row or slot of it is empty, else TRIANGLE (masked element by element).
-        """
-        B = k_pos_b.shape[0]
-        types = np.full((B, self.Tr, self.Tc), TileType.TRIANGLE, dtype=np.int8)
-        if self.Tr == 0 or self.Tc == 0:
-            return types
-        qlo, qhi, q_has, q_empty = (x[:, :, None] for x in _tile_bounds(q_pos[None, :], self.block_q))  # (1, Tr, 1)
-        k_empty = _tile_bounds(k_pos_b, self.block_k)[3][:, None, :]  # (B, 1, Tc)
-        every = q_has & ~q_empty & ~k_empty
-        some = np.zeros((B, self.Tr, self.Tc), dtype=bool)
-        for sink in (True, False):  # the two kinds of keys, each a box of positions (the other kind set to -1)
-            kind = np.where((k_pos_b < self.num_sinks) == sink, k_pos_b, -1)
-            klo, khi, k_has, _ = (x[:, None, :] for x in _tile_bounds(kind, self.block_k))  # (B, 1, Tc)
-            # every pair visible iff both extreme pairs are (a kind absent from the tile is vacuously all visible)
-            every &= ~k_has | (self._vis(qlo, khi) & self._vis(qhi, klo))
-            # some pair visible iff the pair whose difference is closest to 0 is
-            mid = np.maximum(qlo, klo)  # when qlo - khi < 0 < qhi - klo, a pair with difference 0
-            q_star = np.where(qlo - khi >= 0, qlo, np.where(qhi - klo <= 0, qhi, mid))
-            k_star = np.where(qlo - khi >= 0, khi, np.where(qhi - klo <= 0, klo, mid))
-            some |= q_has & k_has & self._vis(q_star, k_star)
-        types[every] = TileType.DENSE
-        types[~some] = TileType.SKIP
+        positions ``k_pos_b (B, Nk)`` (``-1``: empty or padded), with this schedule's tiles and masks
+        (:func:`build_tile_classifier`, compiled)."""
+        types = np.empty((k_pos_b.shape[0], self.Tr, self.Tc), dtype=np.int8)
+        _classify_tiles(np.ascontiguousarray(q_pos, dtype=np.int64), np.ascontiguousarray(k_pos_b, dtype=np.int64),
+                        self.block_q, self.block_k, self.causal, self.window, self.num_sinks, types)
         return types
-
-    def _vis(self, qp: np.ndarray, kp: np.ndarray) -> np.ndarray:
-        return visible(qp, kp, self.causal, self.window, self.num_sinks)
 
     # -- geometry --------------------------------------------------------------------------------------------
     def q_range(self, tq: int) -> Tuple[int, int]:
@@ -377,3 +417,7 @@ def build_list_classifier(jit: Callable[[Callable], Callable] = lambda f: f) -> 
             types[b, g, tq, tc] = t
 
     return jit(list_tile_types)
+
+
+_classify_tiles = build_tile_classifier(numba.njit(cache=True))
+"""The classification TileSchedule runs (compiled: a decoder builds a schedule for every token)."""

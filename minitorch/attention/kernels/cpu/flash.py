@@ -116,15 +116,17 @@ def _load_rows(src, start, n, dst, scale):  # type: ignore[no-untyped-def]
             dst[r, d] = src[start + r, d] * scale
 
 
-@helper(fastmath=FM_REDUCE)
+@helper()
 def _finite(a, n0, n1):  # type: ignore[no-untyped-def]
-    """Is every value of ``a[:n0, :n1]`` finite? (a sum of ``x - x``, which is 0 unless some ``x`` is NaN or Inf;
-    vectorized). Asked only in TRIANGLE tiles, where a masked pair must not read a non-finite operand."""
-    acc = a.dtype.type(0)
+    """Is every value of ``a[:n0, :n1]`` finite? (NaN fails every comparison; the OR of integers vectorizes, with
+    no float reassociation that could fold a NaN away). Asked only in TRIANGLE tiles, where a masked pair must not
+    read a non-finite operand."""
+    big = np.finfo(a.dtype).max
+    bad = 0
     for i in range(n0):
         for j in range(n1):
-            acc += a[i, j] - a[i, j]
-    return acc == 0
+            bad |= not (abs(a[i, j]) <= big)
+    return bad == 0
 
 
 @helper()
@@ -135,14 +137,15 @@ def _tile_count(cfg, b, g, Nk, Bc):  # type: ignore[no-untyped-def]
 
 
 @helper()
-def _key_rows(cfg, b, g, start, n, jt):  # type: ignore[no-untyped-def]
+def _key_rows(cfg, b, g, start, n, jt, kpt):  # type: ignore[no-untyped-def]
     """The key source: ``jt[c]`` = the key row of entry ``start + c`` of (b, kv head g), for ``c < n``: the row
-    itself (contiguous keys) or ``kidx[b, g, start + c]`` (a key list)."""
+    itself (contiguous keys) or ``kidx[b, g, start + c]`` (a key list); ``kpt[c]`` its position in batch row b."""
     for c in range(n):
         j = start + c
         if cfg.has_list:
             j = cfg.kidx[b % cfg.kidx.shape[0], g % cfg.kidx.shape[1], start + c]
         jt[c] = j
+        kpt[c] = cfg.k_pos_b[b, j]
 
 
 @helper()
@@ -163,11 +166,13 @@ def _gather(src, jt, n, dst, transposed):  # type: ignore[no-untyped-def]
 
 
 @helper()
-def _score_tile(s, vis, nr, nc, qs, b, g, jt, masked, cfg, bias2):  # type: ignore[no-untyped-def]
+def _score_tile(s, vis, nr, nc, qs, b, g, jt, kpt, masked, cfg, bias2):  # type: ignore[no-untyped-def]
     """The score modification of a ``(query, key)`` tile: ``S += bias``; then, in a TRIANGLE tile, ``S = MASKED``
-    where the pair is not visible (the rule of :mod:`...masks`; with DMA also the top-k keep rule), and
-    ``vis[i, c]`` records it. ``bias2`` is the bias's ``(Nqb, Nk)`` slab for this (b, h)."""
+    where the pair is not visible (the rule of :mod:`...masks` on the positions ``q_pos`` and ``kpt``; with DMA
+    also the top-k keep rule), and ``vis[i, c]`` records it. ``bias2`` is the bias's ``(Nqb, Nk)`` slab for this
+    (b, h)."""
     sentinel = _masked_value(s)
+    causal, window, num_sinks = cfg.causal, cfg.window, cfg.num_sinks
     for i in range(nr):
         if cfg.has_bias:
             brow = qs + i if bias2.shape[0] > 1 else 0
@@ -175,14 +180,17 @@ def _score_tile(s, vis, nr, nc, qs, b, g, jt, masked, cfg, bias2):  # type: igno
                 s[i, c] += bias2[brow, jt[c]]
         if masked:
             qp = cfg.q_pos[qs + i]
-            for c in range(nc):
-                j = jt[c]
-                ok = _visible(qp, cfg.k_pos_b[b, j], cfg.causal, cfg.window, cfg.num_sinks)
-                if cfg.has_topk:
-                    ok = ok & _kept(bias2[0, j], j, cfg.thr_val[b, g, qs + i], cfg.thr_idx[b, g, qs + i])
-                vis[i, c] = ok
-                if not ok:
-                    s[i, c] = sentinel
+            if cfg.has_topk:
+                tv, ti = cfg.thr_val[b, g, qs + i], cfg.thr_idx[b, g, qs + i]
+                for c in range(nc):
+                    ok = _visible(qp, kpt[c], causal, window, num_sinks) & _kept(bias2[0, jt[c]], jt[c], tv, ti)
+                    vis[i, c] = ok
+                    s[i, c] = s[i, c] if ok else sentinel
+            else:
+                for c in range(nc):
+                    ok = _visible(qp, kpt[c], causal, window, num_sinks)
+                    vis[i, c] = ok
+                    s[i, c] = s[i, c] if ok else sentinel
 
 
 @helper()
@@ -201,7 +209,7 @@ def _dropout_row(p, i, nc, b, h, qi, jt, cfg):  # type: ignore[no-untyped-def]
 
 
 @helper(fastmath=FM_REDUCE)
-def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, masked, cfg, bias2):  # type: ignore[no-untyped-def]
+def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, kpt, masked, cfg, bias2):  # type: ignore[no-untyped-def]
     """One step of the online softmax: fold key tile ``j`` into query tile ``i`` (FA2 Algorithm 1, lines 8-10).
 
     ``qt (R4, D)``: ``scale * Q_i``; ``kT (D, Bcp)``: ``K_j^T``; ``vj (Bc, Dp)``: ``V_j``; ``s, vis (R4, Bcp)`` and
@@ -213,7 +221,7 @@ def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, 
     # S_ij = Q_i K_j^T (scale already folded into Q_i) + bias, masked
     matmul(qt, kT, s, nr, nc, D, False)
     if masked or cfg.has_bias:
-        _score_tile(s, vis, nr, nc, qs, b, g, jt, masked, cfg, bias2)
+        _score_tile(s, vis, nr, nc, qs, b, g, jt, kpt, masked, cfg, bias2)
     # m_i^new = max(m_i, rowmax(S_ij)); a row that has seen no visible key yet keeps the sentinel, and shifting
     # by +max then makes its P_ij exactly 0 (l_i stays 0, alpha = 1)
     rows_max(s, nr, nc, m, m_new)
@@ -275,6 +283,7 @@ def _fwd_q_major(worker, n_workers, q, k, v, out, lse, Br, Bc, n_splits, tile_ty
     kT = np.zeros((D, Bcp), T)
     vj = np.zeros((Bc, Dp), T)
     jt = np.zeros(Bcp, np.int64)
+    kpt = np.zeros(Bcp, np.int64)
     s = np.zeros((R4, Bcp), T)
     vis = np.zeros((R4, Bcp), np.uint8)
     stats = np.zeros((3, R4), T)
@@ -300,11 +309,11 @@ def _fwd_q_major(worker, n_workers, q, k, v, out, lse, Br, Bc, n_splits, tile_ty
             ks = tk * Bc
             nc = min(Bc, n_keys - ks)
             # line 6: load K_j (transposed: S_ij = Q_i K_j^T reads it by rows), V_j, through the key source
-            _key_rows(cfg, b, g, ks, nc, jt)
+            _key_rows(cfg, b, g, ks, nc, jt, kpt)
             _gather(k[b, g], jt, nc, kT, True)
             _gather(v[b, g], jt, nc, vj, False)
             # lines 8-10: S_ij, online softmax, O_i update
-            _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, tile == TRIANGLE, cfg, bias2)
+            _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, kpt, tile == TRIANGLE, cfg, bias2)
         # lines 12-13: O_i = diag(l_i)^-1 O_i, lse_i = m_i + log(l_i)
         _write_rows(acc, m, l, nr, D, out[b, h, sp], lse[b, h, sp], qs)
 
@@ -329,6 +338,7 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
     kT = np.zeros((D, Bcp), T)
     vj = np.zeros((Bc, Dp), T)
     jt = np.zeros(Bcp, np.int64)
+    kpt = np.zeros(Bcp, np.int64)
     s = np.zeros((R4, Bcp), T)
     vis = np.zeros((R4, Bcp), np.uint8)
     stats = np.zeros((3, R4), T)
@@ -345,7 +355,7 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
         for tk in range(Tc):
             ks = tk * Bc
             nc = min(Bc, n_keys - ks)
-            _key_rows(cfg, b, g, ks, nc, jt)
+            _key_rows(cfg, b, g, ks, nc, jt, kpt)
             _gather(k[b, g], jt, nc, kT, True)
             _gather(v[b, g], jt, nc, vj, False)
             # line 7: inner loop over query tiles i
@@ -363,7 +373,7 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
                     for d in range(D):
                         acc[i, d] = out[b, h, qs + i, d] * l[i]
                 # lines 9-11: S_ij, m_ij, P_ij, l_ij and diag(l_i) e^{m_i - m_new} O_i + e^{m_ij - m_new} P_ij V_j
-                _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, tile == TRIANGLE, cfg,
+                _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, kpt, tile == TRIANGLE, cfg,
                           bias2)
                 # lines 12-13: write O_i = diag(l_i^new)^-1 (...), l_i, m_i back
                 _write_rows(acc, m, l, nr, D, out[b, h], lse[b, h], qs)
@@ -406,7 +416,7 @@ def _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, d
 
 
 @helper(fastmath=FM_REDUCE)
-def _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, qs, b, h, g, jt, masked, cfg, bias2):  # type: ignore[no-untyped-def]
+def _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, qs, b, h, g, jt, kpt, masked, cfg, bias2):  # type: ignore[no-untyped-def]
     """Recompute one tile of the backward pass (FA2 Algorithm 2, lines 11-14), for both kernels:
 
     ``s <- P_ij = exp(Q_i K_j^T + bias - lse_i)`` (masked) and ``dp <- dS_ij = P_ij * (dP_ij - delta_i)`` with
@@ -417,7 +427,7 @@ def _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, q
     # S_ij = Q_i K_j^T (+ bias, masked);  P_ij = exp(S_ij - lse_i)
     matmul(qt, kT, s, nr, nc, D, False)
     if masked or cfg.has_bias:
-        _score_tile(s, vis, nr, nc, qs, b, g, jt, masked, cfg, bias2)
+        _score_tile(s, vis, nr, nc, qs, b, g, jt, kpt, masked, cfg, bias2)
     exp_rows(s, nr, nc, lse_t, scratch)  # (the row sums land in scratch, unused)
     # dP_ij = dO_i V_j^T (times Z);  dS_ij = P_ij * (dP_ij - delta_i)
     matmul(doi, vT, dp, nr, nc, D, False)
@@ -452,6 +462,7 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
     vT = np.zeros((D, Bcp), T)
     kj = np.zeros((Bc, Dp), T)
     jt = np.zeros(Bcp, np.int64)
+    kpt = np.zeros(Bcp, np.int64)
     s = np.zeros((R4, Bcp), T)
     dp = np.zeros((R4, Bcp), T)
     vis = np.zeros((R4, Bcp), np.uint8)
@@ -475,12 +486,12 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
             ks = tk * Bc
             nc = min(Bc, n_keys - ks)
             # load K_j (transposed for S = Q K^T, by rows for dS K) and V_j (transposed for dP = dO V^T)
-            _key_rows(cfg, b, g, ks, nc, jt)
+            _key_rows(cfg, b, g, ks, nc, jt, kpt)
             _gather(k[b, g], jt, nc, kT, True)
             _gather(k[b, g], jt, nc, kj, False)
             _gather(v[b, g], jt, nc, vT, True)
             # s = P_ij, dp = dS_ij
-            _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, qs, b, h, g, jt,
+            _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, qs, b, h, g, jt, kpt,
                       tile == TRIANGLE, cfg, bias2)
             # rs_i += rowsum(dS_ij);  dQ_i += dS_ij K_j   (times scale, below)
             for i in range(nr):
@@ -522,6 +533,7 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, B
     kT = np.zeros((D, Bcp), T)
     vT = np.zeros((D, Bcp), T)
     jt = np.zeros(Bcp, np.int64)
+    kpt = np.zeros(Bcp, np.int64)
     s = np.zeros((R4, Bcp), T)
     dp = np.zeros((R4, Bcp), T)
     vis = np.zeros((R4, Bcp), np.uint8)
@@ -539,7 +551,7 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, B
                 ks = tk * Bc
                 nc = min(Bc, n_keys - ks)
                 # load K_j, V_j (transposed, for the products with Q_i and dO_i); dK_j = dV_j = 0
-                _key_rows(cfg, b, g, ks, nc, jt)
+                _key_rows(cfg, b, g, ks, nc, jt, kpt)
                 _gather(k[b, g], jt, nc, kT, True)
                 _gather(v[b, g], jt, nc, vT, True)
                 dk_acc[:] = 0
@@ -558,7 +570,7 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, B
                         _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, delta_t)
                         # s = P_ij, dp = dS_ij
                         _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, qs, b, h, g, jt,
-                                  masked, cfg, bias2)
+                                  kpt, masked, cfg, bias2)
                         # dBias += dS_ij, summed over the dims the bias was broadcast along, in this fixed order
                         if cfg.has_bias:
                             for i in range(nr):
