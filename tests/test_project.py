@@ -116,3 +116,51 @@ def test_embedding_function_gradient() -> None:
     np.testing.assert_array_equal(out.to_numpy(), np.arange(12.0).reshape(4, 3)[idx])
     (out * 2.0).sum().backward()
     np.testing.assert_array_equal(w.grad.to_numpy(), 2.0 * np.array([[1] * 3, [2] * 3, [0] * 3, [1] * 3]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# project/progress.py
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _tty(monkeypatch: pytest.MonkeyPatch, columns: int) -> Any:
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    return Tty()
+
+
+def test_progress_eta_leaves_out_the_first_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    bar = progress.Progress(100, desc="train", stream=_tty(monkeypatch, 200), eta_after=3)
+    for step, seconds in enumerate([30.0, 1.0, 1.0, 1.0, 1.0], start=1):  # step 1 compiles: 30 s
+        clock[0] += seconds
+        bar.update()
+        assert ("ETA" in bar.line()) == (step > 3), (step, bar.line())
+    assert bar.eta() == pytest.approx(1.0 * 95)  # 1 s per step after the first 3, not 34 s / 5 per step
+    assert "ETA 1m35s" in bar.line()
+
+
+def test_progress_bar_fits_the_terminal_and_messages_go_above_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import progress
+
+    stream = _tty(monkeypatch, 60)
+    bar = progress.Progress(40, desc="train", stream=stream)
+    for i in range(5):
+        bar.update(loss=3.0 - i * 0.1, val=4.2706, **{"tok/s": 31000})
+        if i == 2:
+            bar.write("[checkpoint] step 3 (periodic) -> /some/long/path/to/checkpoints/run_transformer_quick.npz")
+    bar.close()
+    out = stream.getvalue()
+    redraws = [seg.split("\n")[-1] for seg in out.split("\r")]
+    assert all(len(r.replace("\x1b[K", "")) < 60 for r in redraws), redraws  # never wraps: \r redraws in place
+    assert "\r\x1b[K[checkpoint] step 3 (periodic) -> /some/long/path/to/checkpoints/run_transformer_quick.npz\n" \
+           "train [" in out  # the message on its own line, the bar redrawn below it
+    assert out.endswith("\n")
