@@ -6,6 +6,7 @@ Nothing here imports minitorch, so the helpers also serve scripts that pin threa
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -18,7 +19,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")  # committed results: written only with --update-results
+LOCAL_RESULTS_DIR = os.path.join(RESULTS_DIR, "local")  # every other run's (ignored by git)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,6 +208,25 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+def add_output_options(parser: argparse.ArgumentParser, name: str, flag: str = "--out") -> None:
+    """``--out PATH`` and ``--update-results`` for a benchmark writing ``name``: a run writes to
+    ``benchmarks/results/local/`` (ignored by git) unless asked to replace the committed ``benchmarks/results/``
+    (see `output_path`)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(flag, default=None, metavar="PATH",
+                       help=f"where to write (default: benchmarks/results/local/{name}, ignored by git)")
+    group.add_argument("--update-results", action="store_true",
+                       help=f"replace the committed benchmarks/results/{name} instead")
+
+
+def output_path(out: Optional[str], update_results: bool, name: str) -> str:
+    """Where a benchmark writes ``name``: ``out`` if given, else under the committed results folder when
+    ``update_results``, else under the local one."""
+    if out:
+        return out
+    return os.path.join(RESULTS_DIR if update_results else LOCAL_RESULTS_DIR, name)
 
 
 def write_json(path: str, obj: Any) -> str:
