@@ -1,7 +1,7 @@
 """minitorch: an educational autodiff framework with fused flash attention in Numba (CPU and CUDA).
 
 The course modules (operators, scalars, tensors, backends, nn) keep the MiniTorch names; attention lives in
-:mod:`minitorch.attention` and :mod:`minitorch.cuda_kernels`. See DESIGN.md for the public API.
+:mod:`minitorch.attention` and :mod:`minitorch.cuda_kernels`. The public API: ``docs/api.md``.
 """
 
 from . import operators  # noqa: F401
