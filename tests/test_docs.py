@@ -6,6 +6,7 @@
   GPU: it is compiled (syntax) everywhere and run only under ``MINITORCH_REAL_CUDA=1`` with a GPU. Snippets that
   are not programs (signatures, output) are fenced ```text.
 * Nothing sends a reader to a file outside the repository.
+* ``MINITORCH_REAL_CUDA=1 python -m pytest`` without a GPU stops with one line saying why.
 """
 
 from __future__ import annotations
@@ -94,6 +95,25 @@ def test_block_finder(tmp_path) -> None:
     got = python_blocks(str(md))
     assert got == [(2, [], "a = 1\n"), (8, ["gpu"], "```text\n"), (11, [], "b = 2\n")]
     assert len(python_blocks("README.md")) >= 2 and len(python_blocks("ASSIGNMENTS.md")) >= 2
+
+
+def test_real_cuda_without_a_gpu_stops_with_one_clear_line() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env.update(MINITORCH_REAL_CUDA="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_operators.py"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    out = (res.stdout + res.stderr).strip()
+    assert res.returncode == pytest.ExitCode.USAGE_ERROR, out
+    assert len(out.splitlines()) == 1, out
+    assert out.startswith("Exit: MINITORCH_REAL_CUDA=1, but numba finds no usable CUDA GPU") and "unset it" in out
+    assert "CudaSupportError" not in out and "passed" not in out
+
+
+def test_real_cuda_and_the_simulator_contradict(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import real_cuda_problem
+
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+    assert "NUMBA_ENABLE_CUDASIM=1 asks for the simulator" in real_cuda_problem()
 
 
 # The attention internals are being rewritten elsewhere; their docstrings still cite the design note that lives
