@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import add_output_options, output_path  # noqa: E402
+from benchmarks.common import parse_with_output  # noqa: E402
 from minitorch.attention import cpu  # noqa: E402
 from minitorch.attention.spec import make_spec  # noqa: E402
 
@@ -389,10 +389,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-max-n", type=int, default=8192, help="skip the O(N^2)-memory baseline above this")
     parser.add_argument("--memory-n", type=int, default=16384, help="0 to skip the memory measurement")
-    add_output_options(parser, "bench_attention.json")
-    args = parser.parse_args(argv)
-    args.out = output_path(args.out, args.update_results, "bench_attention.json")
-    return args
+    return parse_with_output(parser, "bench_attention.json", argv)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import add_output_options, output_path  # noqa: E402
+from benchmarks.common import parse_with_output  # noqa: E402
 from minitorch.attention.kv_cache import RingBufferKVCache  # noqa: E402
 from minitorch.attention.spec import make_spec  # noqa: E402
 
@@ -164,10 +164,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--head-tile", type=int, default=4)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--backends", default="fast,cuda", help="comma-separated: fast, simple, cuda (skipped w/o GPU)")
-    add_output_options(p, "bench_decode.json")
-    args = p.parse_args(argv)
-    args.out = output_path(args.out, args.update_results, "bench_decode.json")
-    return args
+    return parse_with_output(p, "bench_decode.json", argv)
 
 
 def main() -> None:

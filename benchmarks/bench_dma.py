@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.common import add_output_options, output_path  # noqa: E402
+from benchmarks.common import parse_with_output  # noqa: E402
 from minitorch.attention import cpu, dma_cpu  # noqa: E402
 from minitorch.attention.dma import make_dma_spec  # noqa: E402
 from minitorch.attention.spec import make_spec  # noqa: E402
@@ -152,10 +152,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="best of this many (N >= 16384: at most 2)")
     ap.add_argument("--index-order", action="store_true", help="also DMA over key-order tiles (N <= 4096, forward)")
-    add_output_options(ap, "bench_dma.json")
-    args = ap.parse_args(argv)
-    args.out = output_path(args.out, args.update_results, "bench_dma.json")
-    return args
+    return parse_with_output(ap, "bench_dma.json", argv)
 
 
 def main() -> None:

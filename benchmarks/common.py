@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")  # committed results: written only with --update-results
@@ -210,23 +210,19 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def add_output_options(parser: argparse.ArgumentParser, name: str, flag: str = "--out") -> None:
-    """``--out PATH`` and ``--update-results`` for a benchmark writing ``name``: a run writes to
-    ``benchmarks/results/local/`` (ignored by git) unless asked to replace the committed ``benchmarks/results/``
-    (see `output_path`)."""
+def parse_with_output(parser: argparse.ArgumentParser, name: str, argv: Optional[Sequence[str]] = None
+                      ) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with ``--out PATH`` and ``--update-results`` added, ``args.out`` resolved: a run
+    writes ``benchmarks/results/local/<name>`` (ignored by git) unless asked to replace the committed
+    ``benchmarks/results/<name>``."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument(flag, default=None, metavar="PATH",
+    group.add_argument("--out", default=None, metavar="PATH",
                        help=f"where to write (default: benchmarks/results/local/{name}, ignored by git)")
     group.add_argument("--update-results", action="store_true",
                        help=f"replace the committed benchmarks/results/{name} instead")
-
-
-def output_path(out: Optional[str], update_results: bool, name: str) -> str:
-    """Where a benchmark writes ``name``: ``out`` if given, else under the committed results folder when
-    ``update_results``, else under the local one."""
-    if out:
-        return out
-    return os.path.join(RESULTS_DIR if update_results else LOCAL_RESULTS_DIR, name)
+    args = parser.parse_args(argv)
+    args.out = args.out or os.path.join(RESULTS_DIR if args.update_results else LOCAL_RESULTS_DIR, name)
+    return args
 
 
 def write_json(path: str, obj: Any) -> str:
