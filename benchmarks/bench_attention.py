@@ -17,7 +17,9 @@ Memory: in a fresh subprocess, the peak resident memory of one forward+backward 
 resident set before the call and the outputs and gradients it returns (``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``; ``ru_maxrss`` when that is not possible). Flash attention should need only its tiles.
 
-Results go to ``benchmarks/results/bench_attention.json`` with the machine (CPU model, cores, threads).
+Results go to ``benchmarks/results/local/bench_attention.json`` (ignored by git; ``--update-results`` replaces the
+committed ``benchmarks/results/bench_attention.json``) with the machine (CPU model, cores, threads). A column with
+no numbers says why under the tables (torch is not installed: ``pip install -e '.[bench]'``).
 The timing core (:func:`time_callable`, :func:`time_interleaved`, :func:`run_suite`) takes plain callables, so the
 same tables can time the tensor-level API. Competitors are timed in interleaved rounds (best of the rounds) so
 that load from other processes hits them alike; the CPU-time table shows the work each run costs.
@@ -34,7 +36,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 THREADS_DEFAULT = 2
 
@@ -59,6 +61,7 @@ import numpy as np  # noqa: E402
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
+from benchmarks.common import parse_with_output  # noqa: E402
 from minitorch.attention.kernels.cpu import flash as cpu  # noqa: E402
 from minitorch.attention.spec import make_spec  # noqa: E402
 
@@ -148,6 +151,11 @@ def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -
     return s @ v
 
 
+IMPLS = ["flash fwd", "flash causal fwd", "flash fwd+bwd", "numpy naive fwd", "torch sdpa fwd", "torch sdpa causal fwd",
+         "torch sdpa fwd+bwd"]
+TORCH_IMPLS = [name for name in IMPLS if name.startswith("torch")]
+
+
 def make_impls(B: int, H: int, D: int, naive_max_n: int) -> Dict[str, Callable[[int], Optional[Callable[[], Any]]]]:
     rng = np.random.default_rng(0)
     data: Dict[int, Any] = {}
@@ -186,7 +194,7 @@ def make_impls(B: int, H: int, D: int, naive_max_n: int) -> Dict[str, Callable[[
         "flash fwd+bwd": flash_fwd_bwd,
         "numpy naive fwd": naive,
     }
-    torch = _try_torch()
+    torch, _ = try_torch()
     if torch is not None:
         F = torch.nn.functional
 
@@ -215,13 +223,28 @@ def make_impls(B: int, H: int, D: int, naive_max_n: int) -> Dict[str, Callable[[
     return impls
 
 
-def _try_torch() -> Any:
+def try_torch() -> Tuple[Any, Optional[str]]:
+    """``(torch, None)``, or ``(None, why not)``: torch is an optional peer (the ``bench`` extra), never a
+    dependency of minitorch."""
     try:
-        import torch  # optional peer, never a minitorch dependency
-    except Exception:
-        return None
+        import torch
+    except ImportError:
+        return None, "torch is not installed (it is optional: pip install -e '.[bench]')"
+    except Exception as err:  # an install that fails to load (missing shared library, ...)
+        return None, f"import torch failed: {type(err).__name__}: {err}"
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", THREADS_DEFAULT)))
-    return torch
+    return torch, None
+
+
+def not_measured(sizes: List[int], naive_max_n: int) -> Dict[str, str]:
+    """Why a column of the tables is empty, or has empty cells: ``{implementation: reason}``."""
+    notes = {}
+    _, why = try_torch()
+    if why:
+        notes.update({name: why for name in TORCH_IMPLS})
+    if any(n > naive_max_n for n in sizes):
+        notes["numpy naive fwd"] = f"not run above N = {naive_max_n} (--naive-max-n: it stores the N x N scores)"
+    return notes
 
 
 def make_flops(B: int, H: int, D: int) -> Dict[str, Callable[[int], float]]:
@@ -322,17 +345,17 @@ def machine_info(threads: int) -> Dict[str, Any]:
         "platform": platform.platform(),
         "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
-    torch = _try_torch()
-    if torch is not None:
-        info["torch"] = torch.__version__
+    torch, why = try_torch()
+    info["torch"] = torch.__version__ if torch is not None else why
     return info
 
 
-def print_table(results: Dict[int, Dict[str, Dict[str, float]]]) -> None:
+def print_table(results: Dict[int, Dict[str, Dict[str, float]]], notes: Dict[str, str]) -> None:
+    """The time, CPU-time and speedup tables; ``-`` marks a cell not measured, and ``notes`` (see `not_measured`)
+    say why under the tables."""
     pairs = [("flash fwd", "numpy naive fwd"), ("flash fwd", "torch sdpa fwd"),
              ("flash causal fwd", "torch sdpa causal fwd"), ("flash fwd+bwd", "torch sdpa fwd+bwd")]
-    names = [n for n in ["flash fwd", "flash causal fwd", "flash fwd+bwd", "numpy naive fwd", "torch sdpa fwd",
-                         "torch sdpa causal fwd", "torch sdpa fwd+bwd"] if any(n in r for r in results.values())]
+    names = IMPLS
     print("\ntime in ms (GFLOP/s)")
     print(f"{'N':>6} " + " ".join(f"{n:>22}" for n in names))
     for n, row in results.items():
@@ -349,9 +372,14 @@ def print_table(results: Dict[int, Dict[str, Dict[str, float]]]) -> None:
     for n, row in results.items():
         cells = [f"{row[b]['best_s'] / row[a]['best_s']:.2f}x" if a in row and b in row else "-" for a, b in pairs]
         print(f"{n:>6} " + " ".join(f"{c:>44}" for c in cells))
+    reasons: Dict[str, List[str]] = {}
+    for name, why in notes.items():
+        reasons.setdefault(why, []).append(name)
+    for why, names_ in reasons.items():
+        print(f"- {', '.join(names_)}: {why}")
 
 
-def main() -> None:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-n", type=int, default=8192)
     parser.add_argument("--min-n", type=int, default=512)
@@ -361,8 +389,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-max-n", type=int, default=8192, help="skip the O(N^2)-memory baseline above this")
     parser.add_argument("--memory-n", type=int, default=16384, help="0 to skip the memory measurement")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_attention.json"))
-    args = parser.parse_args()
+    return parse_with_output(parser, "bench_attention.json", argv)
+
+
+def main() -> None:
+    args = parse_args()
     _pin_threads(args.threads)
     import numba
 
@@ -373,7 +404,8 @@ def main() -> None:
     info = machine_info(args.threads)
     print(f"{info['cpu_model']}, {info['cores']} cores, {args.threads} threads; B={B} H={H} D={D} float32")
     results = run_suite(sizes, make_impls(B, H, D, args.naive_max_n), make_flops(B, H, D), repeats=args.repeats)
-    print_table(results)
+    notes = not_measured(sizes, args.naive_max_n)
+    print_table(results, notes)
     memory = None
     if args.memory_n:
         memory = measure_memory(args.memory_n, H, D)
@@ -391,9 +423,10 @@ def main() -> None:
         "config": {"B": B, "H": H, "D": D, "dtype": "float32", "sizes": sizes,
                    "flops": "forward 4*B*H*N^2*D, causal half, backward 2.5x forward"},
         "results": {str(n): row for n, row in results.items()},
+        "not_measured": notes,
         "memory": memory,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nwrote {args.out}")

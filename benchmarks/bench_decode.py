@@ -10,7 +10,8 @@
   attend with one query (to show what reading the slots in place saves).
 
 Memory: the process's resident set (``VmRSS``) after decoding 1x and ``--memory-factor`` x capacity tokens one at
-a time; the cache's storage is fixed, so it must stay flat. Results go to ``benchmarks/results/bench_decode.json``.
+a time; the cache's storage is fixed, so it must stay flat. Results go to ``benchmarks/results/local/bench_decode.json``
+(ignored by git); ``--update-results`` replaces the committed ``benchmarks/results/bench_decode.json``.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.common import parse_with_output  # noqa: E402
 from minitorch.attention.kv_cache import RingBufferKVCache, take_seq  # noqa: E402
 from minitorch.attention.spec import make_spec  # noqa: E402
 
@@ -144,7 +146,7 @@ def bench(kind: str, capacity: int, B: int, H: int, Hkv: int, D: int, steps: int
     }
 
 
-def main() -> None:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--capacity", type=int, default=4096)
     p.add_argument("--batch", type=int, default=1)
@@ -158,9 +160,11 @@ def main() -> None:
     p.add_argument("--head-tile", type=int, default=4)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--backends", default="fast,cuda", help="comma-separated: fast, simple, cuda (skipped w/o GPU)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                 "bench_decode.json"))
-    args = p.parse_args()
+    return parse_with_output(p, "bench_decode.json", argv)
+
+
+def main() -> None:
+    args = parse_args()
     results = []
     for kind in args.backends.split(","):
         if kind == "cuda":
@@ -182,7 +186,7 @@ def main() -> None:
         print(f"  cache storage {r['cache_storage_mib']:.1f} MiB; RSS after 1x capacity {r['rss_mib']['1x']:.1f} MiB, "
               f"after {args.memory_factor}x {r['rss_mib'][f'{args.memory_factor}x']:.1f} MiB "
               f"(growth {r['rss_growth_mib']:+.1f} MiB over {r['memory_run_tokens']} tokens)")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": platform.platform(), "cpus": os.cpu_count(), "results": results}, f, indent=2)
     print(f"wrote {args.out}")

@@ -14,11 +14,12 @@ For every sequence length N (Nq = Nk = N) and keep ratio r (``keep_window_size =
 
 Times are the best of ``--repeats`` runs (the kernels are compiled and cached before timing): wall time, and the
 process CPU time of all threads, which stays meaningful on a shared, loaded machine (waiting for a core is not
-counted). ``x`` is dense time / DMA time. Memory: ``tracemalloc`` peak of the NumPy allocations of one forward+backward (a separate,
-untimed run; kernel-local tile buffers are not NumPy allocations), next to the size one dense float32 score
-matrix ``(B, H, N, N)`` would have. ``--index-order`` adds DMA with ``compact=False`` (block-sparse tiles of the
-key sequence itself, the textbook scheme) at N <= 4096: a random top-k touches nearly every key tile, so it cannot
-skip. Results: ``benchmarks/results/bench_dma.json``.
+counted). ``x`` is dense time / DMA time. Memory: ``tracemalloc`` peak of the NumPy allocations of one
+forward+backward (a separate, untimed run; kernel-local tile buffers are not NumPy allocations), next to the size
+one dense float32 score matrix ``(B, H, N, N)`` would have. ``--index-order`` adds DMA with ``compact=False``
+(block-sparse tiles of the key sequence itself, the textbook scheme) at N <= 4096: a random top-k touches nearly
+every key tile, so it cannot skip. Results: ``benchmarks/results/local/bench_dma.json`` (ignored by git;
+``--update-results`` replaces the committed ``benchmarks/results/bench_dma.json``).
 
 Targets from the design note (speedup of DMA over dense flash attention): 3.3-4x at (N=1024, r=0.2), 5-6.7x at
 (4096, 0.1), 6.7-10x at (16384, 0.05). The ideal is ``1/r`` without causal and ``1/(2r)`` with causal (dense causal
@@ -34,12 +35,13 @@ import platform
 import sys
 import time
 import tracemalloc
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.common import parse_with_output  # noqa: E402
 from minitorch import FastTensorBackend  # noqa: E402
 from minitorch.attention.functions import dma_config  # noqa: E402
 from minitorch.attention.spec import make_dma_spec  # noqa: E402
@@ -123,7 +125,28 @@ def dma_fns(p: Dict[str, np.ndarray], causal: bool, keep: int, compact: bool = T
     return {"fwd": fwd, "fwd_bwd": fwd_bwd, "stats": stats}
 
 
-def main() -> None:
+def table_header() -> str:
+    return (f"{'N':>6} {'causal':>6} {'ratio':>6} {'keep':>5} | {'dense fwd':>9} {'DMA fwd':>8} {'x':>5} "
+            f"{'x cpu':>5} | {'dense f+b':>9} {'DMA f+b':>8} {'x':>5} {'x cpu':>5} | {'target':>8} | {'select':>7} "
+            f"{'keys':>5} | {'MiB dense':>9} {'MiB DMA':>7} {'MiB S':>6}")
+
+
+def table_row(r: Dict[str, Any]) -> str:
+    """One line of the table for a result row (times in ms, speedups as ``x``)."""
+    ms = lambda s, w: f"{s * 1e3:>{w - 3}.0f} ms"  # noqa: E731
+    tgt = f"{r['target'][0]:.1f}-{r['target'][1]:.1f}x" if r.get("target") else ""
+    line = (f"{r['N']:>6} {str(r['causal']):>6} {r['ratio']:>6.3f} {r['keep']:>5} | {ms(r['dense_fwd_s'], 9)} "
+            f"{ms(r['dma_fwd_s'], 8)} {r['speedup_fwd']:>4.1f}x {r['speedup_fwd_cpu']:>4.1f}x | "
+            f"{ms(r['dense_fwd_bwd_s'], 9)} {ms(r['dma_fwd_bwd_s'], 8)} {r['speedup_fwd_bwd']:>4.1f}x "
+            f"{r['speedup_fwd_bwd_cpu']:>4.1f}x | {tgt:>8} | {r['select_s'] * 1e3:>4.1f} ms {r['listed_keys']:>5} | "
+            f"{r['peak_numpy_bytes_dense'] / 2**20:>9.1f} {r['peak_numpy_bytes_dma'] / 2**20:>7.1f} "
+            f"{r['score_matrix_bytes'] / 2**20:>6.0f}")
+    if "dma_index_order_fwd_s" in r:
+        line += f" | index-order fwd {r['dma_index_order_fwd_s'] * 1e3:.0f} ms"
+    return line
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.1, 0.05, 0.025])
@@ -133,8 +156,11 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="best of this many (N >= 16384: at most 2)")
     ap.add_argument("--index-order", action="store_true", help="also DMA over key-order tiles (N <= 4096, forward)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_dma.json"))
-    args = ap.parse_args()
+    return parse_with_output(ap, "bench_dma.json", argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     import numba
 
@@ -149,9 +175,7 @@ def main() -> None:
         dma_fns(warm, c, 32)["fwd_bwd"]()
 
     results: List[Dict[str, Any]] = []
-    header = (f"{'N':>6} {'causal':>6} {'ratio':>6} {'keep':>5} | {'dense fwd':>9} {'DMA fwd':>8} {'x':>5} {'x cpu':>5} | "
-              f"{'dense f+b':>9} {'DMA f+b':>8} {'x':>5} {'x cpu':>5} | {'target':>8} | {'select':>6} {'keys':>5} | "
-              f"{'MiB dense':>9} {'MiB DMA':>7} {'MiB S':>6}")
+    header = table_header()
     print(header)
     print("-" * len(header))
     for N in args.sizes:
@@ -184,21 +208,15 @@ def main() -> None:
                 if args.index_order and N <= 4096:
                     row["dma_index_order_fwd_s"] = best_time(dma_fns(p, causal, keep, compact=False)["fwd"], reps)[0]
                 results.append(row)
-                tgt = TARGETS.get((N, ratio))
-                tgt_s = f"{tgt[0]:.1f}-{tgt[1]:.1f}x" if tgt else ""
-                print(f"{N:>6} {str(causal):>6} {ratio:>6.3f} {keep:>5} | {d_f[0] * 1e3:>8.0f}m {m_f[0] * 1e3:>7.0f}m "
-                      f"{d_f[0] / m_f[0]:>4.1f}x {d_f[1] / m_f[1]:>4.1f}x | {d_fb[0] * 1e3:>8.0f}m {m_fb[0] * 1e3:>7.0f}m "
-                      f"{d_fb[0] / m_fb[0]:>4.1f}x {d_fb[1] / m_fb[1]:>4.1f}x | {tgt_s:>8} | {st['select_s'] * 1e3:>5.1f}m "
-                      f"{st['listed_keys']:>5} | {mem_dense / 2**20:>9.1f} {mem / 2**20:>7.1f} {score_bytes / 2**20:>6.0f}"
-                      + (f" | index-order fwd {row['dma_index_order_fwd_s'] * 1e3:.0f}m" if "dma_index_order_fwd_s" in row else ""),
-                      flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+                print(table_row(row), flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": platform.platform(), "cpus": os.cpu_count(), "numba_threads": numba.get_num_threads(),
                    "loadavg_end": os.getloadavg(), "dtype": "float32", "selection_included": True,
                    "results": results}, f, indent=2)
-    print(f"wrote {args.out}  (m = milliseconds; 'keys' = length of the compacted key list per kv head; "
-          "MiB = tracemalloc peak of NumPy allocations of one forward+backward; 'MiB S' = one dense score matrix)")
+    print(f"wrote {args.out}  ('x' = dense time / DMA time, wall and process CPU; 'keys' = length of the compacted "
+          "key list per kv head; MiB = tracemalloc peak of NumPy allocations of one forward+backward; 'MiB S' = one "
+          "dense score matrix)")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Nothing here imports minitorch, so the helpers also serve scripts that pin threa
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -15,10 +16,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")  # committed results: written only with --update-results
+LOCAL_RESULTS_DIR = os.path.join(RESULTS_DIR, "local")  # every other run's (ignored by git)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,6 +208,21 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+def parse_with_output(parser: argparse.ArgumentParser, name: str, argv: Optional[Sequence[str]] = None
+                      ) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with ``--out PATH`` and ``--update-results`` added, ``args.out`` resolved: a run
+    writes ``benchmarks/results/local/<name>`` (ignored by git) unless asked to replace the committed
+    ``benchmarks/results/<name>``."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--out", default=None, metavar="PATH",
+                       help=f"where to write (default: benchmarks/results/local/{name}, ignored by git)")
+    group.add_argument("--update-results", action="store_true",
+                       help=f"replace the committed benchmarks/results/{name} instead")
+    args = parser.parse_args(argv)
+    args.out = args.out or os.path.join(RESULTS_DIR if args.update_results else LOCAL_RESULTS_DIR, name)
+    return args
 
 
 def write_json(path: str, obj: Any) -> str:

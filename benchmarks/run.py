@@ -3,6 +3,7 @@
     python -m benchmarks                      # full sizes (about 10 minutes on a 2-core CPU)
     python -m benchmarks --quick              # small sizes (a few minutes)
     python -m benchmarks --only attention,dma # a subset (attention, memory, decode, dma; ops is opt-in)
+    python -m benchmarks --update-results     # replace the committed results (the others go to results/local/)
 
 Each benchmark is a script of ``benchmarks/`` run in a subprocess (its output streams through, prefixed), writing
 its own JSON; a missing or failing script is reported and skipped. This driver then adds what makes the numbers
@@ -19,10 +20,11 @@ comparable across benchmarks and machines:
 * **sparsity efficiency** of dynamic mask attention: speedup over dense flash attention divided by the ideal
   speedup ``1/r`` (``1/(2r)`` causal) at keep ratio ``r``.
 
-Results: ``benchmarks/results/suite/`` (``--quick``: ``benchmarks/results/quick/``): each script's JSON,
-``summary.json`` (machine: CPU model, cores, GPU name; all derived tables) and PNG plots (speed and memory vs N,
-decode tokens/s vs cache size, speedup vs selection ratio). The scripts' own default outputs
-(``benchmarks/results/bench_*.json``) are left untouched.
+Results: ``benchmarks/results/local/suite/`` (``--quick``: ``.../local/quick/``), a folder git ignores: each
+script's JSON, ``summary.json`` (machine: CPU model, cores, GPU name; all derived tables) and PNG plots (speed and
+memory vs N, decode tokens/s vs cache size, speedup vs selection ratio). ``--update-results`` writes the committed
+``benchmarks/results/suite/`` (``quick/``) instead, the numbers the README and the visualizer show. The scripts' own
+default outputs are left untouched.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 if __package__ in (None, ""):  # run as a file: python benchmarks/run.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.common import (RESULTS_DIR, ROOT, machine_info, matmul_peak, peak_memory_probe, read_json,
-                                   scaling, write_json)
+    from benchmarks.common import (LOCAL_RESULTS_DIR, RESULTS_DIR, ROOT, machine_info, matmul_peak, peak_memory_probe,
+                                   read_json, scaling, write_json)
 else:
-    from .common import RESULTS_DIR, ROOT, machine_info, matmul_peak, peak_memory_probe, read_json, scaling, write_json
+    from .common import (LOCAL_RESULTS_DIR, RESULTS_DIR, ROOT, machine_info, matmul_peak, peak_memory_probe, read_json,
+                         scaling, write_json)
 
 BENCH_DIR = os.path.join(ROOT, "benchmarks")
 
@@ -181,7 +184,8 @@ def derive_attention(raw: Dict[str, Any], peak: float) -> Dict[str, Any]:
             by_impl.setdefault(impl, []).append(row)
     scale = {impl: scaling([r["N"] for r in rs], [r["median_ms"] for r in rs]) for impl, rs in by_impl.items()}
     return {"config": {"B": B, "H": H, "D": D, "statistic": "median of repeats after a warm-up"}, "rows": rows,
-            "time_scaling": scale, "script_memory": raw.get("memory"), "machine": raw.get("machine")}
+            "time_scaling": scale, "script_memory": raw.get("memory"), "machine": raw.get("machine"),
+            "not_measured": raw.get("not_measured") or {}}
 
 
 def derive_decode(raws: List[Dict[str, Any]], peak: float) -> Dict[str, Any]:
@@ -435,6 +439,8 @@ def print_report(summary: Dict[str, Any]) -> None:
                 grow = f"{s['ratio']:.2f} (N^{s['exponent']:.2f})" if s else ""
                 print(f"{impl:<22}{r['N']:>7}{r['median_ms']:>11.2f}{r['tokens_per_s']:>12,.0f}{r['gflops']:>10.1f}"
                       f"{100 * (r['fraction_of_peak'] or 0):>7.0f}%{grow:>18}")
+        for impl, why in att.get("not_measured", {}).items():
+            print(f"{impl:<22}  not measured: {why}")
     mem = summary.get("memory")
     if mem:
         print("\nPEAK MEMORY beyond inputs (MiB, fresh process per point)")
@@ -486,24 +492,39 @@ def print_report(summary: Dict[str, Any]) -> None:
 # =====================================================================================================================
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
     p.add_argument("--only", default="attention,memory,decode,dma",
                    help="comma-separated subset of: attention, memory (peak memory vs N), decode, dma, ops")
-    p.add_argument("--out-dir", default=None, help="default: benchmarks/results/suite (or .../quick)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out-dir", default=None,
+                       help="default: benchmarks/results/local/suite (or .../local/quick), ignored by git")
+    where.add_argument("--update-results", action="store_true",
+                       help="replace the committed results, benchmarks/results/suite (or .../quick)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for the attention benchmark")
     p.add_argument("--timeout", type=float, default=None, help="seconds per script run (default 900, quick 300)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
-    out_dir = os.path.abspath(args.out_dir or os.path.join(RESULTS_DIR, "quick" if args.quick else "suite"))
-    timeout = args.timeout or (300.0 if args.quick else 900.0)
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
     unknown = set(wanted) - {"attention", "memory", "decode", "dma", "ops"}
     if unknown:
         p.error(f"--only: unknown benchmark(s) {sorted(unknown)}")
+    args.only = wanted
+    if args.out_dir is None:  # a quick or local run never replaces the committed results unless asked to
+        args.out_dir = os.path.join(RESULTS_DIR if args.update_results else LOCAL_RESULTS_DIR,
+                                    "quick" if args.quick else "suite")
+    args.out_dir = os.path.abspath(args.out_dir)
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    out_dir = args.out_dir
+    timeout = args.timeout or (300.0 if args.quick else 900.0)
+    wanted = args.only
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
 

@@ -1,7 +1,8 @@
 """minitorch: an educational autodiff framework with fused flash attention in Numba (CPU and CUDA).
 
 The course modules (operators, scalars, tensors, backends, nn) keep the MiniTorch names; attention lives in
-:mod:`minitorch.attention` (front end, and its engines in ``minitorch.attention.kernels``). See docs/api.md.
+:mod:`minitorch.attention` (front end, and its engines in ``minitorch.attention.kernels``). The public API:
+``docs/api.md``.
 """
 
 from . import operators  # noqa: F401

@@ -384,9 +384,16 @@ class Tensor:
         return _tf.Sum.apply(self, self._check_dim(dim))
 
     def mean(self, dim: Optional[int] = None) -> "Tensor":
-        """Mean over `dim` (kept with size 1), or over everything: shape ``(1,)``."""
+        """Mean over `dim` (kept with size 1), or over everything: shape ``(1,)``.
+
+        Raises:
+            ValueError: nothing to average (a tensor with no elements, or `dim` of size 0).
+        """
         dim = self._check_dim(dim)
         n = self.size if dim is None else self.shape[dim]
+        if n == 0:
+            where = "its elements" if dim is None else f"dim {dim}"
+            raise ValueError(f"mean: the tensor of shape {self.shape} has no values to average over {where}.")
         return self.sum(dim) / float(n)
 
     def permute(self, *order: int) -> "Tensor":

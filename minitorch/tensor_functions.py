@@ -468,10 +468,20 @@ def from_numpy(
 
     float32 and float64 are kept; other dtypes (ints, bools, float16) become float64 unless `dtype` is given.
     A 0-d array becomes shape ``(1,)``.
+
+    Raises:
+        TypeError: `backend` is not a `TensorBackend` (e.g. the string ``"fast"``), or the array is complex
+            (tensors are real: its imaginary part would be dropped).
     """
+    if not isinstance(backend, TensorBackend):
+        raise TypeError(f"from_numpy: backend must be a TensorBackend (minitorch.SimpleBackend, FastTensorBackend or "
+                        f"CudaBackend), got {backend!r} of type {type(backend).__name__}.")
     if is_cuda_storage(array):
         array = array.copy_to_host()
     arr = np.asarray(array)
+    if arr.dtype.kind == "c":
+        raise TypeError(f"from_numpy: the array of shape {arr.shape} is complex ({arr.dtype}); tensors are real "
+                        "(float32 or float64): pass array.real, array.imag or abs(array).")
     if dtype is None:
         dtype = arr.dtype if arr.dtype in (np.dtype(np.float64), np.dtype(np.float32)) else np.float64
     arr = np.array(arr, dtype=_dtype(dtype), copy=True, order="C")

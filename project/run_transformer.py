@@ -1,8 +1,9 @@
 """A tiny GPT, from scratch in minitorch: a character-level language model trained with flash attention.
 
     python project/run_transformer.py                       # train on project/data/*.txt, then generate
-    python project/run_transformer.py --quick               # a few steps on a tiny model (CI smoke test)
+    python project/run_transformer.py --quick               # a few steps on a tiny model (its own checkpoint)
     python project/run_transformer.py --resume              # continue an interrupted run from its checkpoint
+    python project/run_transformer.py --overwrite           # start over, replacing the checkpoint of another run
     python project/run_transformer.py --backend cuda        # the Numba CUDA kernels (needs a GPU)
 
 nanoGPT in one file. The model is a decoder-only transformer:
@@ -23,7 +24,9 @@ nanoGPT in one file. The model is a decoder-only transformer:
 
 Training: Adam with warm-up and cosine decay, gradient clipping; a progress bar with loss, tokens/s and ETA; a
 held-out validation loss; a loss-curve PNG; a ``.npz`` checkpoint every ``--save-every`` steps (parameters, Adam
-moments, step, loss history; also on Ctrl-C / SIGTERM) that ``--resume`` continues from, batch for batch.
+moments, step, loss history, the run's settings; also on Ctrl-C / SIGTERM) that ``--resume`` continues from, batch
+for batch. Saves are atomic (temporary file, ``fsync``, rename). A fresh run never replaces a checkpoint of another
+run, or of this run further along, unless told to (``--overwrite``).
 
 Generation: one token at a time with one ``RingBufferKVCache`` per layer (window = context), reporting tokens/s
 against recomputing the whole window for every new token (what a model without a cache does).
@@ -38,8 +41,10 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
+import zipfile
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -56,8 +61,11 @@ RingBufferKVCache = getattr(minitorch, "RingBufferKVCache", None)  # None: gener
 
 DATA_DIR = os.path.join(HERE, "data")
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(HERE), "checkpoints", "run_transformer.npz")
+QUICK_CHECKPOINT = os.path.join(os.path.dirname(HERE), "checkpoints", "run_transformer_quick.npz")  # --quick's own
+TMP_SUFFIX = ".tmp"
 DEFAULT_PLOT = os.path.join(HERE, "outputs", "run_transformer_loss.png")
 MODEL_KEYS = ("n_layer", "d_model", "n_head", "context", "tie")
+TRAIN_KEYS = ("dtype", "steps", "batch", "lr", "warmup", "clip", "seed")  # with MODEL_KEYS: what defines a run
 
 
 # =====================================================================================================================
@@ -331,8 +339,14 @@ def no_grad(model: minitorch.Module) -> Iterator[None]:
 # =====================================================================================================================
 
 
-def save_checkpoint(path: str, model: GPT, opt: minitorch.Adam, tok: CharTokenizer, state: Dict[str, Any]) -> None:
-    """Write atomically (a temporary file, then rename), so an interrupted save never corrupts the checkpoint."""
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be read (empty, truncated, or not written by this script)."""
+
+
+def save_checkpoint(path: str, model: GPT, opt: minitorch.Adam, tok: CharTokenizer, state: Dict[str, Any],
+                    train_config: Dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the same folder, flushed to disk (``fsync``), then renamed over
+    ``path`` (``os.replace`` is atomic), so a crash or a full disk mid-save never corrupts the checkpoint."""
     arrays: Dict[str, np.ndarray] = {}
     for i, (name, p) in enumerate(model.named_parameters()):
         arrays[f"param/{name}"] = p.value.to_numpy()
@@ -340,19 +354,104 @@ def save_checkpoint(path: str, model: GPT, opt: minitorch.Adam, tok: CharTokeniz
         if st is not None:
             arrays[f"adam_m/{name}"], arrays[f"adam_v/{name}"] = st["m"], st["v"]
             arrays[f"adam_step/{name}"] = np.array(st["step"])
-    meta = dict(state, model=model.cfg.as_dict(), chars=tok.chars)
+    meta = dict(state, model=model.cfg.as_dict(), chars=tok.chars, train=train_config)
     arrays["meta"] = np.array(json.dumps(meta))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable (POSIX: sync the folder's entry); not possible everywhere
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def remove_stale_temp_files(path: str) -> List[str]:
+    """Delete the temporary files that interrupted saves of ``path`` left behind (``<name>.<random>.tmp``)."""
+    pattern = os.path.join(glob.escape(os.path.dirname(os.path.abspath(path))),
+                           glob.escape(os.path.basename(path)) + ".*" + TMP_SUFFIX)
+    stale = sorted(glob.glob(pattern))
+    for f in stale:
+        os.remove(f)
+    return stale
 
 
 def read_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    return json.loads(str(arrays.pop("meta"))), arrays
+    """``(meta, arrays)`` of a checkpoint; `CheckpointError` if the file is empty, truncated or foreign."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, AttributeError) as err:
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        what = "it is empty" if size == 0 else f"{size:,} bytes that are not a complete checkpoint"
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({what}: {type(err).__name__}: {err}); it is "
+                              "truncated, empty or not written by this script") from None
+    return meta, arrays
+
+
+def train_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """The training settings that, with the model's, define a run (saved in the checkpoint's meta)."""
+    return {k: getattr(args, k) for k in TRAIN_KEYS}
+
+
+def run_differences(meta: Dict[str, Any], args: argparse.Namespace, tok: CharTokenizer) -> List[str]:
+    """How the run saved in a checkpoint's ``meta`` differs from this one (empty: the same run)."""
+    saved = dict(meta.get("train", {}), **meta.get("model", {}))
+    diffs = [f"{k} {saved.get(k)} there, {getattr(args, k)} here" for k in MODEL_KEYS + TRAIN_KEYS
+             if saved.get(k) != getattr(args, k)]
+    if meta.get("chars") != tok.chars:
+        diffs.append("another training text")
+    return diffs
+
+
+def last_step(args: argparse.Namespace, start: int) -> int:
+    """The step this invocation stops at when it starts at ``start`` (``--steps``, or earlier with --stop-after)."""
+    return args.steps if not args.stop_after else min(args.steps, start + args.stop_after)
+
+
+def guard_checkpoint(args: argparse.Namespace, tok: CharTokenizer) -> int:
+    """Before a fresh run (no ``--resume``) saves to ``--checkpoint``: never replace, without ``--overwrite``, a
+    checkpoint that cannot be read, that holds a different run, or that is further along than this run will get.
+
+    Returns the step below which this run must not save: the step of a checkpoint of this same run (0 if none),
+    which it reproduces exactly (the batch of a step depends only on (seed, step)) before replacing it.
+    """
+    path = args.checkpoint
+    if args.overwrite or not os.path.exists(path):
+        return 0
+    how = "--resume continues it, --overwrite replaces it, --checkpoint PATH writes elsewhere"
+    try:
+        meta, _ = read_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}. Not replacing it: --overwrite does, --checkpoint PATH writes elsewhere"
+                              ) from None
+    diffs = run_differences(meta, args, tok)
+    if diffs:
+        raise CheckpointError(f"{path} holds a different run ({'; '.join(diffs)}): not replacing it. {how}")
+    step, stop = int(meta.get("step", 0)), last_step(args, 0)
+    if step > stop:
+        raise CheckpointError(f"{path} holds this run at step {step}, further than this run goes (step {stop}): "
+                              f"not replacing it. {how}")
+    if step:
+        print(f"note: {path} holds this same run at step {step}: starting from scratch all the same (--resume "
+              f"would continue it); it is replaced once this run reaches step {step}")
+    return step
 
 
 def restore(model: GPT, opt: minitorch.Adam, arrays: Dict[str, np.ndarray]) -> None:
@@ -430,23 +529,29 @@ def plot_losses(path: str, history: Dict[str, Any], title: str) -> str:
 
 
 def train(args: argparse.Namespace, model: GPT, opt: minitorch.Adam, tok: CharTokenizer, train_data: np.ndarray,
-          val_data: np.ndarray, state: Dict[str, Any]) -> Dict[str, Any]:
+          val_data: np.ndarray, state: Dict[str, Any], keep_until: int = 0) -> Dict[str, Any]:
     """Run steps ``state["step"] .. args.steps - 1``. The batch of step ``s`` is drawn from a generator seeded with
     ``(seed, s)``, so a resumed run sees exactly the batches the uninterrupted one would have.
 
     Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes the checkpoint and returns: a step is never half
-    applied. A second Ctrl-C quits at once (the last periodic checkpoint stays valid).
+    applied. A second Ctrl-C quits at once (the last periodic checkpoint stays valid). Saves before step
+    ``keep_until`` are skipped: they would replace a checkpoint further along (see `guard_checkpoint`).
     """
     cfg = model.cfg
     params = model.parameters()
     tokens_per_step = args.batch * cfg.context
     bar = Progress(args.steps, desc="train", initial=state["step"], log_every=args.log_every)
-    save = args.checkpoint and not args.no_save
+    save = bool(args.checkpoint) and not args.no_save
 
     def checkpoint(reason: str) -> None:
-        if save:
-            save_checkpoint(args.checkpoint, model, opt, tok, state)
-            bar.write(f"[checkpoint] step {state['step']} ({reason}) -> {args.checkpoint}")
+        if not save:
+            return
+        if state["step"] < keep_until:
+            bar.write(f"[checkpoint] step {state['step']} ({reason}) not saved: {args.checkpoint} is at step "
+                      f"{keep_until}")
+            return
+        save_checkpoint(args.checkpoint, model, opt, tok, state, train_config(args))
+        bar.write(f"[checkpoint] step {state['step']} ({reason}) -> {args.checkpoint}")
 
     stop: Dict[str, Any] = {"signal": None}
 
@@ -460,7 +565,7 @@ def train(args: argparse.Namespace, model: GPT, opt: minitorch.Adam, tok: CharTo
     if threading.current_thread() is threading.main_thread():  # signal handlers only work in the main thread
         handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     t_run = time.perf_counter()
-    last = args.steps if not args.stop_after else min(args.steps, state["step"] + args.stop_after)
+    last = last_step(args, state["step"])
     try:
         while state["step"] < last:
             step = state["step"]
@@ -552,15 +657,20 @@ def run_generation(model: GPT, tok: CharTokenizer, args: argparse.Namespace) -> 
     if len(prompt) == 0:
         prompt = np.array([0])
     out: Dict[str, Any] = {}
-    for use_cache in (True, False) if RingBufferKVCache is not None else (False,):  # warm-up: compile the kernels
-        generate(model, prompt, 2, args.temperature, args.seed, use_cache=use_cache)
+    n_plain = min(args.gen_tokens, args.gen_tokens_recompute)
+    modes = {True: args.gen_tokens, False: n_plain} if RingBufferKVCache is not None else {False: n_plain}
+    # Warm-up, untimed: the first calls of a kernel variant compile it (seconds), which must not be timed as
+    # generation speed. Past `context` tokens every step looks alike (the cache has wrapped, the window is full),
+    # so `context + 2` tokens reach every variant the timed runs use.
+    for use_cache, n in modes.items():
+        generate(model, prompt, min(n, model.cfg.context + 2), args.temperature, args.seed, use_cache=use_cache)
+    out["timing"] = "warm, after an untimed pass that compiled the kernels"
     if RingBufferKVCache is None:
         print("RingBufferKVCache is not available: generating without a cache only")
     else:
         ids, tps, logits_c = generate(model, prompt, args.gen_tokens, args.temperature, args.seed, use_cache=True)
         out.update(cached_tokens_per_s=tps, text=tok.decode(ids))
         print(f"\n--- generated with the ring-buffer KV cache ({tps:.1f} tokens/s) ---\n{out['text']}\n---")
-    n_plain = min(args.gen_tokens, args.gen_tokens_recompute)
     ids2, tps2, logits_r = generate(model, prompt, n_plain, args.temperature, args.seed, use_cache=False)
     out.update(recompute_tokens_per_s=tps2, recompute_tokens=n_plain)
     if "text" not in out:
@@ -574,9 +684,9 @@ def run_generation(model: GPT, tok: CharTokenizer, args: argparse.Namespace) -> 
         diffs = [float(np.max(np.abs(a - b))) for a, b in zip(logits_c[:n_same], logits_r[:n_same])]
         out["max_logit_diff_within_context"] = max(diffs) if diffs else 0.0
         out["speedup"] = out["cached_tokens_per_s"] / tps2
-        print(f"tokens/s: {out['cached_tokens_per_s']:.1f} with the KV cache, {tps2:.1f} recomputing the "
-              f"{model.cfg.context}-token window ({n_plain} tokens): {out['speedup']:.1f}x; max |logit difference| "
-              f"over the first {n_same} tokens: {out['max_logit_diff_within_context']:.2e}")
+        print(f"tokens/s ({out['timing']}): {out['cached_tokens_per_s']:.1f} with the KV cache, {tps2:.1f} "
+              f"recomputing the {model.cfg.context}-token window ({n_plain} tokens): {out['speedup']:.1f}x; max "
+              f"|logit difference| over the first {n_same} tokens: {out['max_logit_diff_within_context']:.2e}")
     return out
 
 
@@ -585,55 +695,91 @@ def run_generation(model: GPT, tok: CharTokenizer, args: argparse.Namespace) -> 
 # =====================================================================================================================
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# --quick: a tiny model for a few steps; these replace the defaults, so options given explicitly still win
+QUICK_DEFAULTS: Dict[str, Any] = dict(n_layer=1, d_model=32, n_head=2, context=32, steps=40, batch=8, warmup=5,
+                                      eval_every=20, save_every=20, eval_batches=2, gen_tokens=40,
+                                      gen_tokens_recompute=20)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` to an option's help, except for flags (``--no-save``: off unless given) and
+    options whose help already says ``(default: ...)`` in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == 0 or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    rel = lambda path: os.path.relpath(path, os.path.dirname(HERE))  # noqa: E731  (paths as the README writes them)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--backend", choices=["fast", "cuda", "simple"], default="fast",
                    help="fast: Numba CPU; cuda: Numba CUDA (GPU); simple: pure Python (only for --quick sizes)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter and activation dtype")
     p.add_argument("--threads", type=int, default=1,
                    help="Numba CPU threads (0: Numba's default). A tiny model's tensors are small (~1e5 elements): "
                         "on an idle 2-core machine 1 and 2 threads train equally fast (~7,000 tokens/s), on a busy one "
                         "the fork-join of Numba's parallel loops makes 2 threads several times slower")
-    p.add_argument("--data", nargs="*", default=[], help="text files (default: project/data/*.txt)")
+    p.add_argument("--data", nargs="*", default=[], metavar="FILE",
+                   help="training text files (default: every project/data/*.txt)")
     m = p.add_argument_group("model")
-    m.add_argument("--n-layer", type=int, default=2)
-    m.add_argument("--d-model", type=int, default=64)
-    m.add_argument("--n-head", type=int, default=4)
+    m.add_argument("--n-layer", type=int, default=2, help="transformer blocks")
+    m.add_argument("--d-model", type=int, default=64, help="embedding width")
+    m.add_argument("--n-head", type=int, default=4, help="attention heads (must divide --d-model)")
     m.add_argument("--context", type=int, default=64, help="tokens per training window = KV-cache window")
-    m.add_argument("--no-tie", dest="tie", action="store_false", help="separate output matrix (no weight tying)")
+    m.add_argument("--no-tie", dest="tie", action="store_false",
+                   help="give the output layer its own matrix (without it, the default, the output matrix is the "
+                        "token embedding transposed: weight tying)")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=1200, help="total optimizer steps (a resumed run continues to it)")
-    t.add_argument("--batch", type=int, default=16)
-    t.add_argument("--lr", type=float, default=1e-2)
-    t.add_argument("--warmup", type=int, default=30)
+    t.add_argument("--batch", type=int, default=16, help="windows per step")
+    t.add_argument("--lr", type=float, default=1e-2, help="peak Adam learning rate (warm-up, then cosine to lr/10)")
+    t.add_argument("--warmup", type=int, default=30, help="linear learning-rate warm-up steps")
     t.add_argument("--clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
-    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--seed", type=int, default=1337, help="initialisation and batches (step s uses (seed, s))")
     t.add_argument("--eval-every", type=int, default=100, help="steps between validation losses (0: never)")
-    t.add_argument("--eval-batches", type=int, default=4)
-    t.add_argument("--log-every", type=int, default=None, help="progress lines when not on a terminal")
+    t.add_argument("--eval-batches", type=int, default=4, help="batches per validation loss")
+    t.add_argument("--log-every", type=int, default=None,
+                   help="steps between progress lines when the output is not a terminal (default: 1/20 of the run)")
     t.add_argument("--stop-after", type=int, default=0,
                    help="train at most this many steps in this invocation, checkpoint and exit (0: no limit); "
                         "--resume continues (time-sliced training)")
     c = p.add_argument_group("checkpoints and outputs")
-    c.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="the .npz written every --save-every steps")
-    c.add_argument("--save-every", type=int, default=50)
+    c.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help=f"the .npz written every --save-every steps (default: {rel(DEFAULT_CHECKPOINT)}; with --quick "
+                        f"{rel(QUICK_CHECKPOINT)})")
+    c.add_argument("--save-every", type=int, default=50, help="steps between checkpoints")
     c.add_argument("--no-save", action="store_true", help="write no checkpoint")
-    c.add_argument("--resume", action="store_true", help="continue from --checkpoint (model settings come from it)")
-    c.add_argument("--plot", default=DEFAULT_PLOT, help="loss-curve PNG")
+    c.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint (the model settings and seed come from it); a finished run "
+                        "only samples")
+    c.add_argument("--overwrite", action="store_true",
+                   help="let a fresh run replace a --checkpoint that holds a different run, one further along, or "
+                        "an unreadable file (without it such a run stops before training)")
+    c.add_argument("--plot", default=DEFAULT_PLOT, metavar="PATH",
+                   help=f"loss-curve PNG, '' for none (default: {rel(DEFAULT_PLOT)})")
     g = p.add_argument_group("generation")
-    g.add_argument("--prompt", default="Alice ")
+    g.add_argument("--prompt", default="Alice ", help="text the generation starts from (default: 'Alice ')")
     g.add_argument("--gen-tokens", type=int, default=300, help="tokens to generate with the KV cache (0: none)")
-    g.add_argument("--gen-tokens-recompute", type=int, default=100, help="of those, how many to time without it")
-    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--gen-tokens-recompute", type=int, default=100,
+                   help="of those, how many to time without the cache (recomputing the window)")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: a tiny model for a few steps; the loss must fall (used by tests/test_project.py)")
+                   help="smoke test (tests/test_project.py): a tiny model for a few steps, the loss must fall. Sets "
+                        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK_DEFAULTS.items())
+                        + " unless given, and its own --checkpoint")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.quick:
-        args.n_layer, args.d_model, args.n_head, args.context = 1, 32, 2, 32
-        args.steps, args.batch, args.lr, args.warmup = min(args.steps, 40), 8, 1e-2, 5
-        args.eval_every, args.save_every, args.eval_batches = 20, 20, 2
-        args.gen_tokens, args.gen_tokens_recompute = min(args.gen_tokens, 40), 20
+    if args.quick:  # parse again with --quick's defaults: options given explicitly still win
+        p.set_defaults(**QUICK_DEFAULTS)
+        args = p.parse_args(argv)
+    if args.checkpoint is None:
+        args.checkpoint = QUICK_CHECKPOINT if args.quick else DEFAULT_CHECKPOINT
     return args
 
 
@@ -658,6 +804,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     try:
         return _run(args, backend)
+    except CheckpointError as err:
+        sys.exit(f"error: {err}")
     finally:
         numba.set_num_threads(threads_before)  # main() may run in-process (tests): leave Numba as it was
 
@@ -668,6 +816,11 @@ def _run(args: argparse.Namespace, backend: minitorch.TensorBackend) -> Dict[str
                              "seed": args.seed}
     arrays = None
     tok = CharTokenizer.from_text("".join(texts))
+    save = bool(args.checkpoint) and not args.no_save
+    if save:
+        for stale in remove_stale_temp_files(args.checkpoint):
+            print(f"removed {stale}: the temporary file of an interrupted save")
+    keep_until = 0
     if args.resume and not os.path.exists(args.checkpoint):
         print(f"--resume: no checkpoint at {args.checkpoint}; starting from scratch")
     elif args.resume:
@@ -682,6 +835,11 @@ def _run(args: argparse.Namespace, backend: minitorch.TensorBackend) -> Dict[str
         if meta.get("seed", args.seed) != args.seed:
             print(f"--resume: seed {meta['seed']} from the checkpoint (not {args.seed}), for the same batches")
             args.seed = state["seed"] = meta["seed"]
+        if state["step"] >= args.steps:
+            print(f"--resume: {args.checkpoint} is a finished run (step {state['step']} of {args.steps}): nothing to "
+                  "train, sampling only (a larger --steps trains further)")
+    if save and not args.resume:
+        keep_until = guard_checkpoint(args, tok)
     train_data, val_data = split_data(texts, tok, args.context)
 
     np.random.seed(args.seed)  # parameter initialisation
@@ -699,7 +857,8 @@ def _run(args: argparse.Namespace, backend: minitorch.TensorBackend) -> Dict[str
     if state["step"] == 0 and args.eval_every:
         state["history"]["val"].append((0, evaluate(model, val_data, args)))
 
-    state = train(args, model, opt, tok, train_data, val_data, state)
+    if state["step"] < args.steps:
+        state = train(args, model, opt, tok, train_data, val_data, state, keep_until)
     hist = state["history"]["train"]
     summary: Dict[str, Any] = {"steps": state["step"], "train_losses": hist, "val_losses": state["history"]["val"],
                                "train_seconds": state["train_seconds"], "tokens": state["tokens"],

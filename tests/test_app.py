@@ -6,6 +6,7 @@ the script in-process, no browser); shown numbers are checked against minitorch'
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -232,24 +233,55 @@ def test_memory_page_live_run() -> None:
     assert (df["max |out - float64 reference|"] < 1e-10).all()
 
 
-def test_memory_page_reads_any_benchmark_json(tmp_path, monkeypatch) -> None:
-    import json
+def _charts(at: "AppTest") -> dict:
+    """``{title: Vega-Lite spec}`` of the charts a page drew."""
+    specs = [json.loads(e.proto.spec) for e in at.get("vega_lite_chart")]
+    return {(sp.get("title") or {}).get("text"): sp for sp in specs}
 
+
+def test_memory_page_charts_the_suite_results_with_their_labels() -> None:
+    """The committed results as a few charts whose series are the names in summary.json (``flash fwd``, ...), never
+    ``record 0`` nor fields such as load averages; with the pandas this install resolved (3.x: str columns)."""
     from app_pages import memory
 
-    records = [{"N": n, "impl": impl, "ms": n * (1 + i), "ok": True}
-               for n in (128, 256, 512) for i, impl in enumerate("ab")]
-    (tmp_path / "a.json").write_text(json.dumps({"machine": "x", "results": records}))
-    (tmp_path / "b.json").write_text(json.dumps([1, 2, 3]))
-    (tmp_path / "c.json").write_text("{not json")
-    (tmp_path / "d.json").write_text(json.dumps({"n=1": {"t": 1.0}, "n=2": {"t": 2.0}}))
-    tables = memory._tables(json.loads((tmp_path / "a.json").read_text()), "a")
-    assert any(len(df) == 6 and memory._x_column(df) == "N" for _, df in tables)
-    monkeypatch.setattr(memory, "RESULTS", str(tmp_path))
+    at = _app("memory")
+    sets = at.selectbox(key="bench_set").options
+    assert sets[:2] == ["full suite, committed (benchmarks/results/suite)",
+                        "quick suite, committed (benchmarks/results/quick)"]
+    for label in sets[:2]:
+        at.selectbox(key="bench_set").select(label).run()
+        _ok(at)
+        folder = label.split("(")[1].rstrip(")")
+        with open(os.path.join(os.path.dirname(os.path.dirname(APP)), folder, "summary.json")) as f:
+            summary = json.load(f)
+        charts = _charts(at)
+        series = {title: spec["transform"][0]["fold"] for title, spec in charts.items() if title}
+        assert series["attention time vs N"] == list(dict.fromkeys(r["impl"] for r in summary["attention"]["rows"]))
+        assert series["peak memory beyond the inputs vs N"][:2] == ["flash forward+backward",
+                                                                    "standard attention forward"]
+        assert series["decoding one token at a time"] == ["ring-buffer KV cache (fast)", "recompute the window (fast)"]
+        assert "ideal 1/r" in series["dynamic mask attention: speedup"]
+        text = json.dumps(list(charts.values()))
+        assert "record 0" not in text and "load" not in text
+    # the data behind a chart is the file's: the attention chart's median times per N and implementation
+    spec, _ = memory.benchmark_charts(summary)[0]
+    got = {(v["N"], name): v[name] for v in spec["data"]["values"] for name in spec["transform"][0]["fold"]
+           if v.get(name) is not None}
+    want = {(r["N"], r["impl"]): r["median_ms"] for r in summary["attention"]["rows"]}
+    assert got == pytest.approx(want)
+
+
+def test_memory_page_without_or_with_a_broken_summary(tmp_path, monkeypatch) -> None:
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "summary.json").write_text("{not json")
     at = AppTest.from_function(_memory_page_only, default_timeout=60, args=(str(tmp_path), os.path.dirname(APP)))
     at.run()
     _ok(at)
     assert any("could not read" in w.value for w in at.warning)
+    (tmp_path / "quick" / "summary.json").unlink()
+    at.run()
+    _ok(at)
+    assert any("No suite results here" in i.value for i in at.info)
 
 
 def _memory_page_only(results: str, project: str) -> None:

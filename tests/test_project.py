@@ -1,5 +1,6 @@
 """The course scripts in project/ run end to end on tiny settings: the loss falls, accuracy does not get worse, the
-PNGs are written; the transformer resumes from its checkpoint exactly where an uninterrupted run would be.
+PNGs are written; the transformer resumes from its checkpoint exactly where an uninterrupted run would be, never
+replaces another run's checkpoint, saves atomically, and times generation warm; the progress bar's ETA and width.
 
 Each script's ``main(argv)`` runs in-process (Numba kernels compiled by earlier tests are reused) and returns its
 numbers. With Numba's disk cache warm the whole file takes about 10 s on 2 cores; with a cold cache the float32
@@ -116,3 +117,242 @@ def test_embedding_function_gradient() -> None:
     np.testing.assert_array_equal(out.to_numpy(), np.arange(12.0).reshape(4, 3)[idx])
     (out * 2.0).sum().backward()
     np.testing.assert_array_equal(w.grad.to_numpy(), 2.0 * np.array([[1] * 3, [2] * 3, [0] * 3, [1] * 3]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# run_transformer.py: checkpoints are never lost, the command line says what it does
+# ---------------------------------------------------------------------------------------------------------------------
+
+TINY = ["--quick", "--steps", "4", "--save-every", "2", "--eval-every", "0", "--gen-tokens", "0", "--plot", ""]
+
+
+def test_quick_has_its_own_checkpoint_and_explicit_options_win() -> None:
+    import run_transformer as rt
+
+    assert rt.parse_args([]).checkpoint == rt.DEFAULT_CHECKPOINT
+    assert rt.parse_args(["--quick"]).checkpoint == rt.QUICK_CHECKPOINT != rt.DEFAULT_CHECKPOINT
+    quick = rt.parse_args(["--quick", "--save-every", "7", "--steps", "100"])
+    assert (quick.save_every, quick.steps, quick.d_model) == (7, 100, rt.QUICK_DEFAULTS["d_model"])
+
+
+def test_fresh_run_never_replaces_another_run(tmp_path: Any) -> None:
+    import run_transformer as rt
+
+    ckpt = str(tmp_path / "a.npz")
+    rt.main(TINY + ["--checkpoint", ckpt])
+    before = open(ckpt, "rb").read()
+    for other in (["--d-model", "16"], ["--seed", "7"], ["--steps", "6"], ["--no-tie"]):
+        with pytest.raises(SystemExit, match="holds a different run"):
+            rt.main(TINY + ["--checkpoint", ckpt] + other)
+        assert open(ckpt, "rb").read() == before
+    with pytest.raises(SystemExit, match="further than this run goes"):  # the same run, stopped before its step
+        rt.main(TINY + ["--checkpoint", ckpt, "--stop-after", "2"])
+    assert open(ckpt, "rb").read() == before
+    res = rt.main(TINY + ["--checkpoint", ckpt, "--d-model", "16", "--overwrite"])  # told to: replaced
+    meta, _ = rt.read_checkpoint(ckpt)
+    assert res["steps"] == 4 and meta["model"]["d_model"] == 16 and meta["train"]["steps"] == 4
+
+
+def test_fresh_run_of_the_same_run_replaces_it_only_once_it_gets_as_far(tmp_path: Any, capsys: Any) -> None:
+    import run_transformer as rt
+
+    ckpt = str(tmp_path / "a.npz")
+    rt.main(TINY + ["--checkpoint", ckpt, "--stop-after", "3", "--steps", "4"])
+    assert rt.read_checkpoint(ckpt)[0]["step"] == 3
+    capsys.readouterr()
+    res = rt.main(TINY + ["--checkpoint", ckpt])  # from scratch: the save at step 2 would replace step 3
+    out = capsys.readouterr().out
+    assert "step 2 (periodic) not saved" in out and "holds this same run at step 3" in out
+    assert res["steps"] == 4 and rt.read_checkpoint(ckpt)[0]["step"] == 4
+
+
+def test_resume_of_a_finished_run_only_samples(tmp_path: Any, capsys: Any) -> None:
+    import run_transformer as rt
+
+    ckpt = str(tmp_path / "a.npz")
+    first = rt.main(TINY + ["--checkpoint", ckpt])
+    mtime = os.stat(ckpt).st_mtime_ns
+    capsys.readouterr()
+    res = rt.main(TINY + ["--checkpoint", ckpt, "--resume", "--gen-tokens", "3", "--gen-tokens-recompute", "2"])
+    assert "is a finished run (step 4 of 4): nothing to train, sampling only" in capsys.readouterr().out
+    assert res["train_losses"] == first["train_losses"] and len(res["generation"]["text"]) > len("Alice ")
+    assert os.stat(ckpt).st_mtime_ns == mtime  # nothing trained, nothing rewritten
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not a checkpoint"])
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path: Any, damage: str) -> None:
+    import run_transformer as rt
+
+    ckpt = tmp_path / "a.npz"
+    rt.main(TINY + ["--checkpoint", str(ckpt)])
+    data = ckpt.read_bytes()
+    ckpt.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "not a checkpoint": b"x" * 100}[damage])
+    with pytest.raises(rt.CheckpointError, match="cannot read the checkpoint"):
+        rt.read_checkpoint(str(ckpt))
+    with pytest.raises(SystemExit, match="truncated, empty or not written by this script"):
+        rt.main(TINY + ["--checkpoint", str(ckpt), "--resume"])
+    with pytest.raises(SystemExit, match="Not replacing it: --overwrite does"):  # a fresh run does not replace it
+        rt.main(TINY + ["--checkpoint", str(ckpt)])
+    assert rt.main(TINY + ["--checkpoint", str(ckpt), "--overwrite"])["steps"] == 4
+    assert rt.read_checkpoint(str(ckpt))[0]["step"] == 4
+
+
+def _tiny_model() -> Any:
+    import minitorch
+    import run_transformer as rt
+
+    tok = rt.CharTokenizer("abcde")
+    cfg = rt.Config(tok.vocab_size, 1, 8, 2, 4, True, minitorch.FastTensorBackend, np.float32)
+    model = rt.GPT(cfg)
+    return model, minitorch.Adam(model.parameters(), lr=1e-3), tok, {"step": 1, "history": {"train": [], "val": []}}
+
+
+def test_checkpoint_save_is_fsynced_before_the_rename_and_leaves_no_temp_file(tmp_path: Any,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import run_transformer as rt
+
+    model, opt, tok, state = _tiny_model()
+    path = str(tmp_path / "c.npz")
+    rt.save_checkpoint(path, model, opt, tok, state, {})
+    before = open(path, "rb").read()
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", a, b)), real_replace(a, b)))
+    state["step"] = 2
+    rt.save_checkpoint(path, model, opt, tok, state, {})
+    replace = next(i for i, e in enumerate(events) if e[0] == "replace")
+    tmp = events[replace][1]
+    assert events[replace][2] == path and ("fsync", tmp) in events[:replace]  # the data is on disk first
+    assert os.listdir(tmp_path) == ["c.npz"] and rt.read_checkpoint(path)[0]["step"] == 2
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    after = open(path, "rb").read()
+    with pytest.raises(OSError, match="No space"):
+        rt.save_checkpoint(path, model, opt, tok, dict(state, step=3), {})
+    assert open(path, "rb").read() == after != before and os.listdir(tmp_path) == ["c.npz"]
+
+
+def test_stale_temp_files_of_interrupted_saves_are_removed(tmp_path: Any, capsys: Any) -> None:
+    import run_transformer as rt
+
+    ckpt = tmp_path / "a.npz"
+    stale = tmp_path / "a.npz.k3j9x.tmp"
+    other = tmp_path / "b.npz.k3j9x.tmp"  # another checkpoint's: left alone
+    stale.write_bytes(b"half a checkpoint")
+    other.write_bytes(b"x")
+    rt.main(TINY + ["--checkpoint", str(ckpt)])
+    assert f"removed {stale}" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["a.npz", "b.npz.k3j9x.tmp"]
+
+
+def test_generation_speed_is_timed_warm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every timed generation follows an untimed one of the same kind long enough to wrap the cache and fill the
+    window, so no first-call compile is timed; the printed speed says so."""
+    import run_transformer as rt
+
+    calls = []
+    real = rt.generate
+
+    def spy(model: Any, prompt: Any, n_new: int, *args: Any, use_cache: bool) -> Any:
+        calls.append((use_cache, n_new))
+        return real(model, prompt, n_new, *args, use_cache=use_cache)
+
+    monkeypatch.setattr(rt, "generate", spy)
+    res = rt.main(["--quick", "--steps", "2", "--eval-every", "0", "--plot", "", "--no-save", "--gen-tokens", "40"])
+    context = rt.QUICK_DEFAULTS["context"]
+    assert calls[-2:] == [(True, 40), (False, 20)]  # the timed ones
+    for use_cache, n in calls[-2:]:
+        assert any(c == use_cache and m >= min(n, context + 1) for c, m in calls[:-2]), calls
+    assert res["generation"]["timing"].startswith("warm")
+
+
+def _option_helps(parser: Any) -> Dict[str, str]:
+    """``{option: its help text}`` from ``--help`` (whitespace normalized)."""
+    helps: Dict[str, str] = {}
+    current = None
+    for line in parser.format_help().split("options:", 1)[1].splitlines():
+        stripped = line.strip()
+        if line.startswith("  -") and not line.startswith("   "):
+            current = stripped.split()[0].rstrip(",")
+            helps[current] = stripped
+        elif current and stripped and line.startswith(" "):
+            helps[current] += " " + stripped
+        elif not stripped or not line.startswith(" "):
+            current = None
+    return {k: " ".join(v.split()) for k, v in helps.items()}
+
+
+def test_run_transformer_help_has_help_and_one_correct_default_per_option() -> None:
+    import argparse
+
+    import run_transformer as rt
+
+    parser = rt.build_parser()
+    helps = _option_helps(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        opt = action.option_strings[0]
+        assert action.help, f"{opt} has no help"
+        text = helps[opt]
+        flag = action.nargs == 0
+        assert text.count("(default") == (0 if flag else 1), (opt, text)
+        if not flag and action.default not in (None, []):
+            shown = {"--plot": os.path.relpath(rt.DEFAULT_PLOT, os.path.dirname(PROJECT)),
+                     "--prompt": repr(action.default)}.get(opt, str(action.default))
+            assert f"(default: {shown})" in text, (opt, text)
+    assert "default: True" not in helps["--no-tie"] and "default, the output matrix is the token" in helps["--no-tie"]
+    assert helps["--data"].endswith("(default: every project/data/*.txt)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# project/progress.py
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _tty(monkeypatch: pytest.MonkeyPatch, columns: int) -> Any:
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    return Tty()
+
+
+def test_progress_eta_leaves_out_the_first_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    bar = progress.Progress(100, desc="train", stream=_tty(monkeypatch, 200), eta_after=3)
+    for step, seconds in enumerate([30.0, 1.0, 1.0, 1.0, 1.0], start=1):  # step 1 compiles: 30 s
+        clock[0] += seconds
+        bar.update()
+        assert ("ETA" in bar.line()) == (step > 3), (step, bar.line())
+    assert bar.eta() == pytest.approx(1.0 * 95)  # 1 s per step after the first 3, not 34 s / 5 per step
+    assert "ETA 1m35s" in bar.line()
+
+
+def test_progress_bar_fits_the_terminal_and_messages_go_above_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import progress
+
+    stream = _tty(monkeypatch, 60)
+    bar = progress.Progress(40, desc="train", stream=stream)
+    for i in range(5):
+        bar.update(loss=3.0 - i * 0.1, val=4.2706, **{"tok/s": 31000})
+        if i == 2:
+            bar.write("[checkpoint] step 3 (periodic) -> /some/long/path/to/checkpoints/run_transformer_quick.npz")
+    bar.close()
+    out = stream.getvalue()
+    redraws = [seg.split("\n")[-1] for seg in out.split("\r")]
+    assert all(len(r.replace("\x1b[K", "")) < 60 for r in redraws), redraws  # never wraps: \r redraws in place
+    assert "\r\x1b[K[checkpoint] step 3 (periodic) -> /some/long/path/to/checkpoints/run_transformer_quick.npz\n" \
+           "train [" in out  # the message on its own line, the bar redrawn below it
+    assert out.endswith("\n")

@@ -4,6 +4,7 @@ Forward results are compared with NumPy; gradients with `grad_check` (central di
 permuted (non-contiguous) and broadcast inputs. CUDA (simulator) cases are kept to a few elements.
 """
 
+import re
 from typing import Any, Callable, List, Tuple
 
 import numpy as np
@@ -200,6 +201,28 @@ def test_from_numpy_keeps_dtype() -> None:
     arr[0] = 7.0  # from_numpy copies
     assert t[0] == 1.0
     assert from_numpy(arr, requires_grad=True).is_leaf()
+
+
+@pytest.mark.task2_3
+def test_from_numpy_rejects_complex_arrays_and_backend_names() -> None:
+    for arr in (np.array([1 + 2j, 3j]), np.zeros((2, 2), dtype=np.complex64)):
+        for dtype in (None, np.float64):  # never silently drops the imaginary part
+            with pytest.raises(TypeError, match=re.escape(f"from_numpy: the array of shape {arr.shape} is complex")):
+                from_numpy(arr, dtype=dtype)
+    for bad in ("fast", SimpleBackend.ops, None):
+        with pytest.raises(TypeError, match="backend must be a TensorBackend"):
+            from_numpy(np.zeros(3), backend=bad)
+
+
+@pytest.mark.task2_3
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_mean_of_nothing_is_a_clear_error(backend: TensorBackend) -> None:
+    for shape, dim in (((0,), None), ((2, 0), None), ((2, 0), 1), ((0, 3), -2)):
+        t = from_numpy(np.zeros(shape), backend=backend)
+        with pytest.raises(ValueError, match=re.escape(f"mean: the tensor of shape {shape} has no values")):
+            t.mean(dim)
+    empty_rows = from_numpy(np.zeros((2, 0)), backend=backend).mean(0)  # two rows per column, zero columns: fine
+    assert empty_rows.shape == (1, 0)
 
 
 @pytest.mark.task2_3

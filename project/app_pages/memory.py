@@ -1,13 +1,12 @@
-"""Memory-and-speed page: standard vs flash attention memory, committed benchmark results, a tiny live run."""
+"""Memory-and-speed page: standard vs flash attention memory, the benchmark suite's results, a tiny live run."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import time
 import tracemalloc
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import pandas as pd
@@ -18,12 +17,10 @@ from minitorch.attention.reference import naive_attention_float32, reference_att
 from minitorch.attention.spec import make_spec
 from minitorch.attention.tiling import default_block_sizes
 
-from .common import chart, cuda_available, fmt_bytes, line_spec, records
+from .common import chart, cuda_available, fmt_bytes, line_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-X_CANDIDATES = ["n", "seq_len", "seqlen", "seq", "nk", "nq", "length", "capacity", "tokens", "context", "size",
-                "t", "steps", "batch"]
 
 
 # -- computed memory ---------------------------------------------------------------------------------------------------
@@ -66,111 +63,133 @@ def measured_memory(Ns: Tuple[int, ...], D: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# -- benchmark results -------------------------------------------------------------------------------------------------
-def _tables(obj: Any, name: str) -> List[Tuple[str, pd.DataFrame]]:
-    """Every list of records in a JSON document, flattened into tables (tolerant of any schema)."""
-    out: List[Tuple[str, pd.DataFrame]] = []
-    if isinstance(obj, list):
-        if obj and all(isinstance(r, dict) for r in obj):
-            out.append((name, pd.json_normalize(obj)))
-        elif obj and all(isinstance(r, (int, float)) for r in obj):
-            out.append((name, pd.DataFrame({name.split("/")[-1]: obj})))
-        else:
-            for i, r in enumerate(obj):
-                out.extend(_tables(r, f"{name}[{i}]"))
-    elif isinstance(obj, dict):
-        scalars = {k: v for k, v in obj.items() if not isinstance(v, (dict, list))}
-        nested = {k: v for k, v in obj.items() if isinstance(v, (dict, list))}
-        # a dict of dicts that all look like records (e.g. {"N=128": {...}, ...}) is one table
-        if nested and all(isinstance(v, dict) for v in nested.values()) and len(nested) > 1 and all(
-            all(not isinstance(x, (dict, list)) for x in v.values()) for v in nested.values()
-        ):
-            df = pd.json_normalize([{"key": k, **v} for k, v in nested.items()])
-            out.append((name, df))
-            nested = {}
-        if scalars and not nested:
-            out.append((name, pd.DataFrame([scalars])))
-        for k, v in nested.items():
-            out.extend(_tables(v, f"{name}/{k}"))
-    return out
+# -- benchmark results ---------------------------------------------------------------------------------------------
+def result_sets() -> List[Tuple[str, str]]:
+    """``(label, summary.json path)`` of every suite run there is: the committed full and quick runs, then local runs
+    (``python -m benchmarks`` without ``--update-results`` writes ``benchmarks/results/local/``)."""
+    sets = [("full suite, committed", os.path.join(RESULTS, "suite")),
+            ("quick suite, committed", os.path.join(RESULTS, "quick")),
+            ("full suite, your run", os.path.join(RESULTS, "local", "suite")),
+            ("quick suite, your run", os.path.join(RESULTS, "local", "quick"))]
+    return [(f"{label} ({os.path.relpath(folder, ROOT)})", os.path.join(folder, "summary.json"))
+            for label, folder in sets if os.path.exists(os.path.join(folder, "summary.json"))]
 
 
 @st.cache_data(show_spinner=False)
-def load_results(mtimes: Tuple[Tuple[str, float], ...]) -> List[Tuple[str, Any]]:
-    """``(file, parsed JSON or error text)`` for every ``benchmarks/results/*.json`` (re-read when files change)."""
-    out = []
-    for path, _ in mtimes:
-        try:
-            with open(path) as f:
-                out.append((path, json.load(f)))
-        except Exception as err:  # a broken file is shown, never fatal
-            out.append((path, f"could not read: {type(err).__name__}: {err}"))
-    return out
+def load_summary(path: str, mtime: float) -> Any:
+    """The parsed ``summary.json`` (re-read when the file changes), or the error text of a broken file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except Exception as err:  # a broken file is shown, never fatal
+        return f"could not read {path}: {type(err).__name__}: {err}"
 
 
-def _x_column(df: pd.DataFrame) -> str | None:
-    numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
-    by_lower = {c.lower().split(".")[-1]: c for c in numeric}
-    for cand in X_CANDIDATES:
-        if cand in by_lower and df[by_lower[cand]].nunique() > 1:
-            return by_lower[cand]
-    return None
+def _wide(rows: List[dict], x: str, series: Any, value: str) -> Tuple[pd.DataFrame, List[str]]:
+    """Rows of one table -> one column per series label (``series(row)``) against ``x``, for `line_spec`."""
+    df = pd.DataFrame([{x: r[x], "series": series(r), "value": r.get(value)} for r in rows])
+    labels = list(dict.fromkeys(df["series"]))
+    wide = df.pivot_table(index=x, columns="series", values="value", aggfunc="first").reset_index()
+    return wide, labels
 
 
-def show_table(name: str, df: pd.DataFrame, key: str) -> None:
-    st.markdown(f"`{name}`: {len(df)} record(s)")
-    st.dataframe(df, hide_index=True)
-    x = _x_column(df)
-    numeric = [c for c in df.columns if c != x and pd.api.types.is_numeric_dtype(df[c])
-               and not pd.api.types.is_bool_dtype(df[c]) and df[c].notna().any()]
-    if not numeric:
+def _legend_below(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """The legend under the plot, where it hides no line (two columns when there are many series)."""
+    columns = 1 if len(spec["transform"][0]["fold"]) <= 3 else 2
+    spec["encoding"]["color"]["legend"] = {"orient": "bottom", "columns": columns, "labelLimit": 300}
+    return spec
+
+
+def benchmark_charts(summary: Dict[str, Any]) -> List[Tuple[Dict[str, Any], str]]:
+    """``(Vega-Lite spec, caption)`` for each table of a suite ``summary.json``: attention time vs N, peak memory
+    vs N, decoding speed vs cache size, dynamic-mask-attention speedup vs selection ratio. Labels are the
+    implementations' names from the file."""
+    charts = []
+    att = summary.get("attention") or {}
+    if att.get("rows"):
+        wide, labels = _wide(att["rows"], "N", lambda r: r["impl"], "median_ms")
+        cfg = att.get("config", {})
+        missing = "".join(f" {impl}: not measured ({why})." for impl, why in (att.get("not_measured") or {}).items())
+        charts.append((_legend_below(line_spec(wide, "N", labels, title="attention time vs N", y_title="ms (median)",
+                                               x_title="sequence length N", log_x=True, log_y=True,
+                                               dashed=[lb for lb in labels if not lb.startswith("flash")])),
+                       f"B={cfg.get('B')}, H={cfg.get('H')}, D={cfg.get('D')}, float32 CPU; "
+                       f"{cfg.get('statistic', '')}. Dashed: the baselines.{missing}"))
+    mem = summary.get("memory") or []
+    if mem:
+        cols = {"flash_fwd_bwd_extra_mib": "flash forward+backward",
+                "naive_fwd_extra_mib": "standard attention forward",
+                "score_matrix_mib": "one N x N score matrix (all heads)"}
+        df = pd.DataFrame([{"N": r["N"], **{label: r.get(key) for key, label in cols.items()}} for r in mem])
+        spec = line_spec(df, "N", list(cols.values()), title="peak memory beyond the inputs vs N",
+                         y_title="MiB (peak resident, fresh process)", x_title="sequence length N", log_x=True,
+                         log_y=True, dashed=[cols["score_matrix_mib"]])
+        charts.append((_legend_below(spec),
+                       "Extra peak resident memory of one call, each in a fresh process: flash attention's grows "
+                       "like N (its tiles), standard attention's like N^2 (the score matrix, dashed)."))
+    dec = summary.get("decode") or {}
+    if dec.get("rows"):
+        rows = [dict(r, kind=k, tps=r[f"{k}_tokens_per_s"]) for r in dec["rows"] for k in ("ring", "recompute")]
+        names = {"ring": "ring-buffer KV cache", "recompute": "recompute the window"}
+        wide, labels = _wide(rows, "capacity", lambda r: f"{names[r['kind']]} ({r['backend']})", "tps")
+        charts.append((_legend_below(line_spec(wide, "capacity", labels, title="decoding one token at a time",
+                                               y_title="tokens / s", x_title="cache size = attention window (tokens)",
+                                               log_x=True, log_y=True,
+                                               dashed=[lb for lb in labels if lb.startswith("recompute")])),
+                       f"{dec.get('statistic', '')}. The cache reads its rotated slots in place: O(C) per token; "
+                       "recomputing the window is O(C^2)."))
+    dma = summary.get("dma") or {}
+    if dma.get("rows"):
+        rows = [dict(r, label=f"N={r['N']}{' causal' if r['causal'] else ''}") for r in dma["rows"]]
+        wide, labels = _wide(rows, "ratio", lambda r: r["label"], "speedup_fwd")
+        ideal = {"ideal 1/r": 1.0 / wide["ratio"]}
+        if any(r["causal"] for r in rows):
+            ideal["ideal causal 1/(2r)"] = 0.5 / wide["ratio"]
+        wide = wide.assign(**ideal)
+        spec = _legend_below(line_spec(wide, "ratio", labels + list(ideal), title="dynamic mask attention: speedup",
+                                       y_title="dense flash time / DMA time (forward)",
+                                       x_title="selection ratio r = keep_window_size / N", log_x=True, log_y=True,
+                                       dashed=list(ideal)))
+        spec["encoding"]["x"]["axis"] = {"values": sorted(set(wide["ratio"])), "format": "~g"}
+        spec["encoding"]["y"]["axis"] = {"format": "~g"}  # 0.3, not SI's "300m"
+        charts.append((spec,
+                       f"{dma.get('statistic', '')}; ideal: {dma.get('ideal', '1/r')}."))
+    return charts
+
+
+def machine_caption(summary: Dict[str, Any]) -> str:
+    m, peak = summary.get("machine") or {}, summary.get("matmul_peak") or {}
+    text = (f"{m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, GPU: {m.get('gpu') or 'none'}; numpy "
+            f"{m.get('numpy', '?')}, numba {m.get('numba', '?')}")
+    if peak.get("gflops_best"):
+        text += f"; NumPy float32 matmul peak {peak['gflops_best']:.0f} GFLOP/s"
+    load = m.get("load_average")
+    if load:
+        text += f"; load average at the start {load[0]:.1f} (a shared machine: indicative numbers)"
+    return text
+
+
+def show_benchmark_results() -> None:
+    sets = result_sets()
+    if not sets:
+        st.info("No suite results here (`benchmarks/results/suite/summary.json`). `python -m benchmarks --quick` "
+                "writes them to `benchmarks/results/local/quick/`.")
         return
-    if x is None:  # nothing varies like a size: compare the chosen numeric fields side by side
-        _bars(df, numeric, key)
+    label = st.selectbox("results", [lb for lb, _ in sets], key="bench_set")
+    path = dict(sets)[label]
+    summary = load_summary(path, os.path.getmtime(path))
+    if isinstance(summary, str):
+        st.warning(summary)
         return
-    cats = [c for c in df.columns if df[c].dtype == object and 1 < df[c].nunique() <= 12
-            and df[c].map(lambda v: isinstance(v, str)).all()]
-    metric = st.selectbox("metric to chart", numeric, key=f"{key}_metric")
-    color = st.selectbox("one line per", ["(none)"] + cats, key=f"{key}_color") if cats else "(none)"
-    data = df[[x, metric] + ([color] if color != "(none)" else [])].dropna(subset=[x, metric])
-    pos_x = bool((data[x] > 0).all()) and data[x].max() / max(data[x].min(), 1e-12) > 16
-    pos_y = bool((data[metric] > 0).all()) and data[metric].max() / max(data[metric].min(), 1e-300) > 100
-    enc = {
-        "x": {"field": x, "type": "quantitative", "scale": {"type": "log", "base": 2} if pos_x else {"zero": False}},
-        "y": {"field": metric, "type": "quantitative", "scale": {"type": "log"} if pos_y else {"zero": False}},
-        "tooltip": [{"field": c} for c in data.columns],
-    }
-    if color != "(none)":
-        enc["color"] = {"field": color, "type": "nominal", "legend": {"orient": "bottom"}}
-    chart({"data": {"values": records(data)}, "mark": {"type": "line", "point": True}, "encoding": enc,
-           "height": 260}, stretch=True)
-
-
-def _bars(df: pd.DataFrame, numeric: List[str], key: str) -> None:
-    timing = [c for c in numeric if any(t in c.lower() for t in ("ms", "time", "sec"))]
-    cols = st.multiselect("fields to compare", numeric, default=timing[:6] or numeric[:3], key=f"{key}_fields")
-    if not cols:
-        return
-    labels = [c for c in df.columns if df[c].dtype == object and df[c].map(lambda v: isinstance(v, str)).all()]
-    label = labels[0] if labels else None
-    rows = []
-    for i, r in df.iterrows():
-        for c in cols:
-            if pd.notna(r[c]):
-                rows.append({"field": c, "value": float(r[c]), "record": str(r[label]) if label else f"record {i}"})
-    y = {"field": "field", "type": "nominal", "title": None, "sort": cols, "axis": {"labelLimit": 260}}
-    x = {"field": "value", "type": "quantitative", "title": None}
-    chart({"data": {"values": rows}, "height": {"step": 22},
-           "layer": [
-               {"mark": "bar",
-                "encoding": {"y": y, "yOffset": {"field": "record"}, "x": x,
-                             "color": {"field": "record", "type": "nominal", "legend": {"orient": "bottom"}},
-                             "tooltip": [{"field": "record"}, {"field": "field"},
-                                         {"field": "value", "format": ",.4~g"}]}},
-               {"mark": {"type": "text", "align": "left", "dx": 3},
-                "encoding": {"y": y, "yOffset": {"field": "record"}, "x": x,
-                             "text": {"field": "value", "format": ",.4~g"}}},
-           ]}, stretch=True)
+    st.caption(machine_caption(summary))
+    charts = benchmark_charts(summary)
+    if not charts:
+        st.info(f"`{os.path.relpath(path, ROOT)}` holds no benchmark tables.")
+    for i in range(0, len(charts), 2):
+        cols = st.columns(2)
+        for col, (spec, caption) in zip(cols, charts[i:i + 2]):
+            chart(spec, col, stretch=True)
+            col.caption(caption)
 
 
 # -- live run ----------------------------------------------------------------------------------------------------------
@@ -233,28 +252,8 @@ def render() -> None:
         "`SimpleBackend.attention.forward` (minitorch/attention/kernels/simple/flash.py) and `minitorch.attention.reference.naive_attention_float32`."
     )
 
-    st.subheader("Committed benchmark results (`benchmarks/results/*.json`)")
-    files = sorted(glob.glob(os.path.join(RESULTS, "*.json")))
-    pngs = sorted(glob.glob(os.path.join(RESULTS, "*.png")))
-    if not files and not pngs:
-        st.info("No benchmark results committed yet (`benchmarks/results/` is empty). Run e.g. "
-                "`python benchmarks/bench_decode.py` to produce `benchmarks/results/bench_decode.json`.")
-    docs = load_results(tuple((f, os.path.getmtime(f)) for f in files))
-    for i, (path, doc) in enumerate(docs):
-        with st.expander(os.path.basename(path), expanded=i == 0):
-            if isinstance(doc, str):
-                st.warning(doc)
-                continue
-            tables = _tables(doc, os.path.basename(path))
-            if not tables:
-                st.json(doc)
-            for j, (name, df) in enumerate(tables):
-                try:
-                    show_table(name, df, key=f"bench_{i}_{j}")
-                except Exception as err:  # any schema: show the raw table rather than fail
-                    st.caption(f"(could not chart {name}: {err})")
-    for png in pngs:
-        st.image(png, caption=os.path.basename(png))
+    st.subheader("Benchmark results (`python -m benchmarks`)")
+    show_benchmark_results()
 
     st.subheader("Live run (tiny sizes)")
     c = st.columns(4)
