@@ -116,10 +116,6 @@ def test_real_cuda_and_the_simulator_contradict(monkeypatch: pytest.MonkeyPatch)
     assert "NUMBA_ENABLE_CUDASIM=1 asks for the simulator" in real_cuda_problem()
 
 
-# The attention internals are being rewritten elsewhere; their docstrings still cite the design note that lives
-# outside the repository. Remove this exemption when that rewrite lands (it points them at docs/api.md).
-BEING_REWRITTEN = ("minitorch/attention/", "minitorch/cuda_kernels/")
-
 
 def test_docs_and_docstrings_cite_no_file_outside_the_repository() -> None:
     """The design note the project started from is not in the repository: nothing may send a reader to it."""
@@ -128,6 +124,6 @@ def test_docs_and_docstrings_cite_no_file_outside_the_repository() -> None:
     files = sorted({os.path.relpath(p, ROOT) for pat in patterns for p in glob.glob(os.path.join(ROOT, pat),
                                                                                      recursive=True)})
     assert "README.md" in files and "minitorch/__init__.py" in files
-    cites = [f"{f}:{i}" for f in files if not f.startswith(BEING_REWRITTEN)
+    cites = [f"{f}:{i}" for f in files
              for i, line in enumerate(open(os.path.join(ROOT, f), encoding="utf-8"), start=1) if "DESIGN.md" in line]
     assert cites == [], cites

@@ -28,7 +28,7 @@ def reference_mask(
     key_padding_mask: Optional[np.ndarray] = None,
     num_sinks: int = 0,
 ) -> np.ndarray:
-    """Boolean ``(B, Nq, Nk)``: True where query i may attend to key j (DESIGN.md section 3).
+    """Boolean ``(B, Nq, Nk)``: True where query i may attend to key j (docs/api.md).
 
     Keys at positions ``< num_sinks`` are exempt from the window (attention sinks of the ring-buffer cache).
     """

@@ -11,7 +11,7 @@ many pairs uninteresting:
 :class:`TileSchedule` is the single source of truth for this classification. The CPU and CUDA kernels, the tests
 and the visualizer all take their tiles from it, so what a student sees is what the kernels do.
 
-Positions, not indices, define the masks (DESIGN.md section 3): query row ``i`` sits at position ``q_pos[i]``,
+Positions, not indices, define the masks (docs/api.md): query row ``i`` sits at position ``q_pos[i]``,
 key slot ``j`` at ``k_pos[j]``; ``-1`` marks an empty slot. A ring buffer's rotated slots therefore need no
 reordering: the schedule simply sees non-monotone positions.
 """
