@@ -251,8 +251,6 @@ class RingBufferKVCache:
         self._last_append = 0
         shape = (self.B, self.Hkv, self.capacity, self.D)
         if self.keep_graph:
-            from ..tensor_functions import zeros
-
             self._k_t = zeros(shape, backend=self.backend, dtype=dt)
             self._v_t = zeros(shape, backend=self.backend, dtype=dt)
             self._k = self._v = None
@@ -668,6 +666,4 @@ class DecoderFeedbackBuffer:
     def inputs(self) -> "Tensor":
         """The right-shifted decoder input window ``[start, y_0, ..., y_{t-1}]`` (last ``capacity``) as a Tensor
         ``(batch, L, dim)``."""
-        from ..tensor_functions import from_numpy
-
         return from_numpy(self.inputs_array(), backend=self.backend)

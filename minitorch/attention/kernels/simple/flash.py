@@ -326,13 +326,14 @@ def _tile_grads(head: _Head, tq: int, tk: int, dO_i: np.ndarray, lse_i: np.ndarr
     """
     S_ij, vis = head.scores(tq, tk)
     P_ij = np.exp(S_ij - lse_i[:, None])
-    dP_ij = dO_i @ head.v[head.key_rows(tk)].T
     drop = head.dropout_scale(tq, tk)
-    Z_ij = P_ij
-    if drop is not None:
-        Z_ij = P_ij * drop
-        dP_ij = dP_ij * drop
-    dS_ij = P_ij * (dP_ij - delta_i[:, None])
+    with np.errstate(invalid="ignore"):  # NaN in a masked V_j: its dS entries are replaced by 0 below
+        dP_ij = dO_i @ head.v[head.key_rows(tk)].T
+        Z_ij = P_ij
+        if drop is not None:
+            Z_ij = P_ij * drop
+            dP_ij = dP_ij * drop
+        dS_ij = P_ij * (dP_ij - delta_i[:, None])
     if vis is not None:
         dS_ij = np.where(vis, dS_ij, 0)  # a masked pair has no gradient, whatever V holds there
     return Z_ij, dS_ij, vis
