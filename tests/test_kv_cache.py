@@ -59,7 +59,7 @@ def test_slot_of_formula(capacity, sinks, p):
 @pytest.mark.parametrize("sinks", [0, 2])
 def test_pointers_and_positions(sinks):
     C = 6
-    cache = RingBufferKVCache(1, 1, 2, C, num_sinks=sinks)
+    cache = RingBufferKVCache(1, 1, 2, C, num_sinks=sinks, backend="simple", dtype=np.float64)
     assert (cache.seen, cache.length, cache.write_ptr, cache.read_ptr) == (0, 0, 0, 0)
     assert np.all(cache.positions == -1)
     storage = cache.key_storage
@@ -228,7 +228,7 @@ def test_decode_equals_windowed_causal_attention(kind, sinks):
     N = 3 * C
     q, k, v = _qkv(rng, B, H, Hkv, N, D)
     ref, _ = reference_attention(q, k, v, causal=True, window=C - sinks, num_sinks=sinks)
-    cache = RingBufferKVCache(B, Hkv, D, C, num_sinks=sinks, backend=kind, block_size=4, head_tile_size=3)
+    cache = RingBufferKVCache(B, Hkv, D, C, num_sinks=sinks, dtype=np.float64, backend=kind, block_size=4, head_tile_size=3)
     cache.key_storage[...] = np.nan
     cache.value_storage[...] = np.nan
     for t in range(N):
@@ -243,8 +243,8 @@ def test_decode_equals_windowed_causal_attention_cuda():
     N = 2 * C + 1
     q, k, v = _qkv(rng, B, H, Hkv, N, D)
     ref, _ = reference_attention(q, k, v, causal=True, window=C - sinks, num_sinks=sinks)
-    cache = RingBufferKVCache(B, Hkv, D, C, num_sinks=sinks, backend="cuda", block_size=2, tile_size=2,
-                              head_tile_size=2)
+    cache = RingBufferKVCache(B, Hkv, D, C, num_sinks=sinks, dtype=np.float64, backend="cuda", block_size=2,
+                              tile_size=2, head_tile_size=2)
     for t in range(N):
         cache.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
         out = cache.attend(q[:, :, t : t + 1])
@@ -261,7 +261,7 @@ def test_chunked_prefill_equals_one_shot(kind, sinks):
     q, k, v = _qkv(rng, B, H, Hkv, N, D)
     ref, _ = reference_attention(q, k, v, causal=True, window=C - sinks, num_sinks=sinks)
     for chunk in (1, 3, C - 1, C, C + 3, N):
-        cache = RingBufferKVCache(B, Hkv, D, C, num_sinks=sinks, backend=kind, block_size=4)
+        cache = RingBufferKVCache(B, Hkv, D, C, num_sinks=sinks, dtype=np.float64, backend=kind, block_size=4)
         outs = []
         for a in range(0, N, chunk):
             cache.append(k[:, :, a : a + chunk], v[:, :, a : a + chunk])
@@ -278,7 +278,7 @@ def test_chunked_prefill_cuda():
     N = 2 * C + 1
     q, k, v = _qkv(rng, B, H, Hkv, N, D)
     ref, _ = reference_attention(q, k, v, causal=True, window=C - sinks, num_sinks=sinks)
-    cache = RingBufferKVCache(B, Hkv, D, C, num_sinks=sinks, backend="cuda", block_size=2, tile_size=2)
+    cache = RingBufferKVCache(B, Hkv, D, C, num_sinks=sinks, dtype=np.float64, backend="cuda", block_size=2, tile_size=2)
     outs = []
     for a in range(0, N, 5):
         cache.append(k[:, :, a : a + 5], v[:, :, a : a + 5])
@@ -294,7 +294,7 @@ def test_key_padding_is_remembered():
     pad[:, -1] = False
     ref, _ = reference_attention(q, k, v, causal=True, window=C, key_padding_mask=pad)
     for kind in CPU_KINDS:
-        cache = RingBufferKVCache(B, H, D, C, backend=kind, block_size=2)
+        cache = RingBufferKVCache(B, H, D, C, dtype=np.float64, backend=kind, block_size=2)
         outs = []
         for t in range(N):
             cache.append(k[:, :, t : t + 1], v[:, :, t : t + 1], key_padding_mask=pad[:, t : t + 1])

@@ -191,7 +191,7 @@ def attention_reference(
     # scores are replaced by that max before the exp (s * 0 + m - m = 0 exactly), so however large a masked score
     # is it never overflows, and the mask's 0 removes it.
     s_np = s.detach().to_numpy()
-    m_np = np.where(mask_np, s_np, -np.inf).max(axis=-1, keepdims=True)
+    m_np = np.where(mask_np, s_np, -np.inf).max(axis=-1, keepdims=True, initial=-np.inf)
     m_np = np.where(row_any, m_np, 0.0).astype(dtype)
     m = from_numpy(m_np, backend=backend)
     fill = from_numpy(np.where(mask_np, 0.0, m_np).astype(dtype), backend=backend)

@@ -190,8 +190,8 @@ class RingBufferKVCache:
         capacity: number of slots ``C``; the attention window is ``capacity - num_sinks``.
         num_sinks: the first ``num_sinks`` tokens are kept forever (attention sinks).
         backend: a TensorBackend (or ``"simple"``, ``"fast"``, ``"cuda"``): where the storage lives and which
-            kernels ``attend`` runs (NumPy, Numba CPU, Numba CUDA).
-        dtype: ``float64`` (default) or ``float32``.
+            engine ``attend`` runs (NumPy, Numba CPU, Numba CUDA). Default: the backend of the first keys appended.
+        dtype: ``float32`` or ``float64``. Default: the dtype of the first keys appended.
         block_size: slots per tile of the decode kernels (tiles entirely outside the window are skipped; on CUDA,
             slots per split of the split-K kernel). Default ``min(capacity, 128)``.
         tile_size: flash-attention tile (``block_q = block_k``) of chunk attention; on CUDA also the threads per
@@ -213,7 +213,7 @@ class RingBufferKVCache:
         capacity: int,
         num_sinks: int = 0,
         backend: Any = None,
-        dtype: Any = np.float64,
+        dtype: Any = None,
         *,
         block_size: Optional[int] = None,
         tile_size: Optional[int] = None,
@@ -228,13 +228,12 @@ class RingBufferKVCache:
         if num_sinks >= capacity:
             raise ValueError(f"num_sinks ({num_sinks}) must be smaller than capacity ({capacity}): the window "
                              f"capacity - num_sinks must hold at least one token")
-        dt = _float_dtype(dtype)
         self.B, self.Hkv, self.D = int(batch), int(num_kv_heads), int(head_dim)
         self.capacity, self.num_sinks = int(capacity), int(num_sinks)
         self.window = self.capacity - self.num_sinks
-        self.dtype = dt
-        self.backend = resolve_backend(backend)
-        self.engine = engine_of(self.backend)
+        # None: taken from the first keys appended (never a silent float64 NumPy cache beside float32 CUDA tensors)
+        self.dtype: Optional[np.dtype] = None if dtype is None else _float_dtype(dtype)
+        self.backend: Optional[TensorBackend] = None if backend is None else resolve_backend(backend)
         for name, val in (("block_size", block_size), ("tile_size", tile_size)):
             if val is not None and (isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1):
                 raise ValueError(f"{name} must be an int >= 1 or None, got {val!r}")
@@ -249,14 +248,44 @@ class RingBufferKVCache:
         self._kpb = np.full((self.B, self.capacity), -1, dtype=np.int64)
         self._ws: Optional[Tuple[Any, Any, np.ndarray, np.ndarray]] = None  # chunk workspace, see append
         self._last_append = 0
+        self._k = self._v = self._k_t = self._v_t = None
+        if self.backend is not None and self.dtype is not None:
+            self._allocate()
+
+    def _allocate(self) -> None:
+        """The slot storage ``(B, Hkv, capacity, D)``, zero-filled, once backend and dtype are known."""
         shape = (self.B, self.Hkv, self.capacity, self.D)
         if self.keep_graph:
-            self._k_t = zeros(shape, backend=self.backend, dtype=dt)
-            self._v_t = zeros(shape, backend=self.backend, dtype=dt)
-            self._k = self._v = None
+            self._k_t = zeros(shape, backend=self.backend, dtype=self.dtype)
+            self._v_t = zeros(shape, backend=self.backend, dtype=self.dtype)
         else:
-            self._k = self.engine.zeros(shape, dt)
-            self._v = self.engine.zeros(shape, dt)
+            self._k = self.engine.zeros(shape, self.dtype)
+            self._v = self.engine.zeros(shape, self.dtype)
+
+    def _adopt(self, k: Any) -> None:
+        """Backend and dtype not given: those of the first keys appended (a Tensor's; NumPy arrays: SimpleBackend;
+        device arrays: CudaBackend), then allocate."""
+        if self.backend is None:
+            if isinstance(k, Tensor):
+                self.backend = k.backend
+            else:
+                self.backend = CudaBackend if hasattr(k, "copy_to_host") and not isinstance(k, np.ndarray) \
+                    else SimpleBackend
+        if self.dtype is None:
+            dt = np.dtype(getattr(k, "dtype", np.float64))
+            self.dtype = dt if dt in (np.dtype(np.float32), np.dtype(np.float64)) else np.dtype(np.float64)
+        self._allocate()
+
+    @property
+    def engine(self) -> AttentionEngine:
+        """The attention engine of the cache's backend."""
+        if self.backend is None:
+            raise ValueError("the cache has no backend yet: give backend= (and dtype=) or append keys first")
+        return engine_of(self.backend)
+
+    def _storage_ready(self) -> None:
+        if self._k is None and self._k_t is None:
+            raise ValueError("the cache has no storage yet: give backend= and dtype=, or append keys first")
 
     # -- pointers and views --------------------------------------------------------------------------------------
 
@@ -290,21 +319,25 @@ class RingBufferKVCache:
     @property
     def key_storage(self) -> ArrayLike:
         """The raw key slots ``(B, Hkv, capacity, D)`` (NumPy or device array; a Tensor with ``keep_graph``)."""
+        self._storage_ready()
         return self._k_t if self.keep_graph else self._k
 
     @property
     def value_storage(self) -> ArrayLike:
         """The raw value slots ``(B, Hkv, capacity, D)``."""
+        self._storage_ready()
         return self._v_t if self.keep_graph else self._v
 
     @property
     def keys(self) -> "Tensor":
         """Slot storage of the keys as a Tensor ``(B, Hkv, capacity, D)`` (rotated; shares the storage)."""
+        self._storage_ready()
         return self._k_t if self.keep_graph else wrap(self._k, self.backend)
 
     @property
     def values(self) -> "Tensor":
         """Slot storage of the values as a Tensor ``(B, Hkv, capacity, D)`` (rotated; shares the storage)."""
+        self._storage_ready()
         return self._v_t if self.keep_graph else wrap(self._v, self.backend)
 
     def chronological_slots(self) -> np.ndarray:
@@ -316,6 +349,7 @@ class RingBufferKVCache:
 
     def unrotate(self) -> Tuple["Tensor", "Tensor"]:
         """``(k, v)`` of the held tokens in chronological order, ``(B, Hkv, length, D)`` each (copies)."""
+        self._storage_ready()
         order = self.chronological_slots()
         if self.keep_graph:
             return seq_take(self._k_t, order), seq_take(self._v_t, order)
@@ -332,10 +366,15 @@ class RingBufferKVCache:
     def __repr__(self) -> str:
         return (f"RingBufferKVCache(B={self.B}, Hkv={self.Hkv}, D={self.D}, capacity={self.capacity}, "
                 f"num_sinks={self.num_sinks}, seen={self.seen}, read_ptr={self.read_ptr}, write_ptr={self.write_ptr}, "
-                f"backend={self.backend.name}, dtype={self.dtype.name}{', keep_graph' if self.keep_graph else ''})")
+                f"backend={getattr(self.backend, 'name', None)}, dtype={getattr(self.dtype, 'name', None)}"
+                f"{', keep_graph' if self.keep_graph else ''})")
 
     # -- input checks ------------------------------------------------------------------------------------------------
     def _check_kv(self, k: Any, v: Any) -> int:
+        for name, x in (("k", k), ("v", v)):
+            if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+                raise TypeError(f"append: {name} must be a Tensor or an array of shape (B, Hkv, T, D), "
+                                f"got {type(x).__name__}")
         ks, vs = tuple(int(s) for s in k.shape), tuple(int(s) for s in v.shape)
         expected = f"(B, Hkv, T, D) = ({self.B}, {self.Hkv}, T, {self.D})"
         if len(ks) != 4 or len(vs) != 4:
@@ -348,6 +387,8 @@ class RingBufferKVCache:
         return ks[2]
 
     def _check_q(self, q: Any) -> Tuple[int, int]:
+        if not hasattr(q, "shape"):
+            raise TypeError(f"attend: q must be a Tensor or an array of shape (B, H, T, D), got {type(q).__name__}")
         qs = tuple(int(s) for s in q.shape)
         if len(qs) != 4 or qs[0] != self.B or qs[3] != self.D or qs[1] % self.Hkv != 0 or qs[1] < 1:
             raise ValueError(f"attend: q must be (B, H, T, D) with B={self.B}, D={self.D} and H a multiple of "
@@ -399,6 +440,8 @@ class RingBufferKVCache:
         pad = self._padding(key_padding_mask, self.B, T)
         if T == 0:
             return
+        if self._k is None and self._k_t is None:
+            self._adopt(k)
         s, W, C = self.num_sinks, self.window, self.capacity
         start = self.seen
         pos = start + np.arange(T, dtype=np.int64)

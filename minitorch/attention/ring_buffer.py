@@ -217,10 +217,16 @@ class RingBufferAttention(Module):
         Decoder form: ``out = model(q, k, v, position=pos, is_decoder=True, buffer_state=state, ...)``
         (``(out, weights)`` with ``needs_weights`` or ``output_attentions``)."""
         if is_decoder:
+            if buffer_state is None:
+                raise ValueError("a decoder step (is_decoder=True) needs buffer_state: the state the prefill returned, "
+                                 "or model.new_state(batch, backend, dtype) to start from an empty cache")
             return self._decode_step(q, k, v, position, att_mask, key_padding_mask,
                                      needs_weights or output_attentions, buffer_state, seed)
         if att_mask is not None:
             raise ValueError("att_mask applies to decoder steps (is_decoder=True); for a prefill use key_padding_mask")
+        if needs_weights or output_attentions:
+            raise ValueError("needs_weights / output_attentions apply to decoder steps (is_decoder=True); for the "
+                             "weights of a prefill use minitorch.attention.attention_probs on the same inputs")
         return self._prefill(q, k, v, requires_grad, key_padding_mask, buffer_state, seed)
 
     def _prefill(self, q: Any, k: Any, v: Any, requires_grad: bool, key_padding_mask: Any,
@@ -283,7 +289,7 @@ class RingBufferAttention(Module):
         B, H, Hkv, T, Tk = self._check_inputs(q, k, v)
         if Tk != T:
             raise ValueError(f"a decoder step appends one key per query, got q length {T} and k length {Tk}")
-        state = buffer_state if buffer_state is not None else self.new_state(B, q.backend, q.dtype)
+        state = buffer_state
         cache = state.cache
         if bool(q.backend.cuda) != bool(cache.backend.cuda):
             raise ValueError(f"buffer_state is on {cache.backend.name}, q on backend {q.backend.name}")
