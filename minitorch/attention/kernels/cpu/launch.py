@@ -14,9 +14,11 @@ cached on disk (``cache=True``): a second process loads them instead of compilin
 
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import numba
 import numpy as np
@@ -43,12 +45,56 @@ _pool_size = 0
 _pool_lock = threading.Lock()
 
 
+NOTE_AFTER_S = 0.5
+"""A first call that takes longer than this is a compile (a disk-cache load takes a fraction of it): say so."""
+_noted = False
+
+
+@contextmanager
+def first_compile_note(what: str = "attention kernels") -> Iterator[None]:
+    """Print one line to stderr, once per process, if the call inside takes longer than :data:`NOTE_AFTER_S`:
+    the first call of a kernel compiles it (seconds), later processes load it from the disk cache."""
+    global _noted
+    if _noted:
+        yield
+        return
+
+    def note() -> None:
+        global _noted
+        if not _noted:
+            _noted = True
+            print(f"compiling {what} (first run only; cached on disk afterwards; "
+                  "`python -m minitorch.warmup` does it ahead of time)...", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(NOTE_AFTER_S, note)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+_launched: set = set()
+
+
 def launch(kernel_fn: Callable, n_programs: int, *args: Any) -> None:
     """Run ``kernel_fn(worker, n_workers, *args)`` for every worker and wait: a grid launch, as on a GPU.
 
     ``n_workers = min(numba.get_num_threads(), n_programs)``; the calling thread is worker 0, a small thread pool
-    runs the others. Programs write disjoint memory, so how they are shared out cannot change any result.
+    runs the others. Programs write disjoint memory, so how they are shared out cannot change any result. The first
+    launch of a kernel for a dtype in this process may compile it (:func:`first_compile_note`).
     """
+    key = (kernel_fn, getattr(args[0], "dtype", None) if args else None)
+    if key in _launched:
+        _run_grid(kernel_fn, n_programs, args)
+        return
+    with first_compile_note():
+        _run_grid(kernel_fn, n_programs, args)
+    _launched.add(key)
+
+
+def _run_grid(kernel_fn: Callable, n_programs: int, args: Any) -> None:
     global _pool, _pool_size
     n_workers = max(1, min(numba.get_num_threads(), n_programs))
     if n_workers == 1:
