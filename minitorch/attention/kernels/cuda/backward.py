@@ -34,18 +34,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .tiles import (
-    SKIP,
-    TRIANGLE,
-    Flags,
-    TileShape,
-    cached,
-    device,
-    dropout_hash,
-    numba_type,
-    sentinels,
-    tile_ops,
-)
+from .tiles import QF_DELTA, QF_LSE, SKIP, TRIANGLE, Flags, TileShape, cached, device, dropout_hash, numba_type, tile_ops
 
 _KERNELS: Dict[Tuple[Any, ...], Any] = {}
 
@@ -78,13 +67,12 @@ def _key(name: str, shape: Any, dtype: Any, flags: Flags, *extra: Any) -> Tuple[
 
 
 def make_bwd_step(shape: TileShape, dtype: Any, flags: Flags, key_rows: bool) -> Callable:
-    """``bwd_step(s, dp, Zs, dSs, vis, rsum, qd..., jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)``: FA2
+    """``bwd_step(s, dp, Zs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)``: FA2
     Algorithm 2, lines 11-14, for the thread's register tile.
 
     In: ``s = Q_i K_j^T`` and ``dp = dO_i V_j^T`` (register tiles ``(RM, RN)``; transposed when ``key_rows``: the
-    register rows are keys, the dK/dV kernel). The query tile's values sit in shared arrays indexed by the query's
-    place in the tile: ``qpos, brow, tv, ti, lse, delta`` (``lse`` with ``MAX`` for a row that saw no key), the key
-    tile's in ``jt, kps``. Out, at the tile's ``(row, col)``: ``dSs = dS_ij``, ``Zs = Z_ij`` (only when
+    register rows are keys, the dK/dV kernel). The query tile's values are its query table ``qf, qn`` (with
+    ``lse`` and ``delta``), the key tile's rows and positions ``jt, kps``. Out, at the tile's ``(row, col)``: ``dSs = dS_ij``, ``Zs = Z_ij`` (only when
     ``key_rows``), ``vis`` (TRIANGLE tiles); ``rsum[r] +=`` the sum of the thread's ``dS`` in register row ``r``.
     """
     ops = tile_ops(shape, dtype, flags)
@@ -93,8 +81,7 @@ def make_bwd_step(shape: TileShape, dtype: Any, flags: Flags, key_rows: bool) ->
     TY, TX, RM, RN = shape.TY, shape.TX, shape.RM, shape.RN
     HAS_DROPOUT, KEY_ROWS = bool(flags.has_dropout), bool(key_rows)
 
-    def bwd_step(s, dp, Zs, dSs, vis, rsum, qpos_s, brow_s, tv_s, ti_s, lse_s, del_s, jt, kps,  # type: ignore[no-untyped-def]
-                 b, h, bb, hb, q0, masked, Nq, cfg):
+    def bwd_step(s, dp, Zs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg):  # type: ignore[no-untyped-def]
         for a in range(RM):
             row = cuda.threadIdx.y + a * TY
             for c in range(RN):
@@ -104,9 +91,8 @@ def make_bwd_step(shape: TileShape, dtype: Any, flags: Flags, key_rows: bool) ->
                 i = q0 + qi
                 j = jt[kc]
                 # line 11: S_ij, modified and masked exactly as in the forward; line 12: P_ij = exp(S_ij - lse_i)
-                x, ok = score(s[a, c] * cfg.scale, i, j, qpos_s[qi], kps[kc], brow_s[qi], tv_s[qi], ti_s[qi],
-                              masked, bb, hb, Nq, cfg)
-                p = math.exp(x - lse_s[qi]) if ok else ZERO
+                x, ok = score(s[a, c] * cfg.scale, qi, j, kps[kc], qf, qn, q0, masked, bb, hb, Nq, cfg)
+                p = math.exp(x - qf[QF_LSE, qi]) if ok else ZERO
                 # line 13: dP_ij (dropout regenerated from the hash); line 14: dS_ij = P_ij (dP_ij - delta_i)
                 z = p
                 dpv = dp[a, c]
@@ -117,7 +103,7 @@ def make_bwd_step(shape: TileShape, dtype: Any, flags: Flags, key_rows: bool) ->
                     else:
                         z = ZERO
                         dpv = ZERO
-                ds = p * (dpv - del_s[qi]) if ok else ZERO  # a masked pair: 0, whatever V holds there
+                ds = p * (dpv - qf[QF_DELTA, qi]) if ok else ZERO  # a masked pair: 0, whatever V holds there
                 if KEY_ROWS:
                     Zs[row, col] = z
                 dSs[row, col] = ds
@@ -126,32 +112,6 @@ def make_bwd_step(shape: TileShape, dtype: Any, flags: Flags, key_rows: bool) ->
                 rsum[a] += ds
 
     return device(bwd_step)
-
-
-def _query_loader(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
-    """``load_queries(qpos_s, brow_s, tv_s, ti_s, lse_s, del_s, b, h, g, q0, rows, Nq, lse, delta, cfg)``: the
-    values of the query rows ``q0 ..`` of a tile into shared arrays (cooperative): positions (-1 past ``Nq``), bias
-    rows, top-k thresholds, ``lse`` (``MAX`` for ``-inf``, a row that saw no key: then every ``P`` is 0), delta."""
-    _, MAX = sentinels(dtype)
-    ft = np.dtype(dtype).type
-    ZERO, NEG_INF = ft(0.0), ft(-np.inf)
-    TX, NT = shape.TX, shape.threads
-    HAS_BIAS, HAS_TOPK = bool(flags.has_bias), bool(flags.has_topk)
-
-    def load_queries(qpos_s, brow_s, tv_s, ti_s, lse_s, del_s, b, h, g, q0, rows, Nq, lse, delta, cfg):  # type: ignore[no-untyped-def]
-        tid = cuda.threadIdx.y * TX + cuda.threadIdx.x
-        for c in range(tid, rows, NT):
-            i = q0 + c
-            ic = min(i, Nq - 1)
-            x = lse[b, h, ic]
-            qpos_s[c] = cfg.q_pos[i] if i < Nq else -1
-            brow_s[c] = ic if (HAS_BIAS and cfg.bias.shape[2] > 1) else 0
-            tv_s[c] = cfg.thr_val[b, g, ic] if HAS_TOPK else ZERO
-            ti_s[c] = cfg.thr_idx[b, g, ic] if HAS_TOPK else -1
-            lse_s[c] = MAX if x == NEG_INF else x
-            del_s[c] = delta[b, h, ic]
-
-    return device(load_queries)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -195,9 +155,8 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
     def build() -> Any:
         ops = tile_ops(shape, dtype, flags)
         load_rows, n_keys, load_keys, gather_rows = ops.load_rows, ops.n_keys, ops.load_keys, ops.gather_rows
-        dot_tile, acc_tile = ops.dot_tile, ops.acc_tile
+        dot_tile, acc_tile, load_queries = ops.dot_tile, ops.acc_tile, ops.load_queries
         step = make_bwd_step(shape, dtype, flags, key_rows=False)
-        load_queries = _query_loader(shape, dtype, flags)
         dt = numba_type(dtype)
         ZERO = np.dtype(dtype).type(0.0)
         R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
@@ -205,20 +164,17 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
         HAS_BIAS = bool(flags.has_bias)
 
         def dq_kernel(q, k, v, dout, lse, delta, dlse, has_dlse, dq, delta_kv, tile_types, block_q, block_k, cfg):  # type: ignore[no-untyped-def]
+            # the query tile (fixed for the block), the key tile (streamed), the (query, key) tiles
             Qs = cuda.shared.array((R, DP1), dt)
             dOs = cuda.shared.array((R, DP1), dt)
+            qf = cuda.shared.array((3, R), dt)
+            qn = cuda.shared.array((3, R), numba.int64)
             Ks = cuda.shared.array((C, DP1), dt)
             Vs = cuda.shared.array((C, DP1), dt)
-            dSs = cuda.shared.array((R, C), dt)
-            vis = cuda.shared.array((R, C), numba.uint8)
-            lse_s = cuda.shared.array(R, dt)
-            del_s = cuda.shared.array(R, dt)
-            tv_s = cuda.shared.array(R, dt)
-            qpos_s = cuda.shared.array(R, numba.int64)
-            brow_s = cuda.shared.array(R, numba.int64)
-            ti_s = cuda.shared.array(R, numba.int64)
             jt = cuda.shared.array(C, numba.int64)
             kps = cuda.shared.array(C, numba.int64)
+            dSs = cuda.shared.array((R, C), dt)
+            vis = cuda.shared.array((R, C), numba.uint8)
             acc = cuda.local.array((RM, DPT), dt)
             rsum = cuda.local.array(RM, dt)
             s = cuda.local.array((RM, RN), dt)
@@ -242,7 +198,7 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
             # load Q_i, dO_i, lse_i, delta_i; dQ_i = 0
             load_rows(Qs, q, b, h, q0, Nq, D, R)
             load_rows(dOs, dout, b, h, q0, Nq, D, R)
-            load_queries(qpos_s, brow_s, tv_s, ti_s, lse_s, del_s, b, h, g, q0, R, Nq, lse, delta, cfg)
+            load_queries(qf, qn, b, h, g, q0, R, Nq, lse, delta, cfg, True)
             for r in range(RM):
                 rsum[r] = ZERO
                 for e in range(DPT):
@@ -265,8 +221,7 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
                 # lines 11-14: S_ij, dP_ij, then P_ij and dS_ij
                 dot_tile(s, Qs, Ks)
                 dot_tile(dp, dOs, Vs)
-                step(s, dp, dSs, dSs, vis, rsum, qpos_s, brow_s, tv_s, ti_s, lse_s, del_s, jt, kps,
-                     b, h, bb, hb, q0, masked, Nq, cfg)
+                step(s, dp, dSs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)
                 cuda.syncthreads()
                 # line 15: dQ_i += dS_ij K_j (times scale, below)
                 acc_tile(acc, dSs, Ks, vis, masked and bad != 0)
@@ -290,7 +245,7 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
                     rs = ZERO
                     for t in range(TX):
                         rs += dSs[row, t]
-                    refined = del_s[row] + rs
+                    refined = qf[QF_DELTA, row] + rs
                     if has_dlse:
                         refined -= dlse[b, h, i]
                     delta_kv[b, h, i] = refined
@@ -312,9 +267,8 @@ def make_dkdv(shape: TileShape, dtype: Any, flags: Flags, dbias_mode: int) -> An
     def build() -> Any:
         ops = tile_ops(shape, dtype, flags)
         load_rows, n_keys, load_keys, gather_rows = ops.load_rows, ops.n_keys, ops.load_keys, ops.gather_rows
-        dot_tile, acc_tile = ops.dot_tile, ops.acc_tile
+        dot_tile, acc_tile, load_queries = ops.dot_tile, ops.acc_tile, ops.load_queries
         step = make_bwd_step(shape, dtype, flags, key_rows=True)
-        load_queries = _query_loader(shape, dtype, flags)
         dt = numba_type(dtype)
         ZERO = np.dtype(dtype).type(0.0)
         R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
@@ -352,21 +306,18 @@ def make_dkdv(shape: TileShape, dtype: Any, flags: Flags, dbias_mode: int) -> An
             if c0 >= n:  # uniform over the block: this (b, g) has fewer key tiles
                 return
 
+            # the key tile (fixed for the block), the query tile (streamed), the (key, query) tiles
             Ks = cuda.shared.array((R, DP1), dt)
             Vs = cuda.shared.array((R, DP1), dt)
-            Qs = cuda.shared.array((C, DP1), dt)
-            dOs = cuda.shared.array((C, DP1), dt)
-            Zs = cuda.shared.array((R, C), dt)
-            dSs = cuda.shared.array((R, C1), dt)
-            vis = cuda.shared.array((R, C), numba.uint8)
-            lse_s = cuda.shared.array(C, dt)
-            del_s = cuda.shared.array(C, dt)
-            tv_s = cuda.shared.array(C, dt)
-            qpos_s = cuda.shared.array(C, numba.int64)
-            brow_s = cuda.shared.array(C, numba.int64)
-            ti_s = cuda.shared.array(C, numba.int64)
             jt = cuda.shared.array(R, numba.int64)
             kps = cuda.shared.array(R, numba.int64)
+            Qs = cuda.shared.array((C, DP1), dt)
+            dOs = cuda.shared.array((C, DP1), dt)
+            qf = cuda.shared.array((3, C), dt)
+            qn = cuda.shared.array((3, C), numba.int64)
+            Zs = cuda.shared.array((R, C), dt)
+            dSs = cuda.shared.array((R, C1), dt)  # padded: the dBias loop reads it by columns
+            vis = cuda.shared.array((R, C), numba.uint8)
             dk_acc = cuda.local.array((RM, DPT), dt)
             dv_acc = cuda.local.array((RM, DPT), dt)
             rsum = cuda.local.array(RM, dt)
@@ -409,13 +360,12 @@ def make_dkdv(shape: TileShape, dtype: Any, flags: Flags, dbias_mode: int) -> An
                     cuda.syncthreads()
                     q_bad = load_rows(Qs, q, b, h, q0, Nq, D, C)
                     q_bad |= load_rows(dOs, dout, b, h, q0, Nq, D, C)
-                    load_queries(qpos_s, brow_s, tv_s, ti_s, lse_s, del_s, b, h, g, q0, C, Nq, lse, delta_kv, cfg)
+                    load_queries(qf, qn, b, h, g, q0, C, Nq, lse, delta_kv, cfg, True)
                     bad = cuda.syncthreads_or(q_bad)
                     # lines 11-14, transposed: S^T = K_j Q_i^T, dP^T = V_j dO_i^T, then Z and dS
                     dot_tile(s, Ks, Qs)
                     dot_tile(dp, Vs, dOs)
-                    step(s, dp, Zs, dSs, vis, rsum, qpos_s, brow_s, tv_s, ti_s, lse_s, del_s, jt, kps,
-                         b, h, bb, hb, q0, masked, Nq, cfg)
+                    step(s, dp, Zs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)
                     cuda.syncthreads()
                     careful = masked and bad != 0
                     acc_tile(dv_acc, Zs, dOs, vis, careful)  # line 12: dV_j += Z_ij^T dO_i

@@ -33,27 +33,18 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .tiles import (
-    SKIP,
-    TRIANGLE,
-    Flags,
-    TileShape,
-    cached,
-    device,
-    dropout_hash,
-    numba_type,
-    sentinels,
-    tile_ops,
-)
+from .tiles import SKIP, TRIANGLE, Flags, TileShape, cached, device, dropout_hash, numba_type, sentinels, tile_ops
 
 _KERNELS: Dict[Tuple[Any, ...], Any] = {}
 
 
 def forward_smem_bytes(shape: TileShape, itemsize: int) -> int:
-    """Shared memory of the forward kernels: ``Q_i``, one ``K_j``/``V_j`` tile, ``P_ij``, two row-reduction buffers
-    (floats); the visibility of the tile's pairs (bytes); key rows and positions (int64)."""
+    """Shared memory of the forward kernels: ``Q_i``, one ``K_j``/``V_j`` tile, ``P_ij``, two row-reduction
+    buffers, the query table (floats and int64); the visibility of the tile's pairs (bytes); key rows and
+    positions (int64)."""
     s = shape
-    return itemsize * (s.R * s.DP1 + s.C * s.DP1 + s.R * s.C + 2 * s.R * s.TX) + s.R * s.C + 16 * s.C
+    floats = s.R * s.DP1 + s.C * s.DP1 + s.R * s.C + 2 * s.R * s.TX + 3 * s.R
+    return itemsize * floats + s.R * s.C + 8 * (2 * s.C + 3 * s.R)
 
 
 def _key(name: str, shape: Any, dtype: Any, flags: Flags) -> Tuple[Any, ...]:
@@ -66,14 +57,14 @@ def _key(name: str, shape: Any, dtype: Any, flags: Flags) -> Tuple[Any, ...]:
 
 
 def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
-    """``fwd_step(...)``: fold the key tile of entries ``[c0, c0 + C)`` into ``(o, m_i, l_i)`` (FA2 Algorithm 1,
-    lines 6-10; see the module docstring).
+    """``fwd_step(Qs, qf, qn, o, m_i, l_i, k, v, b, h, g, bb, hb, q0, c0, n, masked, Nq, D, cfg)``: fold the key
+    tile of entries ``[c0, c0 + C)`` into ``(o, m_i, l_i)`` (FA2 Algorithm 1, lines 6-10; the module docstring).
 
-    Shared: ``Qs (R, DP1)`` the query tile (loaded by the caller), ``KVs (C, DP1)`` receives ``K_j`` then ``V_j``,
-    ``Ps (R, C)`` the (dropped-out) probabilities, ``vis (R, C)`` the visible pairs of a TRIANGLE tile, ``red_m,
-    red_l (R, TX)`` row partials, ``jt, kps (C,)`` the key rows and positions. Per thread: ``qpos, brow, tv, ti
-    (RM,)`` the rows' positions, bias rows and top-k thresholds; ``o (RM, DPT)``, ``m_i, l_i (RM,)`` the state.
-    ``n``: entries of the key sequence; ``masked``: a TRIANGLE tile.
+    From the caller: ``Qs (R, DP1)`` the query tile and ``qf, qn`` its query table (shared); per thread ``o (RM,
+    DPT)``, ``m_i, l_i (RM,)`` the state. ``n``: entries of the key sequence; ``masked``: a TRIANGLE tile. The
+    step's own shared scratch: ``KVs (C, DP1)`` (``K_j``, then ``V_j``), ``Ps (R, C)`` the (dropped-out)
+    probabilities, ``vis (R, C)`` the visible pairs, ``red_m, red_l (R, TX)`` row partials, ``jt, kps (C,)`` the key
+    rows and positions.
     """
     ops = tile_ops(shape, dtype, flags)
     load_keys, gather_rows, score = ops.load_keys, ops.gather_rows, ops.score
@@ -81,12 +72,18 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
     dt = numba_type(dtype)
     ZERO = np.dtype(dtype).type(0.0)
     MIN, _ = sentinels(dtype)
-    C, TY, TX = shape.C, shape.TY, shape.TX
+    R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
     RM, RN, DPT = shape.RM, shape.RN, shape.DPT
     HAS_DROPOUT = bool(flags.has_dropout)
 
-    def fwd_step(Qs, KVs, Ps, vis, red_m, red_l, jt, kps, qpos, brow, tv, ti, o, m_i, l_i,  # type: ignore[no-untyped-def]
-                 k, v, b, h, g, bb, hb, q0, c0, n, masked, Nq, D, cfg):
+    def fwd_step(Qs, qf, qn, o, m_i, l_i, k, v, b, h, g, bb, hb, q0, c0, n, masked, Nq, D, cfg):  # type: ignore[no-untyped-def]
+        KVs = cuda.shared.array((C, DP1), dt)
+        Ps = cuda.shared.array((R, C), dt)
+        vis = cuda.shared.array((R, C), numba.uint8)
+        red_m = cuda.shared.array((R, TX), dt)
+        red_l = cuda.shared.array((R, TX), dt)
+        jt = cuda.shared.array(C, numba.int64)
+        kps = cuda.shared.array(C, numba.int64)
         ty = cuda.threadIdx.y
         tx = cuda.threadIdx.x
 
@@ -104,8 +101,7 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
             mx = MIN
             for c in range(RN):
                 col = tx + c * TX
-                x, ok = score(s[r, c] * cfg.scale, q0 + row, jt[col], qpos[r], kps[col], brow[r], tv[r], ti[r],
-                              masked, bb, hb, Nq, cfg)
+                x, ok = score(s[r, c] * cfg.scale, row, jt[col], kps[col], qf, qn, q0, masked, bb, hb, Nq, cfg)
                 if not ok:
                     x = MIN
                 if masked:
@@ -153,23 +149,44 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
     return device(fwd_step)
 
 
-def _row_setup(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
-    """``row_setup(qpos, brow, tv, ti, b, g, q0, Nq, cfg)``: the per-thread row data of query tile ``q0``:
-    positions (-1 past ``Nq``), bias rows, top-k thresholds."""
-    TY, RM = shape.TY, shape.RM
-    HAS_BIAS, HAS_TOPK = bool(flags.has_bias), bool(flags.has_topk)
-    ZERO = np.dtype(dtype).type(0.0)
+def _block_parts(shape: TileShape, dtype: Any, flags: Flags) -> Tuple[Callable, Callable]:
+    """The two ends of a forward block, shared by both orders:
 
-    def row_setup(qpos, brow, tv, ti, b, g, q0, Nq, cfg):  # type: ignore[no-untyped-def]
+    * ``begin(Qs, qf, qn, q, b, h, g, q0, cfg) -> (bb, hb)``: load ``Q_i`` and its query table (line 4); the
+      bias's batch and head for (b, h);
+    * ``normalize(o, l_i, out2, q0, Nq, D)``: ``out2[i] = O_i / l_i`` for the block's rows of ``out2 (Nq, D)``, 0
+      for a row that saw no key (line 12).
+    """
+    ops = tile_ops(shape, dtype, flags)
+    load_rows, load_queries = ops.load_rows, ops.load_queries
+    ft = np.dtype(dtype).type
+    ZERO, ONE = ft(0.0), ft(1.0)
+    R, TY, TX, RM, DPT = shape.R, shape.TY, shape.TX, shape.RM, shape.DPT
+    HAS_BIAS = bool(flags.has_bias)
+
+    def begin(Qs, qf, qn, q, b, h, g, q0, cfg):  # type: ignore[no-untyped-def]
+        Nq = q.shape[2]
+        load_rows(Qs, q, b, h, q0, Nq, q.shape[3], R)  # visible to all after the step's first barrier
+        load_queries(qf, qn, b, h, g, q0, R, Nq, cfg.thr_val, cfg.thr_val, cfg, False)  # (no lse, delta)
+        bb = 0
+        hb = 0
+        if HAS_BIAS:
+            bb = b if cfg.bias.shape[0] > 1 else 0
+            hb = h // (q.shape[1] // cfg.bias.shape[1])
+        return bb, hb
+
+    def normalize(o, l_i, out2, q0, Nq, D):  # type: ignore[no-untyped-def]
         for r in range(RM):
             i = q0 + cuda.threadIdx.y + r * TY
-            ic = min(i, Nq - 1)
-            qpos[r] = cfg.q_pos[i] if i < Nq else -1
-            brow[r] = ic if (HAS_BIAS and cfg.bias.shape[2] > 1) else 0
-            tv[r] = cfg.thr_val[b, g, ic] if HAS_TOPK else ZERO
-            ti[r] = cfg.thr_idx[b, g, ic] if HAS_TOPK else -1
+            if i < Nq:
+                li = l_i[r]
+                inv = ONE / li if li != ZERO else ZERO
+                for e in range(DPT):
+                    d = cuda.threadIdx.x + e * TX
+                    if d < D:
+                        out2[i, d] = o[r, e] * inv
 
-    return device(row_setup)
+    return device(begin), device(normalize)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -187,36 +204,21 @@ def make_forward_q_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
 
     def build() -> Any:
         step = make_fwd_step(shape, dtype, flags)
-        setup = _row_setup(shape, dtype, flags)
-        ops = tile_ops(shape, dtype, flags)
-        load_rows, n_keys = ops.load_rows, ops.n_keys
+        begin, normalize = _block_parts(shape, dtype, flags)
+        n_keys = tile_ops(shape, dtype, flags).n_keys
         dt = numba_type(dtype)
         ft = np.dtype(dtype).type
-        ZERO, ONE, NEG_INF = ft(0.0), ft(1.0), ft(-np.inf)
+        ZERO, NEG_INF = ft(0.0), ft(-np.inf)
         MIN, _ = sentinels(dtype)
-        R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
-        RM, DPT = shape.RM, shape.DPT
-        HAS_BIAS = bool(flags.has_bias)
+        R, C, DP1, TY, RM, DPT = shape.R, shape.C, shape.DP1, shape.TY, shape.RM, shape.DPT
 
         def forward_q_major(q, k, v, out, lse, tile_types, block_q, block_k, S, cfg):  # type: ignore[no-untyped-def]
             Qs = cuda.shared.array((R, DP1), dt)
-            KVs = cuda.shared.array((C, DP1), dt)
-            Ps = cuda.shared.array((R, C), dt)
-            vis = cuda.shared.array((R, C), numba.uint8)
-            red_m = cuda.shared.array((R, TX), dt)
-            red_l = cuda.shared.array((R, TX), dt)
-            jt = cuda.shared.array(C, numba.int64)
-            kps = cuda.shared.array(C, numba.int64)
-            qpos = cuda.local.array(RM, numba.int64)
-            brow = cuda.local.array(RM, numba.int64)
-            ti = cuda.local.array(RM, numba.int64)
-            tv = cuda.local.array(RM, dt)
+            qf = cuda.shared.array((3, R), dt)
+            qn = cuda.shared.array((3, R), numba.int64)
             o = cuda.local.array((RM, DPT), dt)
             m_i = cuda.local.array(RM, dt)
             l_i = cuda.local.array(RM, dt)
-
-            ty = cuda.threadIdx.y
-            tx = cuda.threadIdx.x
             tq = cuda.blockIdx.x // S
             sp = cuda.blockIdx.x - tq * S
             H = q.shape[1]
@@ -224,24 +226,17 @@ def make_forward_q_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
             h = cuda.blockIdx.y - b * H
             g = h // (H // k.shape[1])  # GQA / MQA: the kv head this query head reads, in place
             Nq = q.shape[2]
-            D = q.shape[3]
             q0 = tq * R
-            bb = 0
-            hb = 0
-            if HAS_BIAS:
-                bb = b if cfg.bias.shape[0] > 1 else 0
-                hb = h // (H // cfg.bias.shape[1])
 
             # line 4: load Q_i; O_i = 0, l_i = 0, m_i = MIN (the finite stand-in for -inf)
-            setup(qpos, brow, tv, ti, b, g, q0, Nq, cfg)
+            bb, hb = begin(Qs, qf, qn, q, b, h, g, q0, cfg)
             for r in range(RM):
                 m_i[r] = MIN
                 l_i[r] = ZERO
                 for e in range(DPT):
                     o[r, e] = ZERO
-            load_rows(Qs, q, b, h, q0, Nq, D, R)  # visible to all after the step's first barrier
 
-            # line 5: for each key tile of this split (SKIP tiles are never loaded)
+            # line 5: for each key tile of this split, [sp Tsp, (sp + 1) Tsp) (SKIP tiles are never loaded)
             n = n_keys(b, g, k.shape[2], cfg)
             Tc = (n + C - 1) // C
             per = (Tc + S - 1) // S
@@ -250,21 +245,16 @@ def make_forward_q_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
                 c0 = tk * C
                 t = tile_types[b, gt, q0 // block_q, c0 // block_k]
                 if t != SKIP:
-                    step(Qs, KVs, Ps, vis, red_m, red_l, jt, kps, qpos, brow, tv, ti, o, m_i, l_i,
-                         k, v, b, h, g, bb, hb, q0, c0, n, t == TRIANGLE, Nq, D, cfg)
+                    step(Qs, qf, qn, o, m_i, l_i, k, v, b, h, g, bb, hb, q0, c0, n, t == TRIANGLE, Nq, q.shape[3],
+                         cfg)
 
             # lines 12-13: O_i = diag(l_i)^-1 O_i, lse_i = m_i + log(l_i); a row that saw no key: 0 and -inf
+            normalize(o, l_i, out[b, h, sp], q0, Nq, q.shape[3])
             for r in range(RM):
-                i = q0 + ty + r * TY
-                if i < Nq:
+                i = q0 + cuda.threadIdx.y + r * TY
+                if cuda.threadIdx.x == 0 and i < Nq:
                     li = l_i[r]
-                    inv = ONE / li if li != ZERO else ZERO
-                    for e in range(DPT):
-                        d = tx + e * TX
-                        if d < D:
-                            out[b, h, sp, i, d] = o[r, e] * inv
-                    if tx == 0:
-                        lse[b, h, sp, i] = m_i[r] + math.log(li) if li != ZERO else NEG_INF
+                    lse[b, h, sp, i] = m_i[r] + math.log(li) if li != ZERO else NEG_INF
 
         return cuda.jit(forward_q_major)
 
@@ -281,15 +271,11 @@ def make_forward_k_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
 
     def build() -> Any:
         step = make_fwd_step(shape, dtype, flags)
-        setup = _row_setup(shape, dtype, flags)
-        ops = tile_ops(shape, dtype, flags)
-        load_rows, n_keys = ops.load_rows, ops.n_keys
+        begin, normalize = _block_parts(shape, dtype, flags)
+        n_keys = tile_ops(shape, dtype, flags).n_keys
         dt = numba_type(dtype)
-        ft = np.dtype(dtype).type
-        ZERO, ONE = ft(0.0), ft(1.0)
-        R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
-        RM, DPT = shape.RM, shape.DPT
-        HAS_BIAS = bool(flags.has_bias)
+        ZERO = np.dtype(dtype).type(0.0)
+        R, C, DP1, TY, TX, RM, DPT = shape.R, shape.C, shape.DP1, shape.TY, shape.TX, shape.RM, shape.DPT
 
         def forward_k_major(q, k, v, out, m_buf, l_buf, tile_types, block_q, block_k, tk, cfg):  # type: ignore[no-untyped-def]
             tq = cuda.blockIdx.x
@@ -305,61 +291,35 @@ def make_forward_k_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
             t = tile_types[b, g % tile_types.shape[1], q0 // block_q, c0 // block_k]
             if t == SKIP:  # uniform over the block: the tile is never loaded
                 return
-
             Qs = cuda.shared.array((R, DP1), dt)
-            KVs = cuda.shared.array((C, DP1), dt)
-            Ps = cuda.shared.array((R, C), dt)
-            vis = cuda.shared.array((R, C), numba.uint8)
-            red_m = cuda.shared.array((R, TX), dt)
-            red_l = cuda.shared.array((R, TX), dt)
-            jt = cuda.shared.array(C, numba.int64)
-            kps = cuda.shared.array(C, numba.int64)
-            qpos = cuda.local.array(RM, numba.int64)
-            brow = cuda.local.array(RM, numba.int64)
-            ti = cuda.local.array(RM, numba.int64)
-            tv = cuda.local.array(RM, dt)
+            qf = cuda.shared.array((3, R), dt)
+            qn = cuda.shared.array((3, R), numba.int64)
             o = cuda.local.array((RM, DPT), dt)
             m_i = cuda.local.array(RM, dt)
             l_i = cuda.local.array(RM, dt)
-
-            ty = cuda.threadIdx.y
-            tx = cuda.threadIdx.x
             Nq = q.shape[2]
             D = q.shape[3]
-            bb = 0
-            hb = 0
-            if HAS_BIAS:
-                bb = b if cfg.bias.shape[0] > 1 else 0
-                hb = h // (H // cfg.bias.shape[1])
 
             # line 8: load Q_i, O_i, l_i, m_i; keep diag(l_i) O_i, the unnormalized output
-            setup(qpos, brow, tv, ti, b, g, q0, Nq, cfg)
+            bb, hb = begin(Qs, qf, qn, q, b, h, g, q0, cfg)
             for r in range(RM):
-                ir = min(q0 + ty + r * TY, Nq - 1)
+                ir = min(q0 + cuda.threadIdx.y + r * TY, Nq - 1)
                 m_i[r] = m_buf[b, h, ir]
                 l_i[r] = l_buf[b, h, ir]
                 for e in range(DPT):
-                    d = tx + e * TX
+                    d = cuda.threadIdx.x + e * TX
                     o[r, e] = out[b, h, ir, d] * l_i[r] if d < D else ZERO
-            load_rows(Qs, q, b, h, q0, Nq, D, R)
 
             # lines 9-11: the online-softmax step
-            step(Qs, KVs, Ps, vis, red_m, red_l, jt, kps, qpos, brow, tv, ti, o, m_i, l_i,
-                 k, v, b, h, g, bb, hb, q0, c0, n, t == TRIANGLE, Nq, D, cfg)
+            step(Qs, qf, qn, o, m_i, l_i, k, v, b, h, g, bb, hb, q0, c0, n, t == TRIANGLE, Nq, D, cfg)
 
-            # lines 12-13: write O_i = diag(l_i)^-1 (...), l_i, m_i back
+            # lines 12-13: write O_i = diag(l_i^new)^-1 (...), l_i, m_i back
+            normalize(o, l_i, out[b, h], q0, Nq, D)
             for r in range(RM):
-                i = q0 + ty + r * TY
-                if i < Nq:
-                    li = l_i[r]
-                    inv = ONE / li if li != ZERO else ZERO
-                    for e in range(DPT):
-                        d = tx + e * TX
-                        if d < D:
-                            out[b, h, i, d] = o[r, e] * inv
-                    if tx == 0:
-                        m_buf[b, h, i] = m_i[r]
-                        l_buf[b, h, i] = li
+                i = q0 + cuda.threadIdx.y + r * TY
+                if cuda.threadIdx.x == 0 and i < Nq:
+                    m_buf[b, h, i] = m_i[r]
+                    l_buf[b, h, i] = l_i[r]
 
         return cuda.jit(forward_k_major)
 

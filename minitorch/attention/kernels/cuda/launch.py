@@ -17,8 +17,8 @@ takes the type of the spec's tile that contains it (:func:`fit_shape`). Tiles lo
 too (decoding with Nq = 1 does not run 64-row tiles). At the default tiles on a GPU (16 x 16 threads;
 :func:`smem_report`), float32:
 
-    D = 64  (64 x 32):  forward 64x32  43904 B | dQ 32x32  40064 B | dK/dV 32 keys x 32 queries  44288 B
-    D = 128 (32 x 32):  forward 32x32  42752 B | dQ 16x16  35136 B | dK/dV 16 keys x 16 queries  36224 B
+    D = 64  (64 x 32):  forward 64x32  46208 B | dQ 32x32  40064 B | dK/dV 32 keys x 32 queries  44288 B
+    D = 128 (32 x 32):  forward 32x32  43904 B | dQ 16x16  35136 B | dK/dV 16 keys x 16 queries  36224 B
 
 (the same numbers as ``ptxas -v`` reports for the sm_90 builds, :mod:`.ptx`).
 

@@ -49,6 +49,12 @@ SKIP = int(TileType.SKIP)
 DENSE = int(TileType.DENSE)
 TRIANGLE = int(TileType.TRIANGLE)
 
+QF_LSE, QF_DELTA, QF_THR = 0, 1, 2
+QN_POS, QN_BIAS_ROW, QN_THR = 0, 1, 2
+"""Rows of a tile's *query table*, two shared arrays with one column per query row of the tile: ``qf`` (floats:
+``lse`` (``MAX`` for ``-inf``), ``delta``, the top-k threshold value) and ``qn`` (int64: the position, -1 past
+``Nq``; the bias row; the top-k threshold index). Loaded by ``TileOps.load_queries``, read by ``TileOps.score``."""
+
 Flags = namedtuple("Flags", "has_bias has_list has_topk has_dropout")
 """The compile-time configuration of a kernel: which parts of the score modification and key source exist.
 
@@ -183,9 +189,11 @@ class TileOps:
     * ``load_keys(jt, kps, b, g, c0, n, cfg)``: the key source: ``jt[c]`` = the key row of entry ``c0 + c``
       (``-1`` past ``n``), ``kps[c]`` its position;
     * ``gather_rows(dst, src, b, g, c0, n, D, rows, cfg) -> bad``: ``dst[c] = src[b, g, key row of c0 + c]``;
-    * ``score(x, i, j, qp, kp, brow, tv, ti, masked, bb, hb, Nq, cfg) -> (s, ok)``: the score modification of one
-      pair: ``s = x + bias``; ``ok``: query row ``i`` and key row ``j`` exist and, in a TRIANGLE tile
-      (``masked``), the pair is visible (and kept, with DMA's top-k);
+    * ``load_queries(qf, qn, b, h, g, q0, rows, Nq, lse, delta, cfg, stats)``: the query table of the rows
+      ``q0 ..`` (:data:`QF_LSE` ...; ``lse`` and ``delta`` only with ``stats``, the backward), cooperative;
+    * ``score(x, qi, j, kp, qf, qn, q0, masked, bb, hb, Nq, cfg) -> (s, ok)``: the score modification of the pair
+      (query ``qi`` of the tile, key row ``j`` at position ``kp``): ``s = x + bias``; ``ok``: both exist and, in a
+      TRIANGLE tile (``masked``), the pair is visible (and kept, with DMA's top-k);
     * ``dot_tile(s, A, Bm)``: ``s[r, c] = sum_d A[row r, d] Bm[col c, d]`` (``A Bm^T`` into the register tile);
     * ``acc_tile(acc, P, V, vis, careful)``: ``acc[r, e] += sum_{j < C} P[row r, j] V[j, col e]``; ``careful`` leaves
       out the pairs with ``vis == 0`` (a TRIANGLE tile whose ``V`` holds NaN or Inf: ``0 * NaN`` is NaN).
@@ -197,7 +205,8 @@ class TileOps:
     def __init__(self, shape: TileShape, dtype: Any, flags: Flags) -> None:
         dt = numba_type(dtype)
         ft = np.dtype(dtype).type
-        ZERO = ft(0.0)
+        ZERO, NEG_INF = ft(0.0), ft(-np.inf)
+        _, MAX = sentinels(dtype)
         C, DP, TY, TX = shape.C, shape.DP, shape.TY, shape.TX
         RM, RN, DPT, NT = shape.RM, shape.RN, shape.DPT, shape.threads
         HAS_BIAS, HAS_LIST, HAS_TOPK = bool(flags.has_bias), bool(flags.has_list), bool(flags.has_topk)
@@ -253,15 +262,29 @@ class TileOps:
                 dst[c, d] = x
             return bad
 
-        def score(x, i, j, qp, kp, brow, tv, ti, masked, bb, hb, Nq, cfg):  # type: ignore[no-untyped-def]
-            ok = j >= 0 and i < Nq
+        def load_queries(qf, qn, b, h, g, q0, rows, Nq, lse, delta, cfg, stats):  # type: ignore[no-untyped-def]
+            tid = cuda.threadIdx.y * TX + cuda.threadIdx.x
+            for c in range(tid, rows, NT):
+                i = q0 + c
+                ic = min(i, Nq - 1)
+                qn[QN_POS, c] = cfg.q_pos[i] if i < Nq else -1
+                qn[QN_BIAS_ROW, c] = ic if (HAS_BIAS and cfg.bias.shape[2] > 1) else 0
+                qn[QN_THR, c] = cfg.thr_idx[b, g, ic] if HAS_TOPK else -1
+                qf[QF_THR, c] = cfg.thr_val[b, g, ic] if HAS_TOPK else ZERO
+                if stats:
+                    x = lse[b, h, ic]
+                    qf[QF_LSE, c] = MAX if x == NEG_INF else x
+                    qf[QF_DELTA, c] = delta[b, h, ic]
+
+        def score(x, qi, j, kp, qf, qn, q0, masked, bb, hb, Nq, cfg):  # type: ignore[no-untyped-def]
+            ok = j >= 0 and q0 + qi < Nq
             if HAS_BIAS and ok:
-                z = cfg.bias[bb, hb, brow, j]
+                z = cfg.bias[bb, hb, qn[QN_BIAS_ROW, qi], j]
                 x += z
-                if HAS_TOPK and masked:  # DMA: the bias is the importance z, and row i keeps the top-k of it
-                    ok = kept(z, j, tv, ti)
+                if HAS_TOPK and masked:  # DMA: the bias is the importance z, and the row keeps the top-k of it
+                    ok = kept(z, j, qf[QF_THR, qi], qn[QN_THR, qi])
             if masked and ok:
-                ok = visible(qp, kp, cfg.causal, cfg.window, cfg.num_sinks)
+                ok = visible(qn[QN_POS, qi], kp, cfg.causal, cfg.window, cfg.num_sinks)
             return x, ok
 
         def dot_tile(s, A, Bm):  # type: ignore[no-untyped-def]
@@ -306,6 +329,7 @@ class TileOps:
         self.n_keys = device(n_keys)
         self.load_keys = device(load_keys)
         self.gather_rows = device(gather_rows)
+        self.load_queries = device(load_queries)
         self.score = device(score)
         self.dot_tile = device(dot_tile)
         self.acc_tile = device(acc_tile)
