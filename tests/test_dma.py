@@ -12,12 +12,8 @@ tiny sizes). DMA is the engine's flash attention configured with the selection (
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 import tracemalloc
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import pytest
@@ -480,7 +476,7 @@ def test_parameters_as_arrays_are_constants() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# CUDA: the kernels in Numba's simulator (tiny), and lowered for a real GPU
+# CUDA: the whole call in Numba's simulator (tiny); the kernel-level tests are in test_cuda_attention.py
 # ---------------------------------------------------------------------------------------------------------------------
 
 CUDA_CASES = [
@@ -503,108 +499,3 @@ def test_cuda_matches_reference(case_kw: Dict[str, Any], dtype: Any) -> None:
         for n in ("q", "k", "v", "dt", "a", "dout"):
             case[n] = case[n].astype(np.float32)
         check_float32(run_tensors(case, CudaBackend, np.float32), reference(case), naive_float32(case))
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("causal", [False, True])
-def test_cuda_selection_kernel(causal: bool) -> None:
-    """The CUDA selection and flag kernels give the CPU's arrays (same z, same tiles)."""
-    from numba import cuda
-
-    from minitorch.cuda_kernels import dma as dma_cuda
-
-    case = make_case(B=2, Nq=20, Nk=24, H=2, Hkv=2, keep=5, causal=causal, pad=True, ties="discrete")
-    o = case["opts"]
-    spec = make_dma_spec(case["q"].shape, case["k"].shape, case["v"].shape, case["dt"].shape, case["a"].shape,
-                         keep_window_size=5, causal=causal, key_padding_mask=o["key_padding_mask"],
-                         block_q=8, block_k=4, backend_kind="cuda")
-    z, _ = DMA.importance(case["v"], case["dt"], case["a"], False)
-    zc, _ = dma_cuda.importance(cuda.to_device(case["v"]), cuda.to_device(case["dt"]), cuda.to_device(case["a"]),
-                                False)
-    np.testing.assert_allclose(zc.copy_to_host(), z, rtol=1e-14)
-    got = dma_cuda.select(cuda.to_device(z), spec).host()
-    want = dma_cpu.select(z, spec)
-    assert (got.block_q, got.block_k) == (want.block_q, want.block_k) == (8, 4)
-    for name in ("thr_val", "thr_idx", "evict", "kidx", "counts", "types"):
-        a, b = getattr(got, name), getattr(want, name)
-        if name == "kidx":  # only the listed entries are defined
-            for bb in range(2):
-                for g in range(2):
-                    c = want.counts[bb, g]
-                    np.testing.assert_array_equal(a[bb, g, :c], b[bb, g, :c])
-        else:
-            np.testing.assert_array_equal(a, b, err_msg=name)
-
-
-SKIP_LOWERING = os.environ.get("MINITORCH_SKIP_LOWERING") == "1"
-
-_LOWER_SCRIPT = textwrap.dedent(
-    """
-    import types, numpy as np
-    import numba.cuda.dispatcher as dispatcher
-    from numba import types as nt
-    from numba.cuda import compiler
-    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
-    from minitorch.cuda_kernels import dma as K
-    from minitorch.cuda_kernels.flash_forward import TileShape
-
-    def lower(kernel, *args):
-        return compiler.compile_cuda(kernel.py_func, nt.void, args, cc=(9, 0)).library.get_llvm_str()
-
-    A = lambda dt, n: nt.Array(dt, n, "C")
-    i64, b1, u64, dt, npdt = nt.int64, nt.boolean, nt.uint64, nt.float32, np.dtype(np.float32)
-    irs = [
-        lower(K.make_importance(npdt, False), A(dt, 4), A(dt, 2), A(dt, 1), A(dt, 3), A(dt, 3)),
-        lower(K.make_importance_du(npdt, True), *([A(dt, 3)] * 3), A(dt, 1), A(dt, 3), A(dt, 3)),
-        lower(K.select_kernel, A(dt, 3), A(i64, 2), i64, b1, i64, A(dt, 3), A(i64, 3), A(i64, 3), A(i64, 3),
-              A(dt, 3), A(i64, 3), A(i64, 3), A(i64, 2), b1, dt),
-        lower(K.flags_kernel, A(i64, 3), A(i64, 2), A(i64, 3), i64, i64, b1, i64, i64, A(nt.int8, 4)),
-    ]
-    sh, shk = TileShape.make(32, 32, 64, (16, 16)), TileShape.make(32, 32, 64, (16, 16))
-    assert K.forward_smem_bytes(sh, 4) <= K.SMEM_LIMIT and K.dkdv_smem_bytes(shk, 4) <= K.SMEM_LIMIT
-    sel = (A(dt, 3), A(i64, 3), A(i64, 2), A(nt.int8, 4), A(dt, 3), A(i64, 3))
-    sc = (b1, i64, dt, u64, u64, dt)
-    x4, x3 = A(dt, 4), A(dt, 3)
-    irs.append(lower(K.make_forward(sh, npdt, True), x4, x4, x4, *sel, x4, x3, *sc))
-    irs.append(lower(K.make_dkdv(shk, npdt, True), x4, x4, x4, *sel, x4, x3, x3, x3, x4, x4, x3, *sc))
-    irs.append(lower(K.make_dq(sh, npdt, True), x4, x4, x4, *sel, x4, x3, x3, x4, x3, *sc))
-    for ir in irs:
-        assert " double " not in ir and "fpext" not in ir, "float64 arithmetic in a float32 kernel"
-    print("LOWERED")
-    """
-)
-
-_LOWERING: Dict[str, "subprocess.Popen[str]"] = {}
-
-
-def _spawn_lowering() -> "subprocess.Popen[str]":
-    env = dict(os.environ)
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-c", _LOWER_SCRIPT], env=env, cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _lowering(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Start the GPU-lowering subprocess with the module's first test, so that it overlaps the others."""
-    if not SKIP_LOWERING and any(item.name == "test_cuda_kernels_lower_for_gpu" for item in request.session.items):
-        _LOWERING["proc"] = _spawn_lowering()
-    yield
-    proc = _LOWERING.pop("proc", None)
-    if proc is not None:
-        proc.kill()
-        proc.communicate()
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(SKIP_LOWERING, reason="MINITORCH_SKIP_LOWERING=1")
-def test_cuda_kernels_lower_for_gpu() -> None:
-    """The DMA kernels type-check and lower for sm_90 in float32 with no float64 arithmetic (catches code that only
-    the simulator accepts). Runs in a subprocess without the simulator, started with the module's first test."""
-    proc = _LOWERING.pop("proc", None) or _spawn_lowering()
-    out, err = proc.communicate(timeout=300)
-    if proc.returncode != 0 and "AttributeError" in err and ("compile_cuda" in err or "get_current_device" in err):
-        pytest.skip("numba-cuda internals changed: " + err[-300:])
-    assert proc.returncode == 0 and "LOWERED" in out, err[-3000:]

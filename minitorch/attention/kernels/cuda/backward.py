@@ -1,423 +1,427 @@
-"""Flash attention backward kernels in Numba CUDA: preprocess, dK/dV, dQ (and dBias), deterministic.
+"""The CUDA backward: one tile step that recomputes ``P_ij`` and ``dS_ij``, and the kernels that configure it.
 
-With ``P = exp(s - lse)`` recomputed tile by tile from the saved ``lse``, ``keep`` the dropout mask and
-``Z = P * keep / (1 - p)`` (the probabilities that multiplied V)::
+FlashAttention-2's Algorithm 2, split as in Triton's tutorial, deterministic (no float atomics). With ``P_ij =
+exp(S_ij - lse_i)`` recomputed from the saved ``lse``, ``Z_ij = P_ij * keep / (1 - p)`` (what multiplied ``V``)::
 
-    delta = rowsum(dO * O)                        (preprocess: equals rowsum(dP * P), dropout included)
-    dV    = Z^T dO
-    dP    = (dO V^T) * keep / (1 - p)
-    dS    = P * (dP - delta)                      (= dBias, summed over the broadcast dims)
-    dQ    = scale * dS K,    dK = scale * dS^T Q
+    delta_i = rowsum(dO_i * O_i) - dlse_i            preprocess (line 4)
+    dP_ij   = (dO_i V_j^T) * keep / (1 - p)           line 13
+    dS_ij   = P_ij * (dP_ij - delta_i)                line 14 (exactly 0 where the pair is masked)
+    dQ_i   += scale dS_ij K_j                         line 15 (dQ kernel)
+    dV_j   += Z_ij^T dO_i,  dK_j += scale dS_ij^T Q_i  lines 12, 16 (dK/dV kernel)
 
-* :func:`make_preprocess`: one thread per row computes ``delta``.
-* :func:`make_dkdv`: one block per (key tile, b, kv head). ``dK``, ``dV`` of the key tile stay in registers while
-  the block loops over the query heads of its group and over the query tiles (SKIP tiles never loaded). The score
-  tile is transposed here (``R`` = keys, ``C`` = queries), so the same register-tile helpers serve.
-* :func:`make_dq`: one block per (query tile, b, h), ``dQ`` in registers, looping over the key tiles.
+:func:`make_bwd_step` builds ``bwd_step`` (lines 11-14 for one register tile), used by both kernels:
 
-No float atomics: every output element is written by exactly one thread. dBias is accumulated in the dK/dV kernel,
-which owns key columns ``j`` and visits every query row of every head of its group: it sums over the group (a
-``(B|1, Hkv, ., Nk)`` bias shared by a group) and, for a bias broadcast over query rows, over the rows, in a
-fixed order, into a buffer ``dbi (B, Hi, Nqb, Nk)`` (``Hi = H`` for a per-head bias, else ``Hkv``). What remains,
-the sums over the batch or over the kv heads for biases broadcast along those, is a small separate kernel
-(:func:`make_dbias_reduce`).
+* :func:`make_dq`: one block per (query tile, b, h), ``dQ_i`` in registers, looping over the key tiles; it also
+  sums every row of ``dS`` (``rs``) and writes the refined ``delta_kv = delta + rs - dlse`` for the dK/dV pass, so
+  that the rows of ``dS`` there sum to ``dlse`` (what a bias broadcast over the keys' rows, like DMA's ``z``,
+  needs; see :func:`minitorch.attention.kernels.simple.flash.backward`).
+* :func:`make_dkdv`: one block per (key tile, b, kv head); the tile is transposed (``R`` keys x ``C`` queries),
+  ``dK_j, dV_j`` stay in registers while the block loops over the query heads of its group and their query tiles.
+  It also accumulates dBias (:data:`DBIAS_ROWS`: ``dS`` itself; :data:`DBIAS_ROWSUM`: ``dS`` summed over the query
+  rows, DMA's ``dz``), written at the key rows of the key source. Biases broadcast over the batch or over heads are
+  summed afterwards by :func:`make_dbias_reduce`.
+
+As in the forward, a TRIANGLE tile records its visible pairs, and when an operand of a product (``K_j``; ``Q_i``
+or ``dO_i``) holds NaN or Inf the product leaves the masked pairs out.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import numba
 import numpy as np
 from numba import cuda
 
-from .forward import (
-    BIG,
-    DENSE,
-    NEG_HALF,
-    SKIP,
-    TileShape,
-    dropout_hash,
-    numba_type,
-    tile_ops,
-    visible,
-)
+from .tiles import QF_DELTA, QF_LSE, SKIP, TRIANGLE, Flags, TileShape, cached, device, dropout_hash, numba_type, tile_ops
 
 _KERNELS: Dict[Tuple[Any, ...], Any] = {}
 
 DBIAS_NONE, DBIAS_ROWS, DBIAS_ROWSUM = 0, 1, 2
-"""dBias modes of the dK/dV kernel: no bias; bias with a query-row axis; bias broadcast over query rows."""
-
-
-def dkdv_smem_bytes(shape: TileShape, itemsize: int) -> int:
-    """dK/dV kernel (``R`` keys x ``C`` queries): K, V, Q, dO tiles, Z and dS, lse/delta, query positions."""
-    s = shape
-    return itemsize * (2 * s.R * s.DP1 + 2 * s.C * s.DP1 + s.R * s.C + s.R * (s.C + 1) + 2 * s.C) + 8 * s.C
+"""dBias modes of the dK/dV kernel: no bias; a bias with a query-row axis; a bias broadcast over query rows."""
 
 
 def dq_smem_bytes(shape: TileShape, itemsize: int) -> int:
-    """dQ kernel (``R`` queries x ``C`` keys): Q, dO, K, V tiles, dS, key positions."""
+    """dQ kernel (``R`` queries x ``C`` keys): ``Q_i, dO_i, K_j, V_j``, ``dS``, three row values (floats); the
+    visible pairs (bytes); three row values, key rows and positions (int64)."""
     s = shape
-    return itemsize * (2 * s.R * s.DP1 + 2 * s.C * s.DP1 + s.R * s.C) + 8 * s.C
+    return itemsize * (2 * s.R * s.DP1 + 2 * s.C * s.DP1 + s.R * s.C + 3 * s.R) + s.R * s.C + 8 * (3 * s.R + 2 * s.C)
+
+
+def dkdv_smem_bytes(shape: TileShape, itemsize: int) -> int:
+    """dK/dV kernel (``R`` keys x ``C`` queries): ``K_j, V_j, Q_i, dO_i``, ``Z``, ``dS`` (padded), three query values
+    (floats); the visible pairs (bytes); three query values, key rows and positions (int64)."""
+    s = shape
+    return (itemsize * (2 * s.R * s.DP1 + 2 * s.C * s.DP1 + s.R * s.C + s.R * (s.C + 1) + 3 * s.C) + s.R * s.C
+            + 8 * (3 * s.C + 2 * s.R))
+
+
+def _key(name: str, shape: Any, dtype: Any, flags: Flags, *extra: Any) -> Tuple[Any, ...]:
+    return (name, shape, np.dtype(dtype).name, tuple(bool(f) for f in flags)) + extra
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The backward tile step
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def make_bwd_step(shape: TileShape, dtype: Any, flags: Flags, key_rows: bool) -> Callable:
+    """``bwd_step(s, dp, Zs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)``: FA2
+    Algorithm 2, lines 11-14, for the thread's register tile.
+
+    In: ``s = Q_i K_j^T`` and ``dp = dO_i V_j^T`` (register tiles ``(RM, RN)``; transposed when ``key_rows``: the
+    register rows are keys, the dK/dV kernel). The query tile's values are its query table ``qf, qn`` (with
+    ``lse`` and ``delta``), the key tile's rows and positions ``jt, kps``. Out, at the tile's ``(row, col)``: ``dSs = dS_ij``, ``Zs = Z_ij`` (only when
+    ``key_rows``), ``vis`` (TRIANGLE tiles); ``rsum[r] +=`` the sum of the thread's ``dS`` in register row ``r``.
+    """
+    ops = tile_ops(shape, dtype, flags)
+    score = ops.score
+    ZERO = np.dtype(dtype).type(0.0)
+    TY, TX, RM, RN = shape.TY, shape.TX, shape.RM, shape.RN
+    HAS_DROPOUT, KEY_ROWS = bool(flags.has_dropout), bool(key_rows)
+
+    def bwd_step(s, dp, Zs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg):  # type: ignore[no-untyped-def]
+        for a in range(RM):
+            row = cuda.threadIdx.y + a * TY
+            for c in range(RN):
+                col = cuda.threadIdx.x + c * TX
+                qi = col if KEY_ROWS else row  # the pair's place in the query tile and in the key tile
+                kc = row if KEY_ROWS else col
+                i = q0 + qi
+                j = jt[kc]
+                # line 11: S_ij, modified and masked exactly as in the forward; line 12: P_ij = exp(S_ij - lse_i)
+                x, ok = score(s[a, c] * cfg.scale, qi, j, kps[kc], qf, qn, q0, masked, bb, hb, Nq, cfg)
+                p = math.exp(x - qf[QF_LSE, qi]) if ok else ZERO
+                # line 13: dP_ij (dropout regenerated from the hash); line 14: dS_ij = P_ij (dP_ij - delta_i)
+                z = p
+                dpv = dp[a, c]
+                if HAS_DROPOUT:
+                    if dropout_hash(cfg.seed, b, h, i, j) >= cfg.drop_threshold:
+                        z = p * cfg.inv_keep
+                        dpv = dpv * cfg.inv_keep
+                    else:
+                        z = ZERO
+                        dpv = ZERO
+                ds = p * (dpv - qf[QF_DELTA, qi]) if ok else ZERO  # a masked pair: 0, whatever V holds there
+                if KEY_ROWS:
+                    Zs[row, col] = z
+                dSs[row, col] = ds
+                if masked:
+                    vis[row, col] = 1 if ok else 0
+                rsum[a] += ds
+
+    return device(bwd_step)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def make_preprocess(dtype: Any) -> Any:
-    """``kernel(out, dout, delta)``: one thread per row, ``delta[b, h, i] = sum_d out * dout``."""
-    key = ("pre", np.dtype(dtype).name)
-    if key in _KERNELS:
-        return _KERNELS[key]
-    ZERO = np.dtype(dtype).type(0.0)
+    """``kernel(out, dout, dlse, has_dlse, delta)``, one thread per row: ``delta = rowsum(dO * O) - dlse`` (FA2
+    Algorithm 2, line 4; ``dlse`` is read only when ``has_dlse``)."""
 
-    def preprocess(out, dout, delta):  # type: ignore[no-untyped-def]
-        row = cuda.grid(1)
-        B, H, Nq, D = out.shape
-        if row < B * H * Nq:
-            b = row // (H * Nq)
-            h = (row // Nq) % H
-            i = row % Nq
-            acc = ZERO
-            for d in range(D):
-                acc += out[b, h, i, d] * dout[b, h, i, d]
-            delta[b, h, i] = acc
+    def build() -> Any:
+        ZERO = np.dtype(dtype).type(0.0)
 
-    _KERNELS[key] = cuda.jit(preprocess)
-    return _KERNELS[key]
+        def preprocess(out, dout, dlse, has_dlse, delta):  # type: ignore[no-untyped-def]
+            row = cuda.grid(1)
+            B, H, Nq, D = out.shape
+            if row < B * H * Nq:
+                b = row // (H * Nq)
+                h = (row // Nq) % H
+                i = row % Nq
+                acc = ZERO
+                for d in range(D):
+                    acc += out[b, h, i, d] * dout[b, h, i, d]
+                if has_dlse:
+                    acc -= dlse[b, h, i]
+                delta[b, h, i] = acc
+
+        return cuda.jit(preprocess)
+
+    return cached(_KERNELS, ("pre", np.dtype(dtype).name), build)
 
 
-def make_dkdv(shape: TileShape, dtype: Any, has_bias: bool, has_dropout: bool, dbias_mode: int) -> Any:
-    """dK/dV (and dBias) kernel: grid ``(Tc, B*Hkv)``, block ``(TX, TY)``; ``shape.R`` keys x ``shape.C`` queries.
+def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
+    """dQ kernel: grid ``(Tr, B*H)``, block ``(TX, TY)``; ``shape.R`` queries x ``shape.C`` keys.
 
-    ``kernel(q, k, v, bias, dout, lse, delta, dk, dv, dbi, q_pos, k_pos_b, tile_types, block_q, block_k, scale,
-    causal, window, sinks, seed, thr, rp)``. ``dbi`` must be zero-filled for ``DBIAS_ROWS``; it is ignored for
-    ``DBIAS_NONE`` (pass a dummy).
+    ``kernel(q, k, v, dout, lse, delta, dlse, has_dlse, dq, delta_kv, tile_types, block_q, block_k, cfg)``: writes
+    ``dq`` and ``delta_kv = delta + rowsum(dS) - dlse`` (the delta of the dK/dV pass).
     """
-    key = ("dkdv", shape, np.dtype(dtype).name, bool(has_bias), bool(has_dropout), int(dbias_mode))
-    if key in _KERNELS:
-        return _KERNELS[key]
-    ops = tile_ops(shape, dtype)
-    load_rows, dot_tile, acc_tile = ops.load_rows, ops.dot_tile, ops.acc_tile
-    dt = numba_type(dtype)
-    npdt = np.dtype(dtype).type
-    ZERO, BIG_, NEG_HALF_ = npdt(0.0), npdt(BIG), npdt(NEG_HALF)
-    R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
-    C1 = C + 1
-    RM, RN, DPT, NT = shape.RM, shape.RN, shape.DPT, shape.threads
-    NCOL = -(-R // NT)  # key columns per thread for the row-summed dBias
-    HAS_BIAS, HAS_DROPOUT, MODE = bool(has_bias), bool(has_dropout), int(dbias_mode)
 
-    def dkdv(q, k, v, bias, dout, lse, delta, dk, dv, dbi, q_pos, k_pos_b, tile_types,  # type: ignore[no-untyped-def]
-             block_q, block_k, scale, causal, window, sinks, seed, thr, rp):
-        Ks = cuda.shared.array((R, DP1), dt)
-        Vs = cuda.shared.array((R, DP1), dt)
-        Qs = cuda.shared.array((C, DP1), dt)
-        dOs = cuda.shared.array((C, DP1), dt)
-        Zs = cuda.shared.array((R, C), dt)
-        dSs = cuda.shared.array((R, C1), dt)
-        lse_s = cuda.shared.array(C, dt)
-        del_s = cuda.shared.array(C, dt)
-        qps = cuda.shared.array(C, numba.int64)
-        kpos = cuda.local.array(RM, numba.int64)
-        dk_acc = cuda.local.array((RM, DPT), dt)
-        dv_acc = cuda.local.array((RM, DPT), dt)
-        s = cuda.local.array((RM, RN), dt)
-        dp = cuda.local.array((RM, RN), dt)
-        colacc = cuda.local.array(NCOL, dt)
+    def build() -> Any:
+        ops = tile_ops(shape, dtype, flags)
+        load_rows, n_keys, load_keys, gather_rows = ops.load_rows, ops.n_keys, ops.load_keys, ops.gather_rows
+        dot_tile, acc_tile, load_queries = ops.dot_tile, ops.acc_tile, ops.load_queries
+        step = make_bwd_step(shape, dtype, flags, key_rows=False)
+        dt = numba_type(dtype)
+        ZERO = np.dtype(dtype).type(0.0)
+        R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
+        RM, RN, DPT = shape.RM, shape.RN, shape.DPT
+        HAS_BIAS = bool(flags.has_bias)
 
-        ty = cuda.threadIdx.y
-        tx = cuda.threadIdx.x
-        tid = ty * TX + tx
-        H = q.shape[1]
-        Hkv = k.shape[1]
-        group = H // Hkv
-        b = cuda.blockIdx.y // Hkv
-        g = cuda.blockIdx.y - b * Hkv
-        Nq = q.shape[2]
-        Nk = k.shape[2]
-        D = q.shape[3]
-        k0 = cuda.blockIdx.x * R
-        tk_s = k0 // block_k
-        per_head = MODE != 0 and dbi.shape[1] == H  # else the dBias buffer sums the group
+        def dq_kernel(q, k, v, dout, lse, delta, dlse, has_dlse, dq, delta_kv, tile_types, block_q, block_k, cfg):  # type: ignore[no-untyped-def]
+            # the query tile (fixed for the block), the key tile (streamed), the (query, key) tiles
+            Qs = cuda.shared.array((R, DP1), dt)
+            dOs = cuda.shared.array((R, DP1), dt)
+            qf = cuda.shared.array((3, R), dt)
+            qn = cuda.shared.array((3, R), numba.int64)
+            Ks = cuda.shared.array((C, DP1), dt)
+            Vs = cuda.shared.array((C, DP1), dt)
+            jt = cuda.shared.array(C, numba.int64)
+            kps = cuda.shared.array(C, numba.int64)
+            dSs = cuda.shared.array((R, C), dt)
+            vis = cuda.shared.array((R, C), numba.uint8)
+            acc = cuda.local.array((RM, DPT), dt)
+            rsum = cuda.local.array(RM, dt)
+            s = cuda.local.array((RM, RN), dt)
+            dp = cuda.local.array((RM, RN), dt)
 
-        load_rows(Ks, k, b, g, k0, Nk, D, R)
-        load_rows(Vs, v, b, g, k0, Nk, D, R)
-        for a in range(RM):
-            j = k0 + ty + a * TY
-            kpos[a] = k_pos_b[b, j] if j < Nk else -1
-            for e in range(DPT):
-                dk_acc[a, e] = ZERO
-                dv_acc[a, e] = ZERO
-        for n in range(NCOL):
-            colacc[n] = ZERO
-
-        for hh in range(group):
-            h = g * group + hh
+            ty = cuda.threadIdx.y
+            tx = cuda.threadIdx.x
+            H = q.shape[1]
+            b = cuda.blockIdx.y // H
+            h = cuda.blockIdx.y - b * H
+            g = h // (H // k.shape[1])
+            Nq = q.shape[2]
+            D = q.shape[3]
+            q0 = cuda.blockIdx.x * R
             bb = 0
             hb = 0
             if HAS_BIAS:
-                bb = b if bias.shape[0] > 1 else 0
-                hb = h // (H // bias.shape[1])
-            for tq in range((Nq + C - 1) // C):
-                q0 = tq * C
-                t = tile_types[b, q0 // block_q, tk_s]
+                bb = b if cfg.bias.shape[0] > 1 else 0
+                hb = h // (H // cfg.bias.shape[1])
+
+            # load Q_i, dO_i, lse_i, delta_i; dQ_i = 0
+            load_rows(Qs, q, b, h, q0, Nq, D, R)
+            load_rows(dOs, dout, b, h, q0, Nq, D, R)
+            load_queries(qf, qn, b, h, g, q0, R, Nq, lse, delta, cfg, True)
+            for r in range(RM):
+                rsum[r] = ZERO
+                for e in range(DPT):
+                    acc[r, e] = ZERO
+
+            n = n_keys(b, g, k.shape[2], cfg)
+            gt = g % tile_types.shape[1]
+            for tk in range((n + C - 1) // C):  # every key tile this query tile sees
+                c0 = tk * C
+                t = tile_types[b, gt, q0 // block_q, c0 // block_k]
                 if t == SKIP:
                     continue
-                masked = t != DENSE
-                cuda.syncthreads()  # everyone is done with the previous Q, dO, Z, dS
-                load_rows(Qs, q, b, h, q0, Nq, D, C)
-                load_rows(dOs, dout, b, h, q0, Nq, D, C)
-                for cc in range(tid, C, NT):
-                    i = q0 + cc
-                    if i < Nq:
-                        li = lse[b, h, i]
-                        lse_s[cc] = li if li > NEG_HALF_ else BIG_  # a row that sees no key: P = 0
-                        del_s[cc] = delta[b, h, i]
-                        qps[cc] = q_pos[i]
-                    else:
-                        lse_s[cc] = BIG_
-                        del_s[cc] = ZERO
-                        qps[cc] = -1
+                masked = t == TRIANGLE
+                # load K_j, V_j through the key source (once everyone is done with the previous ones and dS)
                 cuda.syncthreads()
-
-                # S^T = K Q^T and dP^T = V dO^T for this (key tile, query tile)
-                dot_tile(s, Ks, Qs)
-                dot_tile(dp, Vs, dOs)
-                for a in range(RM):
-                    kr = ty + a * TY
-                    j = k0 + kr
-                    for c in range(RN):
-                        col = tx + c * TX
-                        i = q0 + col
-                        ok = j < Nk and i < Nq
-                        x = s[a, c] * scale
-                        if HAS_BIAS and ok:
-                            x += bias[bb, hb, i if bias.shape[2] > 1 else 0, j]
-                        if masked and ok:
-                            ok = visible(qps[col], kpos[a], causal, window, sinks)
-                        p = ZERO
-                        if ok and x > NEG_HALF_:
-                            p = math.exp(x - lse_s[col])
-                        z = p
-                        dpv = dp[a, c]
-                        if HAS_DROPOUT:
-                            if dropout_hash(seed, b, h, i, j) >= thr:
-                                z = p * rp
-                                dpv = dpv * rp
-                            else:
-                                z = ZERO
-                                dpv = ZERO
-                        Zs[kr, col] = z
-                        dSs[kr, col] = p * (dpv - del_s[col])
+                load_keys(jt, kps, b, g, c0, n, cfg)
+                k_bad = gather_rows(Ks, k, b, g, c0, n, D, C, cfg)
+                gather_rows(Vs, v, b, g, c0, n, D, C, cfg)
+                bad = cuda.syncthreads_or(k_bad)
+                # lines 11-14: S_ij, dP_ij, then P_ij and dS_ij
+                dot_tile(s, Qs, Ks)
+                dot_tile(dp, dOs, Vs)
+                step(s, dp, dSs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)
                 cuda.syncthreads()
+                # line 15: dQ_i += dS_ij K_j (times scale, below)
+                acc_tile(acc, dSs, Ks, vis, masked and bad != 0)
 
-                acc_tile(dv_acc, Zs, dOs)  # dV += Z^T dO
-                acc_tile(dk_acc, dSs, Qs)  # dK += dS^T Q (times scale at the end)
-                if MODE == 1:  # dBias rows: coalesced along keys, each element always by the same thread
-                    hi = h if per_head else g
-                    for idx in range(tid, R * C, NT):
-                        ii = idx // R
-                        jj = idx - ii * R
-                        i = q0 + ii
-                        j = k0 + jj
-                        if i < Nq and j < Nk:
-                            dbi[b, hi, i, j] += dSs[jj, ii]
-                if MODE == 2:  # dBias summed over the query rows, in registers
-                    for n in range(NCOL):
-                        jj = tid + n * NT
-                        if jj < R:
-                            acc = colacc[n]
-                            for ii in range(C):
-                                acc += dSs[jj, ii]
-                            colacc[n] = acc
-            if MODE == 2 and per_head:
-                for n in range(NCOL):
-                    j = k0 + tid + n * NT
-                    if tid + n * NT < R and j < Nk:
-                        dbi[b, h, 0, j] = colacc[n]
-                    colacc[n] = ZERO
-        if MODE == 2 and not per_head:
-            for n in range(NCOL):
-                j = k0 + tid + n * NT
-                if tid + n * NT < R and j < Nk:
-                    dbi[b, g, 0, j] = colacc[n]
-
-        for a in range(RM):
-            j = k0 + ty + a * TY
-            if j < Nk:
-                for e in range(DPT):
-                    d = tx + e * TX
-                    if d < D:
-                        dk[b, g, j, d] = dk_acc[a, e] * scale
-                        dv[b, g, j, d] = dv_acc[a, e]
-
-    _KERNELS[key] = cuda.jit(dkdv)
-    return _KERNELS[key]
-
-
-def make_dq(shape: TileShape, dtype: Any, has_bias: bool, has_dropout: bool) -> Any:
-    """dQ kernel: grid ``(Tr, B*H)``, block ``(TX, TY)``; ``shape.R`` queries x ``shape.C`` keys.
-
-    ``kernel(q, k, v, bias, dout, lse, delta, dq, q_pos, k_pos_b, tile_types, block_q, block_k, scale, causal,
-    window, sinks, seed, thr, rp)``.
-    """
-    key = ("dq", shape, np.dtype(dtype).name, bool(has_bias), bool(has_dropout))
-    if key in _KERNELS:
-        return _KERNELS[key]
-    ops = tile_ops(shape, dtype)
-    load_rows, dot_tile, acc_tile = ops.load_rows, ops.dot_tile, ops.acc_tile
-    dt = numba_type(dtype)
-    npdt = np.dtype(dtype).type
-    ZERO, BIG_, NEG_HALF_ = npdt(0.0), npdt(BIG), npdt(NEG_HALF)
-    R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
-    RM, RN, DPT, NT = shape.RM, shape.RN, shape.DPT, shape.threads
-    HAS_BIAS, HAS_DROPOUT = bool(has_bias), bool(has_dropout)
-
-    def dq_kernel(q, k, v, bias, dout, lse, delta, dq, q_pos, k_pos_b, tile_types,  # type: ignore[no-untyped-def]
-                  block_q, block_k, scale, causal, window, sinks, seed, thr, rp):
-        Qs = cuda.shared.array((R, DP1), dt)
-        dOs = cuda.shared.array((R, DP1), dt)
-        Ks = cuda.shared.array((C, DP1), dt)
-        Vs = cuda.shared.array((C, DP1), dt)
-        dSs = cuda.shared.array((R, C), dt)
-        kps = cuda.shared.array(C, numba.int64)
-        qpos = cuda.local.array(RM, numba.int64)
-        brow = cuda.local.array(RM, numba.int64)
-        lse_r = cuda.local.array(RM, dt)
-        del_r = cuda.local.array(RM, dt)
-        acc = cuda.local.array((RM, DPT), dt)
-        s = cuda.local.array((RM, RN), dt)
-        dp = cuda.local.array((RM, RN), dt)
-
-        ty = cuda.threadIdx.y
-        tx = cuda.threadIdx.x
-        tid = ty * TX + tx
-        H = q.shape[1]
-        b = cuda.blockIdx.y // H
-        h = cuda.blockIdx.y - b * H
-        hk = h // (H // k.shape[1])
-        Nq = q.shape[2]
-        Nk = k.shape[2]
-        D = q.shape[3]
-        q0 = cuda.blockIdx.x * R
-        tq_s = q0 // block_q
-        bb = 0
-        hb = 0
-        if HAS_BIAS:
-            bb = b if bias.shape[0] > 1 else 0
-            hb = h // (H // bias.shape[1])
-
-        load_rows(Qs, q, b, h, q0, Nq, D, R)
-        load_rows(dOs, dout, b, h, q0, Nq, D, R)
-        for r in range(RM):
-            i = q0 + ty + r * TY
-            if i < Nq:
-                qpos[r] = q_pos[i]
-                li = lse[b, h, i]
-                lse_r[r] = li if li > NEG_HALF_ else BIG_
-                del_r[r] = delta[b, h, i]
-            else:
-                qpos[r] = -1
-                lse_r[r] = BIG_
-                del_r[r] = ZERO
-            brow[r] = min(i, Nq - 1) if (HAS_BIAS and bias.shape[2] > 1) else 0
-            for e in range(DPT):
-                acc[r, e] = ZERO
-
-        for tk in range((Nk + C - 1) // C):
-            k0 = tk * C
-            t = tile_types[b, tq_s, k0 // block_k]
-            if t == SKIP:
-                continue
-            masked = t != DENSE
-            cuda.syncthreads()  # everyone is done with the previous K, V, dS
-            load_rows(Ks, k, b, hk, k0, Nk, D, C)
-            load_rows(Vs, v, b, hk, k0, Nk, D, C)
-            for jj in range(tid, C, NT):
-                j = k0 + jj
-                kps[jj] = k_pos_b[b, j] if j < Nk else -1
+            for r in range(RM):
+                i = q0 + ty + r * TY
+                if i < Nq:
+                    for e in range(DPT):
+                        d = tx + e * TX
+                        if d < D:
+                            dq[b, h, i, d] = acc[r, e] * cfg.scale
+            # rs_i = rowsum(dS_i): the threads' partial sums, added in a fixed order (dSs is free now)
             cuda.syncthreads()
-
-            dot_tile(s, Qs, Ks)
-            dot_tile(dp, dOs, Vs)
+            for r in range(RM):
+                dSs[ty + r * TY, tx] = rsum[r]
+            cuda.syncthreads()
             for r in range(RM):
                 row = ty + r * TY
                 i = q0 + row
-                for c in range(RN):
-                    col = tx + c * TX
-                    j = k0 + col
-                    ok = j < Nk and i < Nq
-                    x = s[r, c] * scale
-                    if HAS_BIAS and ok:
-                        x += bias[bb, hb, brow[r], j]
-                    if masked and ok:
-                        ok = visible(qpos[r], kps[col], causal, window, sinks)
-                    p = ZERO
-                    if ok and x > NEG_HALF_:
-                        p = math.exp(x - lse_r[r])
-                    dpv = dp[r, c]
-                    if HAS_DROPOUT:
-                        if dropout_hash(seed, b, h, i, j) >= thr:
-                            dpv = dpv * rp
-                        else:
-                            dpv = ZERO
-                    dSs[row, col] = p * (dpv - del_r[r])
+                if tx == 0 and i < Nq:
+                    rs = ZERO
+                    for t in range(TX):
+                        rs += dSs[row, t]
+                    refined = qf[QF_DELTA, row] + rs
+                    if has_dlse:
+                        refined -= dlse[b, h, i]
+                    delta_kv[b, h, i] = refined
+
+        return cuda.jit(dq_kernel)
+
+    return cached(_KERNELS, _key("dq", shape, dtype, flags), build)
+
+
+def make_dkdv(shape: TileShape, dtype: Any, flags: Flags, dbias_mode: int) -> Any:
+    """dK/dV (and dBias) kernel: grid ``(Tc, B*Hkv)``, block ``(TX, TY)``; ``shape.R`` keys x ``shape.C`` queries.
+
+    ``kernel(q, k, v, dout, lse, delta_kv, dk, dv, dbi, tile_types, block_q, block_k, cfg)``. ``dbi (B, Hi, Nqb,
+    Nk)`` (``Hi = H`` for a per-head bias, else ``Hkv``: the group's heads summed) must be zero-filled for
+    :data:`DBIAS_ROWS` and with a key list (keys in no list keep 0, as do ``dk``, ``dv``); a dummy without a bias.
+    Every element is written by one thread, summed in a fixed order.
+    """
+
+    def build() -> Any:
+        ops = tile_ops(shape, dtype, flags)
+        load_rows, n_keys, load_keys, gather_rows = ops.load_rows, ops.n_keys, ops.load_keys, ops.gather_rows
+        dot_tile, acc_tile, load_queries = ops.dot_tile, ops.acc_tile, ops.load_queries
+        step = make_bwd_step(shape, dtype, flags, key_rows=True)
+        dt = numba_type(dtype)
+        ZERO = np.dtype(dtype).type(0.0)
+        R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
+        RM, RN, DPT, NT = shape.RM, shape.RN, shape.DPT, shape.threads
+        C1 = C + 1
+        HAS_BIAS, MODE = bool(flags.has_bias), int(dbias_mode)
+
+        @device
+        def write_rowsum(dSs, rsum, jt, dbi, b, hi):  # type: ignore[no-untyped-def]
+            """dBias of a bias broadcast over query rows: ``dbi[b, hi, 0, j] = sum_i dS_ij``, the threads' partial
+            sums added in a fixed order (``dSs`` as the buffer); the partials restart from 0."""
+            ty = cuda.threadIdx.y
+            tx = cuda.threadIdx.x
             cuda.syncthreads()
-            acc_tile(acc, dSs, Ks)  # dQ += dS K (times scale at the end)
+            for a in range(RM):
+                dSs[ty + a * TY, tx] = rsum[a]
+                rsum[a] = ZERO
+            cuda.syncthreads()
+            for jj in range(ty * TX + tx, R, NT):
+                j = jt[jj]
+                if j >= 0:
+                    acc = ZERO
+                    for t in range(TX):
+                        acc += dSs[jj, t]
+                    dbi[b, hi, 0, j] = acc
 
-        for r in range(RM):
-            i = q0 + ty + r * TY
-            if i < Nq:
+        def dkdv(q, k, v, dout, lse, delta_kv, dk, dv, dbi, tile_types, block_q, block_k, cfg):  # type: ignore[no-untyped-def]
+            H = q.shape[1]
+            Hkv = k.shape[1]
+            group = H // Hkv
+            b = cuda.blockIdx.y // Hkv
+            g = cuda.blockIdx.y - b * Hkv
+            c0 = cuda.blockIdx.x * R
+            n = n_keys(b, g, k.shape[2], cfg)
+            if c0 >= n:  # uniform over the block: this (b, g) has fewer key tiles
+                return
+
+            # the key tile (fixed for the block), the query tile (streamed), the (key, query) tiles
+            Ks = cuda.shared.array((R, DP1), dt)
+            Vs = cuda.shared.array((R, DP1), dt)
+            jt = cuda.shared.array(R, numba.int64)
+            kps = cuda.shared.array(R, numba.int64)
+            Qs = cuda.shared.array((C, DP1), dt)
+            dOs = cuda.shared.array((C, DP1), dt)
+            qf = cuda.shared.array((3, C), dt)
+            qn = cuda.shared.array((3, C), numba.int64)
+            Zs = cuda.shared.array((R, C), dt)
+            dSs = cuda.shared.array((R, C1), dt)  # padded: the dBias loop reads it by columns
+            vis = cuda.shared.array((R, C), numba.uint8)
+            dk_acc = cuda.local.array((RM, DPT), dt)
+            dv_acc = cuda.local.array((RM, DPT), dt)
+            rsum = cuda.local.array(RM, dt)
+            s = cuda.local.array((RM, RN), dt)
+            dp = cuda.local.array((RM, RN), dt)
+
+            ty = cuda.threadIdx.y
+            tx = cuda.threadIdx.x
+            tid = ty * TX + tx
+            Nq = q.shape[2]
+            D = q.shape[3]
+            per_head = MODE != 0 and dbi.shape[1] == H  # else the dBias buffer sums the group's heads
+
+            # lines 6-7: load K_j, V_j through the key source; dK_j = dV_j = 0
+            load_keys(jt, kps, b, g, c0, n, cfg)
+            gather_rows(Ks, k, b, g, c0, n, D, R, cfg)
+            gather_rows(Vs, v, b, g, c0, n, D, R, cfg)
+            cuda.syncthreads()
+            for a in range(RM):
+                rsum[a] = ZERO
                 for e in range(DPT):
-                    d = tx + e * TX
-                    if d < D:
-                        dq[b, h, i, d] = acc[r, e] * scale
+                    dk_acc[a, e] = ZERO
+                    dv_acc[a, e] = ZERO
 
-    _KERNELS[key] = cuda.jit(dq_kernel)
-    return _KERNELS[key]
+            gt = g % tile_types.shape[1]
+            for hh in range(group):  # the query heads that read kv head g
+                h = g * group + hh
+                bb = 0
+                hb = 0
+                if HAS_BIAS:
+                    bb = b if cfg.bias.shape[0] > 1 else 0
+                    hb = h // (H // cfg.bias.shape[1])
+                for tq in range((Nq + C - 1) // C):  # line 8: for each query tile that sees K_j
+                    q0 = tq * C
+                    t = tile_types[b, gt, q0 // block_q, c0 // block_k]
+                    if t == SKIP:
+                        continue
+                    masked = t == TRIANGLE
+                    # line 9: load Q_i, dO_i, lse_i, delta_i (once everyone is done with the previous ones)
+                    cuda.syncthreads()
+                    q_bad = load_rows(Qs, q, b, h, q0, Nq, D, C)
+                    q_bad |= load_rows(dOs, dout, b, h, q0, Nq, D, C)
+                    load_queries(qf, qn, b, h, g, q0, C, Nq, lse, delta_kv, cfg, True)
+                    bad = cuda.syncthreads_or(q_bad)
+                    # lines 11-14, transposed: S^T = K_j Q_i^T, dP^T = V_j dO_i^T, then Z and dS
+                    dot_tile(s, Ks, Qs)
+                    dot_tile(dp, Vs, dOs)
+                    step(s, dp, Zs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)
+                    cuda.syncthreads()
+                    careful = masked and bad != 0
+                    acc_tile(dv_acc, Zs, dOs, vis, careful)  # line 12: dV_j += Z_ij^T dO_i
+                    acc_tile(dk_acc, dSs, Qs, vis, careful)  # line 16: dK_j += dS_ij^T Q_i (times scale below)
+                    if MODE == DBIAS_ROWS:  # dBias = dS: coalesced along keys, each element always by one thread
+                        hi = h if per_head else g
+                        for idx in range(tid, R * C, NT):
+                            ii = idx // R
+                            jj = idx - ii * R
+                            i = q0 + ii
+                            j = jt[jj]
+                            if i < Nq and j >= 0:
+                                dbi[b, hi, i, j] += dSs[jj, ii]
+                if MODE == DBIAS_ROWSUM and per_head:
+                    write_rowsum(dSs, rsum, jt, dbi, b, h)
+            if MODE == DBIAS_ROWSUM and not per_head:
+                write_rowsum(dSs, rsum, jt, dbi, b, g)
+
+            # line 18: write dK_j, dV_j at the key rows
+            for a in range(RM):
+                j = jt[ty + a * TY]
+                if j >= 0:
+                    for e in range(DPT):
+                        d = tx + e * TX
+                        if d < D:
+                            dk[b, g, j, d] = dk_acc[a, e] * cfg.scale
+                            dv[b, g, j, d] = dv_acc[a, e]
+
+        return cuda.jit(dkdv)
+
+    return cached(_KERNELS, _key("dkdv", shape, dtype, flags, int(dbias_mode)), build)
 
 
 def make_dbias_reduce(dtype: Any) -> Any:
-    """``kernel(dbi, dbias)``: sum ``dbi (B, Hi, Nqb, Nk)`` over the batch and head axes that ``dbias`` broadcasts.
+    """``kernel(dbi, dbias)``: sum ``dbi (B, Hi, Nqb, Nk)`` over the batch and head axes that ``dbias`` broadcasts
+    (``dbias.shape[1]`` is ``Hi`` or 1). One thread per ``dbias`` element, fixed order (deterministic)."""
 
-    One thread per ``dbias`` element, fixed summation order (deterministic). ``dbias.shape[1]`` is ``Hi`` or 1.
-    """
-    key = ("dbias_reduce", np.dtype(dtype).name)
-    if key in _KERNELS:
-        return _KERNELS[key]
-    ZERO = np.dtype(dtype).type(0.0)
+    def build() -> Any:
+        ZERO = np.dtype(dtype).type(0.0)
 
-    def dbias_reduce(dbi, dbias):  # type: ignore[no-untyped-def]
-        idx = cuda.grid(1)
-        Bb, Hb, Nqb, Nk = dbias.shape
-        if idx < Bb * Hb * Nqb * Nk:
-            j = idx % Nk
-            i = (idx // Nk) % Nqb
-            hb = (idx // (Nk * Nqb)) % Hb
-            bb = idx // (Nk * Nqb * Hb)
-            nb = dbi.shape[0] if Bb == 1 else 1
-            nh = dbi.shape[1] if Hb == 1 else 1
-            acc = ZERO
-            for x in range(nb):
-                for y in range(nh):
-                    acc += dbi[bb + x, hb + y, i, j]
-            dbias[bb, hb, i, j] = acc
+        def dbias_reduce(dbi, dbias):  # type: ignore[no-untyped-def]
+            idx = cuda.grid(1)
+            Bb, Hb, Nqb, Nk = dbias.shape
+            if idx < Bb * Hb * Nqb * Nk:
+                j = idx % Nk
+                i = (idx // Nk) % Nqb
+                hb = (idx // (Nk * Nqb)) % Hb
+                bb = idx // (Nk * Nqb * Hb)
+                nb = dbi.shape[0] if Bb == 1 else 1
+                nh = dbi.shape[1] if Hb == 1 else 1
+                acc = ZERO
+                for x in range(nb):
+                    for y in range(nh):
+                        acc += dbi[bb + x, hb + y, i, j]
+                dbias[bb, hb, i, j] = acc
 
-    _KERNELS[key] = cuda.jit(dbias_reduce)
-    return _KERNELS[key]
+        return cuda.jit(dbias_reduce)
 
-
-def make_zero4(dtype: Any) -> Any:
-    """``kernel(a)``: zero a 4-D array, one thread per element."""
-    key = ("zero4", np.dtype(dtype).name)
-    if key in _KERNELS:
-        return _KERNELS[key]
-    ZERO = np.dtype(dtype).type(0.0)
-
-    def zero4(a):  # type: ignore[no-untyped-def]
-        idx = cuda.grid(1)
-        n0, n1, n2, n3 = a.shape
-        if idx < n0 * n1 * n2 * n3:
-            a[idx // (n1 * n2 * n3), (idx // (n2 * n3)) % n1, (idx // n3) % n2, idx % n3] = ZERO
-
-    _KERNELS[key] = cuda.jit(zero4)
-    return _KERNELS[key]
+    return cached(_KERNELS, ("dbias_reduce", np.dtype(dtype).name), build)

@@ -1,37 +1,40 @@
-"""Launchers of the CUDA flash attention kernels: numba device arrays in, device arrays out (docs/internals.md).
+"""The CUDA engine's plumbing: a spec becomes kernel tiles, :class:`~.tiles.Flags` and a :class:`~.tiles.Config`,
+and the launches of :mod:`.forward` and :mod:`.backward`; plus the array helpers of the caches.
 
 ```
 forward(q, k, v, bias, spec) -> (out, lse)
-backward(q, k, v, bias, out, lse, dout, spec) -> (dq, dk, dv, dbias)
+backward(q, k, v, bias, out, lse, dout, spec, dlse=None) -> (dq, dk, dv, dbias)
 ```
-``q, out, dout, dq``: ``(B, H, Nq, D)``; ``k, v, dk, dv``: ``(B, Hkv, Nk, D)``; ``lse``: ``(B, H, Nq)``; ``bias``,
-``dbias``: ``(Bb, Hb, Nqb, Nk)`` or ``None``. All contiguous, dtype of ``q`` (float32 or float64). Nothing of q, k,
-v, out or the gradients goes through the host; the small metadata (positions, tile types) is copied to the device
-once per spec and cached in ``spec.extra["cuda"]``, so backward reuses forward's copies.
+``q, out, dout, dq``: ``(B, H, Nq, D)``; ``k, v, dk, dv``: ``(B, Hkv, Nk, D)``; ``lse, dlse``: ``(B, H, Nq)``;
+``bias, dbias``: ``(Bb, Hb, Nqb, Nk)`` or ``None``. Device arrays of q's dtype (float32 or float64). Nothing of q,
+k, v, out or the gradients goes through the host; the small metadata of a spec (positions, tile types, a key list
+given as host arrays) is copied to the device once per spec and kept as long as the spec lives, so that backward
+reuses forward's copies.
 
-Tiles: the schedule's ``(block_q, block_k)`` (``default_block_sizes(D, "cuda")`` unless the call gave others). A
-kernel whose shared memory would exceed 48 KB at those sizes (the backward kernels at D >= 64, float64, large D)
-runs sub-tiles: the tile is halved until it fits, and every sub-tile takes the type of the schedule tile that
-contains it. Tiles larger than the sequence are halved too (decoding with Nq = 1 does not run 64-row tiles).
-At the default tiles on a GPU (16 x 16 threads; :func:`smem_report`), float32:
+Tiles: the spec's ``(block_q, block_k)``. A kernel whose shared memory would exceed 48 KB at those sizes (the
+backward kernels at D >= 64, float64, large D) runs sub-tiles: the tile is halved until it fits, and every sub-tile
+takes the type of the spec's tile that contains it (:func:`fit_shape`). Tiles longer than the sequence are halved
+too (decoding with Nq = 1 does not run 64-row tiles). At the default tiles on a GPU (16 x 16 threads;
+:func:`smem_report`), float32:
 
-    D = 64  (64 x 32):  forward 64x32  41600 B | dQ 32x32  37632 B | dK/dV 32 keys x 32 queries  42112 B
-    D = 128 (32 x 32):  forward 32x32  41472 B | dQ 16x16  34176 B | dK/dV 16 keys x 16 queries  35392 B
+    D = 64  (64 x 32):  forward 64x32  46208 B | dQ 32x32  40064 B | dK/dV 32 keys x 32 queries  44288 B
+    D = 128 (32 x 32):  forward 32x32  43904 B | dQ 16x16  35136 B | dK/dV 16 keys x 16 queries  36224 B
 
-Determinism: no float atomics anywhere; dBias is reduced in a fixed order (see flash_backward.py).
+(the same numbers as ``ptxas -v`` reports for the sm_90 builds, :mod:`.ptx`).
+
+Determinism: no float atomics anywhere; every sum runs in a fixed order.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 from numba import cuda
 
-import weakref
-
 from ...spec import AttentionSpec
-from ...tiling import TileOrder
+from ...tiling import TileOrder, default_block_sizes
 from .backward import (
     DBIAS_NONE,
     DBIAS_ROWS,
@@ -42,35 +45,37 @@ from .backward import (
     make_dkdv,
     make_dq,
     make_preprocess,
-    make_zero4,
 )
 from .forward import (
-    MAX_THREADS,
-    SMEM_LIMIT,
-    TileShape,
     forward_smem_bytes,
     make_forward_k_major,
     make_forward_q_major,
     make_k_major_finish,
     make_k_major_init,
+    make_merge,
 )
+from .tiles import MAX_THREADS, ROW_THREADS, SMEM_LIMIT, Config, Flags, TileShape, cached, numba_type
 
 DeviceArray = Any
-ROW_THREADS = 128
-"""Threads per block of the one-thread-per-row/element kernels (init, finish, preprocess, reductions)."""
 
-_DUMMY: Dict[str, DeviceArray] = {}
+_KERNELS: Dict[Tuple[Any, ...], Any] = {}
+_DUMMY: Dict[Tuple[str, int], DeviceArray] = {}
 _MEMO: "weakref.WeakKeyDictionary[AttentionSpec, Dict[Any, Any]]" = weakref.WeakKeyDictionary()
-"""What a launcher derives from a spec (device copies of the positions and tile types, kernel tiles), per spec."""
+"""What the launchers derive from a spec (device copies of its metadata, kernel tiles), per spec object."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernel tiles
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def fit_shape(
     rows: int, cols: int, n_rows: int, n_cols: int, D: int, itemsize: int, smem: Callable[[TileShape, int], int],
     max_threads: Tuple[int, int] = MAX_THREADS,
 ) -> TileShape:
-    """The kernel tile for a schedule tile of ``rows x cols``: halve it while it is larger than the sequence
-    (``n_rows``, ``n_cols``) or its shared memory exceeds :data:`SMEM_LIMIT`. Halving keeps every kernel tile inside
-    one schedule tile. Raises ``ValueError`` if no sub-tile fits (head dim too large)."""
+    """The kernel tile for a spec tile of ``rows x cols``: halve it while it is longer than the sequence (``n_rows``,
+    ``n_cols``) or its shared memory exceeds :data:`SMEM_LIMIT`. Halving keeps every kernel tile inside one spec
+    tile. Raises ``ValueError`` if no sub-tile fits (head dim too large)."""
     while rows % 2 == 0 and rows // 2 >= max(n_rows, 1):
         rows //= 2
     while cols % 2 == 0 and cols // 2 >= max(n_cols, 1):
@@ -86,21 +91,25 @@ def fit_shape(
         else:
             raise ValueError(
                 f"CUDA attention: head_dim={D} ({itemsize}-byte floats) does not fit {SMEM_LIMIT} bytes of shared "
-                f"memory with any sub-tile of block sizes dividing the schedule's; pass smaller block_q/block_k"
+                f"memory with any sub-tile of block sizes dividing ({rows}, {cols}); pass smaller block_q/block_k"
             )
 
 
+def _key_entries(spec: AttentionSpec) -> int:
+    """Length of the longest key sequence a kernel walks: ``Nk``, or a key list's capacity."""
+    return int(spec.keys.kidx.shape[2]) if spec.keys is not None else spec.Nk
+
+
 def kernel_shapes(spec: AttentionSpec, itemsize: int) -> Dict[str, TileShape]:
-    """The kernel tiles of every kernel for this spec: ``forward`` and ``dq`` (queries x keys), ``dkdv`` (keys x
-    queries). Cached in ``spec.extra``."""
+    """The kernel tiles of this spec: ``forward`` and ``dq`` (queries x keys), ``dkdv`` (keys x queries)."""
     memo = _MEMO.setdefault(spec, {})
-    key = ("cuda_shapes", itemsize)
+    key = ("shapes", itemsize)
     if key not in memo:
-        bq, bk, D = spec.block_q, spec.block_k, spec.D
+        bq, bk, D, n = spec.block_q, spec.block_k, spec.D, _key_entries(spec)
         memo[key] = {
-            "forward": fit_shape(bq, bk, spec.Nq, spec.Nk, D, itemsize, forward_smem_bytes),
-            "dq": fit_shape(bq, bk, spec.Nq, spec.Nk, D, itemsize, dq_smem_bytes),
-            "dkdv": fit_shape(bk, bq, spec.Nk, spec.Nq, D, itemsize, dkdv_smem_bytes),
+            "forward": fit_shape(bq, bk, spec.Nq, n, D, itemsize, forward_smem_bytes),
+            "dq": fit_shape(bq, bk, spec.Nq, n, D, itemsize, dq_smem_bytes),
+            "dkdv": fit_shape(bk, bq, n, spec.Nq, D, itemsize, dkdv_smem_bytes),
         }
     return memo[key]
 
@@ -109,50 +118,83 @@ def smem_report(D: int, dtype: Any = np.float32, block_q: Optional[int] = None, 
                 N: int = 4096, max_threads: Tuple[int, int] = (16, 16)) -> Dict[str, Tuple[Tuple[int, int], int]]:
     """Kernel name -> ((rows, cols) of the kernel tile, shared-memory bytes) at the default CUDA tiles for ``D``,
     for the thread grid of a real GPU (``max_threads``; the simulator uses smaller blocks)."""
-    from ...tiling import default_block_sizes
-
     dq, dk = default_block_sizes(D, "cuda")
     bq, bk = block_q or dq, block_k or dk
     size = np.dtype(dtype).itemsize
     out = {}
-    for name, (r, c, nr, nc, fn) in {
-        "forward": (bq, bk, N, N, forward_smem_bytes),
-        "dq": (bq, bk, N, N, dq_smem_bytes),
-        "dkdv": (bk, bq, N, N, dkdv_smem_bytes),
-    }.items():
-        s = fit_shape(r, c, nr, nc, D, size, fn, max_threads)
+    for name, (r, c, fn) in {"forward": (bq, bk, forward_smem_bytes), "dq": (bq, bk, dq_smem_bytes),
+                             "dkdv": (bk, bq, dkdv_smem_bytes)}.items():
+        s = fit_shape(r, c, N, N, D, size, fn, max_threads)
         out[name] = ((s.R, s.C), fn(s, size))
     return out
 
 
-def _meta(spec: AttentionSpec) -> Dict[str, DeviceArray]:
-    """Positions and tile types on the device, copied once per spec."""
+# ---------------------------------------------------------------------------------------------------------------------
+# A spec as Flags and a Config
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _dummy(dtype: Any, ndim: int) -> DeviceArray:
+    """A ``(1,) * ndim`` device array standing in for an absent feature's array (never read)."""
+    key = (np.dtype(dtype).name, ndim)
+    if key not in _DUMMY:
+        _DUMMY[key] = cuda.to_device(np.zeros((1,) * ndim, dtype=dtype))
+    return _DUMMY[key]
+
+
+def on_device(x: Any, dtype: Any) -> DeviceArray:
+    """``x`` as a device array of ``dtype`` (no copy for a device array, which must already have it)."""
+    if hasattr(x, "copy_to_host") and not isinstance(x, np.ndarray):
+        if np.dtype(x.dtype) != np.dtype(dtype):
+            raise TypeError(f"CUDA attention: a device array of dtype {np.dtype(x.dtype)} where {np.dtype(dtype)} is "
+                            f"needed")
+        return x
+    return cuda.to_device(np.ascontiguousarray(x, dtype=dtype))
+
+
+def _metadata(spec: AttentionSpec) -> Dict[str, DeviceArray]:
+    """Positions, tile types and the key list / top-k thresholds of a spec on the device, copied once per spec."""
     memo = _MEMO.setdefault(spec, {})
-    if "cuda" not in memo:
-        memo["cuda"] = {
-            "q_pos": cuda.to_device(np.ascontiguousarray(spec.q_pos, dtype=np.int64)),
-            "k_pos_b": cuda.to_device(np.ascontiguousarray(spec.k_pos_b, dtype=np.int64)),
-            "tile_types": cuda.to_device(np.ascontiguousarray(spec.tile_types, dtype=np.int8)),
+    if "meta" not in memo:
+        i64 = np.int64
+        meta = {
+            "q_pos": on_device(spec.q_pos, i64),
+            "k_pos_b": on_device(spec.k_pos_b, i64),
+            "tile_types": on_device(spec.kernel_tiles(), np.int8),
         }
-    return memo["cuda"]
+        if spec.keys is not None:
+            meta["kidx"] = on_device(spec.keys.kidx, i64)
+            meta["counts"] = on_device(spec.keys.counts, i64)
+        if spec.topk is not None:
+            meta["thr_idx"] = on_device(spec.topk.thr_idx, i64)
+            meta["thr_val"] = spec.topk.thr_val  # converted with the kernel's dtype in make_config
+        memo["meta"] = meta
+    return memo["meta"]
 
 
-def _dummy(dtype: np.dtype) -> DeviceArray:
-    """A ``(1, 1, 1, 1)`` device array standing in for an absent bias (never read)."""
-    if dtype.name not in _DUMMY:
-        _DUMMY[dtype.name] = cuda.to_device(np.zeros((1, 1, 1, 1), dtype=dtype))
-    return _DUMMY[dtype.name]
+def device_positions(spec: AttentionSpec) -> DeviceArray:
+    """``spec.k_pos_b`` on the device (memoized with the spec)."""
+    return _metadata(spec)["k_pos_b"]
 
 
-def _scalars(spec: AttentionSpec, dtype: np.dtype) -> Tuple[Any, ...]:
-    """The runtime arguments shared by every kernel: ``block_q, block_k, scale, causal, window, sinks, seed,
-    thr, rp``, typed so that no kernel does float64 or mixed signed/unsigned math by accident."""
-    t = dtype.type
-    rp = 1.0 / (1.0 - spec.dropout) if spec.dropout > 0 else 1.0
-    return (
-        np.int64(spec.block_q), np.int64(spec.block_k), t(spec.scale), bool(spec.causal), np.int64(spec.window),
-        np.int64(spec.num_sinks), np.uint64(spec.seed & 0xFFFFFFFF), np.uint64(spec.drop_threshold), t(rp),
+def make_config(spec: AttentionSpec, bias: Optional[DeviceArray], dtype: np.dtype) -> Tuple[Flags, Config, DeviceArray]:
+    """The spec as compile-time :class:`Flags`, a run-time :class:`Config` (typed: no float64 or mixed
+    signed/unsigned arithmetic in a float32 kernel), and the kernels' tile types ``(B, 1 or Hkv, Tr, Tc)``."""
+    meta = _metadata(spec)
+    ft = dtype.type
+    has_bias, has_list, has_topk = bias is not None, spec.keys is not None, spec.topk is not None
+    if has_topk and not has_bias:
+        raise ValueError("CUDA attention: a top-k keep rule needs its importance as the bias (B, Hkv, 1, Nk)")
+    flags = Flags(has_bias, has_list, has_topk, spec.dropout > 0)
+    cfg = Config(
+        meta["q_pos"], meta["k_pos_b"], bool(spec.causal), np.int64(spec.window), np.int64(spec.num_sinks),
+        bias if has_bias else _dummy(dtype, 4),
+        meta["kidx"] if has_list else _dummy(np.int64, 3), meta["counts"] if has_list else _dummy(np.int64, 2),
+        on_device(meta["thr_val"], dtype) if has_topk else _dummy(dtype, 3),
+        meta["thr_idx"] if has_topk else _dummy(np.int64, 3),
+        np.uint64(spec.seed), np.uint64(spec.drop_threshold), ft(1.0 / (1.0 - spec.dropout)), ft(spec.scale),
     )
+    return flags, cfg, meta["tile_types"]
 
 
 def _check(name: str, arr: DeviceArray, shape: Tuple[int, ...], dtype: np.dtype) -> None:
@@ -162,113 +204,202 @@ def _check(name: str, arr: DeviceArray, shape: Tuple[int, ...], dtype: np.dtype)
         raise TypeError(f"CUDA attention: {name} must have dtype {dtype}, got {np.dtype(arr.dtype)}")
 
 
+def _inputs(q: Any, k: Any, v: Any, bias: Any, spec: AttentionSpec) -> Tuple[Any, ...]:
+    """q, k, v (and the bias, in its 4-D shape) as checked device arrays; their dtype."""
+    dtype = np.dtype(q.dtype)
+    numba_type(dtype)  # float32 or float64, else a TypeError naming the dtype
+    B, H, Hkv, Nq, Nk, D = spec.B, spec.H, spec.Hkv, spec.Nq, spec.Nk, spec.D
+    q, k, v = (on_device(x, dtype) for x in (q, k, v))
+    _check("q", q, (B, H, Nq, D), dtype)
+    _check("k", k, (B, Hkv, Nk, D), dtype)
+    _check("v", v, (B, Hkv, Nk, D), dtype)
+    if bias is not None:
+        shape = spec.bias_shape if spec.bias_shape is not None else tuple(bias.shape)
+        bias = on_device(bias, dtype)
+        if bias.size != int(np.prod(shape)):
+            raise ValueError(f"CUDA attention: attn_bias must have shape {tuple(shape)}, got {tuple(bias.shape)}")
+        bias = bias.reshape(tuple(shape))
+        _check("attn_bias", bias, shape, dtype)
+    return q, k, v, bias, dtype
+
+
 def _grid1(n: int) -> Tuple[int, int]:
     return (max(1, -(-n // ROW_THREADS)), ROW_THREADS)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Forward and backward
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[DeviceArray],
             spec: AttentionSpec) -> Tuple[DeviceArray, DeviceArray]:
-    """Flash attention forward on the GPU: ``(out (B, H, Nq, D), lse (B, H, Nq))``, in ``spec.order``."""
-    dtype = np.dtype(q.dtype)
-    B, H, Hkv, Nq, Nk, D = spec.B, spec.H, spec.Hkv, spec.Nq, spec.Nk, spec.D
-    _check("q", q, (B, H, Nq, D), dtype)
-    _check("k", k, (B, Hkv, Nk, D), dtype)
-    _check("v", v, (B, Hkv, Nk, D), dtype)
-    has_bias = bias is not None
-    if has_bias:
-        _check("attn_bias", bias, spec.bias_shape or tuple(bias.shape), dtype)
+    """Flash attention forward on the GPU: ``(out (B, H, Nq, D), lse (B, H, Nq))``.
+
+    ``spec.order`` picks Q-major (FlashAttention-2; with ``spec.num_splits > 1`` split-K, merged by lse) or K-major
+    (FlashAttention-1: one launch per key tile, in order)."""
+    q, k, v, bias, dtype = _inputs(q, k, v, bias, spec)
+    B, H, Nq, D = spec.B, spec.H, spec.Nq, spec.D
+    if B * H * Nq == 0:
+        return cuda.device_array((B, H, Nq, D), dtype=dtype), cuda.device_array((B, H, Nq), dtype=dtype)
+    flags, cfg, tiles = make_config(spec, bias, dtype)
+    shape = kernel_shapes(spec, dtype.itemsize)["forward"]
+    blocks = (np.int64(spec.block_q), np.int64(spec.block_k))
+    Tr = -(-Nq // shape.R)
+    threads = (shape.TX, shape.TY)
+    if TileOrder(spec.order) == TileOrder.K_MAJOR:
+        out = cuda.device_array((B, H, Nq, D), dtype=dtype)
+        lse = cuda.device_array((B, H, Nq), dtype=dtype)
+        m_buf = cuda.device_array((B, H, Nq), dtype=dtype)
+        l_buf = cuda.device_array((B, H, Nq), dtype=dtype)
+        rows = _grid1(B * H * Nq)
+        make_k_major_init(dtype)[rows](out, m_buf, l_buf)
+        kernel = make_forward_k_major(shape, dtype, flags)
+        for tk in range(-(-_key_entries(spec) // shape.C)):  # FA1's outer loop over key tiles: launches in order
+            kernel[(Tr, B * H), threads](q, k, v, out, m_buf, l_buf, tiles, *blocks, np.int64(tk), cfg)
+        make_k_major_finish(dtype)[rows](lse, m_buf, l_buf)
+        return out, lse
+    S = spec.num_splits
+    out_p = cuda.device_array((B, H, S, Nq, D), dtype=dtype)
+    lse_p = cuda.device_array((B, H, S, Nq), dtype=dtype)
+    make_forward_q_major(shape, dtype, flags)[(Tr * S, B * H), threads](q, k, v, out_p, lse_p, tiles, *blocks,
+                                                                        np.int64(S), cfg)
+    if S == 1:
+        return out_p.reshape((B, H, Nq, D)), lse_p.reshape((B, H, Nq))
     out = cuda.device_array((B, H, Nq, D), dtype=dtype)
     lse = cuda.device_array((B, H, Nq), dtype=dtype)
-    if B * H * Nq == 0:
-        return out, lse
-    meta = _meta(spec)
-    shape = kernel_shapes(spec, dtype.itemsize)["forward"]
-    args = _scalars(spec, dtype)
-    has_dropout = spec.dropout > 0
-    bias_arr = bias if has_bias else _dummy(dtype)
-    Tr = -(-Nq // shape.R)
-    Tc = -(-Nk // shape.C)
-    block = (shape.TX, shape.TY)
-    if TileOrder(spec.order) == TileOrder.Q_MAJOR:
-        kernel = make_forward_q_major(shape, dtype, has_bias, has_dropout)
-        kernel[(Tr, B * H), block](q, k, v, bias_arr, out, lse, meta["q_pos"], meta["k_pos_b"], meta["tile_types"],
-                                   *args)
-    else:
-        # FlashAttention 1: the outer loop over key/value tiles is this host loop of launches (in stream order)
-        l_buf = cuda.device_array((B, H, Nq), dtype=dtype)
-        blocks, threads = _grid1(B * H * Nq)
-        make_k_major_init(dtype)[blocks, threads](out, lse, l_buf)
-        kernel = make_forward_k_major(shape, dtype, has_bias, has_dropout)
-        for tk in range(Tc):
-            kernel[(Tr, B * H), block](q, k, v, bias_arr, out, lse, l_buf, meta["q_pos"], meta["k_pos_b"],
-                                       meta["tile_types"], np.int64(tk), *args)
-        make_k_major_finish(dtype)[blocks, threads](lse, l_buf)
+    make_merge(dtype)[_grid1(B * H * Nq * D)](out_p, lse_p, out, lse)
     return out, lse
 
 
 def backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[DeviceArray], out: DeviceArray,
-             lse: DeviceArray, dout: DeviceArray, spec: AttentionSpec
+             lse: DeviceArray, dout: DeviceArray, spec: AttentionSpec, dlse: Optional[DeviceArray] = None
              ) -> Tuple[DeviceArray, DeviceArray, DeviceArray, Optional[DeviceArray]]:
     """Flash attention backward on the GPU: ``(dq, dk, dv, dbias)`` (``dbias`` None without a bias).
 
-    Preprocess (``delta``), then the dK/dV kernel (with dBias), then the dQ kernel; deterministic.
+    Preprocess (``delta = rowsum(dO O) - dlse``), the dQ kernel (which also refines delta by the row sums of dS),
+    then the dK/dV kernel (with dBias, written at the key rows of the key source); deterministic.
     """
-    dtype = np.dtype(q.dtype)
+    q, k, v, bias, dtype = _inputs(q, k, v, bias, spec)
     B, H, Hkv, Nq, Nk, D = spec.B, spec.H, spec.Hkv, spec.Nq, spec.Nk, spec.D
-    _check("q", q, (B, H, Nq, D), dtype)
-    _check("k", k, (B, Hkv, Nk, D), dtype)
-    _check("v", v, (B, Hkv, Nk, D), dtype)
+    out, dout, lse = (on_device(x, dtype) for x in (out, dout, lse))
     _check("out", out, (B, H, Nq, D), dtype)
     _check("dout", dout, (B, H, Nq, D), dtype)
     _check("lse", lse, (B, H, Nq), dtype)
-    has_bias = bias is not None
-    dq = cuda.device_array((B, H, Nq, D), dtype=dtype)
-    dk = cuda.device_array((B, Hkv, Nk, D), dtype=dtype)
-    dv = cuda.device_array((B, Hkv, Nk, D), dtype=dtype)
-    dbias = None
-    mode = DBIAS_NONE
-    if has_bias:
-        bshape = tuple(spec.bias_shape or bias.shape)
-        _check("attn_bias", bias, bshape, dtype)
-        Bb, Hb, Nqb, _ = bshape
-        mode = DBIAS_ROWSUM if Nqb == 1 else DBIAS_ROWS
-        Hi = H if Hb == H else Hkv
-        dbi = cuda.device_array((B, Hi, Nqb, Nk), dtype=dtype)
-        zero4 = make_zero4(dtype)
-        if mode == DBIAS_ROWS:  # DBIAS_ROWSUM writes every element
-            blocks, threads = _grid1(dbi.size)
-            zero4[blocks, threads](dbi)
-    meta = _meta(spec)
+    has_dlse = dlse is not None
+    if has_dlse:
+        dlse = on_device(dlse, dtype)
+        _check("dlse", dlse, (B, H, Nq), dtype)
+    else:
+        dlse = _dummy(dtype, 3)
+    flags, cfg, tiles = make_config(spec, bias, dtype)
     shapes = kernel_shapes(spec, dtype.itemsize)
-    args = _scalars(spec, dtype)
-    has_dropout = spec.dropout > 0
-    bias_arr = bias if has_bias else _dummy(dtype)
+    blocks = (np.int64(spec.block_q), np.int64(spec.block_k))
 
+    # dK, dV, dBias buffers; a key list leaves the keys in no list untouched: their gradients are 0
+    zero_kv = flags.has_list or Nq == 0
+    dk = zeros((B, Hkv, Nk, D), dtype) if zero_kv else cuda.device_array((B, Hkv, Nk, D), dtype=dtype)
+    dv = zeros((B, Hkv, Nk, D), dtype) if zero_kv else cuda.device_array((B, Hkv, Nk, D), dtype=dtype)
+    mode, dbi = DBIAS_NONE, _dummy(dtype, 4)
+    if bias is not None:
+        Bb, Hb, Nqb, _ = bias.shape
+        mode = DBIAS_ROWSUM if Nqb == 1 else DBIAS_ROWS
+        dbi_shape = (B, H if Hb == H else Hkv, Nqb, Nk)  # per query head, or summed over each group
+        dbi = zeros(dbi_shape, dtype) if (mode == DBIAS_ROWS or zero_kv) else cuda.device_array(dbi_shape, dtype=dtype)
+
+    dq = cuda.device_array((B, H, Nq, D), dtype=dtype)
+    delta_kv = cuda.device_array((B, H, Nq), dtype=dtype)
     if B * H * Nq > 0:
         delta = cuda.device_array((B, H, Nq), dtype=dtype)
-        blocks, threads = _grid1(B * H * Nq)
-        make_preprocess(dtype)[blocks, threads](out, dout, delta)
-    else:
-        delta = cuda.device_array((B, H, max(Nq, 1)), dtype=dtype)
+        make_preprocess(dtype)[_grid1(B * H * Nq)](out, dout, dlse, has_dlse, delta)
+        sq = shapes["dq"]
+        make_dq(sq, dtype, flags)[(-(-Nq // sq.R), B * H), (sq.TX, sq.TY)](
+            q, k, v, dout, lse, delta, dlse, has_dlse, dq, delta_kv, tiles, *blocks, cfg)
+    sk = shapes["dkdv"]
+    if B * Hkv * Nk > 0 and Nq > 0:
+        make_dkdv(sk, dtype, flags, mode)[(-(-_key_entries(spec) // sk.R), B * Hkv), (sk.TX, sk.TY)](
+            q, k, v, dout, lse, delta_kv, dk, dv, dbi, tiles, *blocks, cfg)
 
-    kv = shapes["dkdv"]
-    if B * Hkv * Nk > 0:
-        kernel = make_dkdv(kv, dtype, has_bias, has_dropout, mode)
-        kernel[(-(-Nk // kv.R), B * Hkv), (kv.TX, kv.TY)](
-            q, k, v, bias_arr, dout, lse, delta, dk, dv, dbi if has_bias else _dummy(dtype),
-            meta["q_pos"], meta["k_pos_b"], meta["tile_types"], *args)
-
-    qs = shapes["dq"]
-    if B * H * Nq > 0:
-        kernel = make_dq(qs, dtype, has_bias, has_dropout)
-        kernel[(-(-Nq // qs.R), B * H), (qs.TX, qs.TY)](
-            q, k, v, bias_arr, dout, lse, delta, dq, meta["q_pos"], meta["k_pos_b"], meta["tile_types"], *args)
-
-    if has_bias:
-        if (Bb, Hb) == (B, Hi):
+    dbias = None
+    if bias is not None:
+        if tuple(bias.shape) == tuple(dbi.shape):
             dbias = dbi
         else:
-            dbias = cuda.device_array(bshape, dtype=dtype)
-            blocks, threads = _grid1(dbias.size)
-            make_dbias_reduce(dtype)[blocks, threads](dbi, dbias)
+            dbias = cuda.device_array(tuple(bias.shape), dtype=dtype)
+            if dbias.size > 0:
+                make_dbias_reduce(dtype)[_grid1(dbias.size)](dbi, dbias)
     return dq, dk, dv, dbias
+
+
+def decode_splits(n_tiles: int) -> int:
+    """Split-K parts of a single-query decode over ``n_tiles`` key tiles: one per tile (FlashDecoding), so that a
+    GPU has ``B * H * n_tiles`` blocks to run instead of ``B * H``."""
+    return max(1, int(n_tiles))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Arrays: zeros and row copies (the caches' slot writes)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _fill_kernel(dtype: Any) -> Any:
+    """``kernel(a, x)``: ``a[n] = x`` for a 1-D array, one thread per element."""
+
+    def build() -> Any:
+        def fill(a, x):  # type: ignore[no-untyped-def]
+            n = cuda.grid(1)
+            if n < a.shape[0]:
+                a[n] = x
+
+        return cuda.jit(fill)
+
+    return cached(_KERNELS, ("fill", np.dtype(dtype).name), build)
+
+
+def zeros(shape: Tuple[int, ...], dtype: Any) -> DeviceArray:
+    """A zero-filled device array (filled on the device: nothing crosses from the host)."""
+    dtype = np.dtype(dtype)
+    a = cuda.device_array(tuple(int(s) for s in shape), dtype=dtype)
+    if a.size > 0:
+        _fill_kernel(dtype)[_grid1(a.size)](a.reshape(a.size), dtype.type(0))
+    return a
+
+
+def _copy_rows_kernel(dtype: Any) -> Any:
+    """``kernel(dst, src, dst_rows, src_rows)``: ``dst[b, h, dst_rows[n], d] = src[b, h, src_rows[n], d]``, one
+    thread per element."""
+
+    def build() -> Any:
+        def copy_rows(dst, src, dst_rows, src_rows):  # type: ignore[no-untyped-def]
+            idx = cuda.grid(1)
+            B, H, _, D = dst.shape
+            N = dst_rows.shape[0]
+            if idx < B * H * N * D:
+                d = idx % D
+                n = (idx // D) % N
+                h = (idx // (D * N)) % H
+                b = idx // (D * N * H)
+                dst[b, h, dst_rows[n], d] = src[b, h, src_rows[n], d]
+
+        return cuda.jit(copy_rows)
+
+    return cached(_KERNELS, ("copy_rows", np.dtype(dtype).name), build)
+
+
+def write_rows(dst: DeviceArray, src: Any, dst_rows: np.ndarray, src_rows: np.ndarray) -> None:
+    """``dst[:, :, dst_rows[n]] = src[:, :, src_rows[n]]`` for 4-D ``(B, H, N, D)`` device arrays, in place."""
+    dtype = np.dtype(dst.dtype)
+    src = on_device(src, dtype)
+    n = int(dst.shape[0] * dst.shape[1] * len(dst_rows) * dst.shape[3])
+    if n == 0:
+        return
+    rows = [cuda.to_device(np.ascontiguousarray(r, dtype=np.int64)) for r in (dst_rows, src_rows)]
+    _copy_rows_kernel(dtype)[_grid1(n)](dst, src, *rows)
+
+
+def take_rows(src: DeviceArray, rows: np.ndarray) -> DeviceArray:
+    """``src[:, :, rows]`` as a new device array."""
+    B, H, _, D = src.shape
+    dst = cuda.device_array((B, H, len(rows), D), dtype=src.dtype)
+    write_rows(dst, src, np.arange(len(rows), dtype=np.int64), rows)
+    return dst

@@ -1,0 +1,350 @@
+"""Register tiles of the CUDA attention kernels: geometry, compile-time configuration, and the tile helpers.
+
+Every kernel of :mod:`.forward` and :mod:`.backward` works on an ``R x C`` tile of (query, key) pairs (the dK/dV
+kernel on an ``R x C`` tile of (key, query) pairs) with a block of ``TY x TX`` threads. Thread ``(ty, tx)`` owns a
+small *register tile*: the rows ``ty + r TY`` (``r < RM``), the columns ``tx + c TX`` (``c < RN``), and, for the
+products with ``V`` (or ``K``, ``Q``, ``dO``), the head-dim columns ``tx + e TX`` (``e < DPT``) of the output rows
+it owns. Tiles of ``D``-long rows sit in shared memory (``DP1 = DP + 1`` wide, so that threads reading one column of
+different rows hit different banks).
+
+What the kernels are configured by comes in two kinds:
+
+* compile-time :class:`Flags` (bias, key list, top-k rule, dropout) and the :class:`TileShape`: every factory of
+  this package caches its kernels per ``(TileShape, dtype, Flags)``, so shapes of shared and local arrays and
+  every branch on a flag are constants of the compiled code;
+* the run-time :class:`Config`: positions, mask parameters, the bias, the key list, the thresholds, the dropout
+  seed, typed by the launcher (:func:`~.launch.make_config`) so that no kernel mixes float64 into float32 math.
+
+Real-GPU hygiene: constants are typed with the kernel's dtype (``ft(...)``), masked scores hold the finite sentinel
+``finfo.min`` (never ``-inf`` in arithmetic), and shared memory stays within :data:`SMEM_LIMIT` (the launcher
+sub-tiles, :func:`~.launch.fit_shape`). In Numba's simulator (the tests) thread blocks are tiny.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Tuple
+
+import numba
+import numpy as np
+from numba import cuda
+
+from ...dropout import build_dropout_hash
+from ...masks import build_kept, build_visible
+from ...tiling import TileType
+
+SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+
+MAX_THREADS = (4, 4) if SIMULATOR else (16, 16)
+"""Largest ``(TY, TX)`` thread grid of a block. The simulator runs one Python thread per CUDA thread: keep it small."""
+
+SMEM_LIMIT = 48 * 1024
+"""Static shared memory a block may use (bytes)."""
+
+ROW_THREADS = 32 if SIMULATOR else 128
+"""Threads per block of the one-thread-per-element kernels (init, merge, preprocess, copies, reductions)."""
+
+SKIP = int(TileType.SKIP)
+DENSE = int(TileType.DENSE)
+TRIANGLE = int(TileType.TRIANGLE)
+
+QF_LSE, QF_DELTA, QF_THR = 0, 1, 2
+QN_POS, QN_BIAS_ROW, QN_THR = 0, 1, 2
+"""Rows of a tile's *query table*, two shared arrays with one column per query row of the tile: ``qf`` (floats:
+``lse`` (``MAX`` for ``-inf``), ``delta``, the top-k threshold value) and ``qn`` (int64: the position, -1 past
+``Nq``; the bias row; the top-k threshold index). Loaded by ``TileOps.load_queries``, read by ``TileOps.score``."""
+
+Flags = namedtuple("Flags", "has_bias has_list has_topk has_dropout")
+"""The compile-time configuration of a kernel: which parts of the score modification and key source exist.
+
+* ``has_bias``: ``S += bias`` (``Config.bias`` is ``(Bb, Hb, Nqb, Nk)``);
+* ``has_list``: key tile entries are read through ``Config.kidx`` (a :class:`~minitorch.attention.spec.KeyList`);
+* ``has_topk``: DMA's keep rule on the bias value (:func:`~minitorch.attention.masks.kept`) in TRIANGLE tiles;
+* ``has_dropout``: the counter-based dropout of :mod:`minitorch.attention.dropout`.
+"""
+
+Config = namedtuple(
+    "Config",
+    "q_pos k_pos_b causal window num_sinks bias kidx counts thr_val thr_idx seed drop_threshold inv_keep scale",
+)
+"""The run-time configuration every attention kernel reads (absent features hold tiny dummy arrays):
+
+* masks: ``q_pos (Nq,)``, ``k_pos_b (B, Nk)`` int64 positions (-1: empty), ``causal``, ``window`` (-1: none),
+  ``num_sinks`` (the rule of :mod:`minitorch.attention.masks`);
+* ``bias (Bb, Hb, Nqb, Nk)``: query head ``h`` reads bias head ``h // (H // Hb)``, row ``i`` (or 0 when ``Nqb = 1``);
+* key source: entry ``c`` of (b, kv head g) is key row ``kidx[b, g, c]``, ``counts[b, g]`` entries;
+* DMA's top-k: row ``i`` keeps key ``j`` iff ``kept(bias[b, g, 0, j], j, thr_val[b, g, i], thr_idx[b, g, i])``;
+* dropout: keep iff ``dropout_hash(seed, b, h, i, j) >= drop_threshold``; kept probabilities times ``inv_keep``;
+* ``scale``: of the scores, in the kernel's dtype.
+"""
+
+_DEVICE_OPTS: Dict[str, Any] = {} if SIMULATOR else {"forceinline": True}
+
+
+def device(fn: Callable) -> Callable:
+    """Compile ``fn`` as a CUDA device function (force-inlined on the GPU, so local arrays stay in registers)."""
+    return cuda.jit(device=True, **_DEVICE_OPTS)(fn)
+
+
+visible = build_visible(device)
+"""The one visibility rule (:func:`minitorch.attention.masks.visible`), compiled for the GPU."""
+kept = build_kept(device)
+"""DMA's top-k keep rule (:func:`minitorch.attention.masks.kept`), compiled for the GPU."""
+dropout_hash = build_dropout_hash(device)
+"""The counter-based dropout hash, bit-identical to :func:`minitorch.attention.dropout.dropout_mask`."""
+
+
+def numba_type(dtype: Any) -> Any:
+    """numba scalar type of a float NumPy dtype (float32 or float64)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return numba.float32
+    if dtype == np.float64:
+        return numba.float64
+    raise TypeError(f"CUDA attention supports float32 and float64, got {dtype}")
+
+
+def sentinels(dtype: Any) -> Tuple[Any, Any]:
+    """``(MIN, MAX)``: the most negative and the largest finite value of ``dtype``, typed.
+
+    ``MIN`` is a masked score and the running max of a row that has seen no key yet (whose probabilities are then
+    all 0, never ``exp(MIN - MIN) = 1``); ``MAX`` stands for the ``lse`` of a row that saw no key (``-inf``), so
+    that ``exp(S - lse)`` is 0 there."""
+    info = np.finfo(dtype)
+    return info.dtype.type(info.min), info.dtype.type(info.max)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _divisor_at_most(n: int, cap: int) -> int:
+    """Largest divisor of ``n`` that is ``<= cap`` (at least 1)."""
+    for t in range(max(1, min(cap, n)), 0, -1):
+        if n % t == 0:
+            return t
+    return 1
+
+
+@dataclass(frozen=True)
+class TileShape:
+    """Compile-time geometry of a kernel: an ``R x C`` score tile, ``TY x TX`` threads, head dim padded to ``DP``."""
+
+    R: int
+    C: int
+    DP: int
+    TY: int
+    TX: int
+
+    @property
+    def RM(self) -> int:
+        """Rows of a thread's register tile."""
+        return self.R // self.TY
+
+    @property
+    def RN(self) -> int:
+        """Columns of a thread's register tile."""
+        return self.C // self.TX
+
+    @property
+    def DPT(self) -> int:
+        """Head-dim columns of an output row a thread owns."""
+        return self.DP // self.TX
+
+    @property
+    def DP1(self) -> int:
+        """Row length of a shared ``(rows, D)`` tile (padded by one against bank conflicts)."""
+        return self.DP + 1
+
+    @property
+    def threads(self) -> int:
+        return self.TY * self.TX
+
+    @staticmethod
+    def make(R: int, C: int, D: int, max_threads: Tuple[int, int] = MAX_THREADS) -> "TileShape":
+        """Threads from the tile: the largest divisors of ``R`` and ``C`` up to ``max_threads``, so a 64 x 32 tile
+        gives each of 16 x 16 threads a 4 x 2 register tile, and tiny tiles mean few threads (the simulator)."""
+        TY = _divisor_at_most(R, max_threads[0])
+        TX = _divisor_at_most(C, max_threads[1])
+        DP = -(-D // TX) * TX
+        return TileShape(int(R), int(C), int(DP), int(TY), int(TX))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tile helpers (device functions)
+# ---------------------------------------------------------------------------------------------------------------------
+
+_TILE_OPS: Dict[Tuple[Any, ...], "TileOps"] = {}
+
+
+class TileOps:
+    """The device functions of one :class:`TileShape`, dtype and :class:`Flags`: loading tiles, the key source,
+    the score modification, and the two register-tile products.
+
+    * ``load_rows(dst, src, b, h, start, n, D, rows) -> bad``: ``dst[r] = src[b, h, start + r]`` (zero past ``n``
+      and ``D``), cooperative and coalesced along ``d``;
+    * ``n_keys(b, g, Nk, cfg)``: the length of the key sequence of (b, kv head g): ``Nk``, or the list's count;
+    * ``load_keys(jt, kps, b, g, c0, n, cfg)``: the key source: ``jt[c]`` = the key row of entry ``c0 + c``
+      (``-1`` past ``n``), ``kps[c]`` its position;
+    * ``gather_rows(dst, src, b, g, c0, n, D, rows, cfg) -> bad``: ``dst[c] = src[b, g, key row of c0 + c]``;
+    * ``load_queries(qf, qn, b, h, g, q0, rows, Nq, lse, delta, cfg, stats)``: the query table of the rows
+      ``q0 ..`` (:data:`QF_LSE` ...; ``lse`` and ``delta`` only with ``stats``, the backward), cooperative;
+    * ``score(x, qi, j, kp, qf, qn, q0, masked, bb, hb, Nq, cfg) -> (s, ok)``: the score modification of the pair
+      (query ``qi`` of the tile, key row ``j`` at position ``kp``): ``s = x + bias``; ``ok``: both exist and, in a
+      TRIANGLE tile (``masked``), the pair is visible (and kept, with DMA's top-k);
+    * ``dot_tile(s, A, Bm)``: ``s[r, c] = sum_d A[row r, d] Bm[col c, d]`` (``A Bm^T`` into the register tile);
+    * ``acc_tile(acc, P, V, vis, careful)``: ``acc[r, e] += sum_{j < C} P[row r, j] V[j, col e]``; ``careful`` leaves
+      out the pairs with ``vis == 0`` (a TRIANGLE tile whose ``V`` holds NaN or Inf: ``0 * NaN`` is NaN).
+
+    The loads return ``bad``, 1 if the thread loaded a NaN or Inf (``x - x != 0``); a caller turns it into a
+    block-wide flag with ``cuda.syncthreads_or``, at a barrier it needs anyway.
+    """
+
+    def __init__(self, shape: TileShape, dtype: Any, flags: Flags) -> None:
+        dt = numba_type(dtype)
+        ft = np.dtype(dtype).type
+        ZERO, NEG_INF = ft(0.0), ft(-np.inf)
+        _, MAX = sentinels(dtype)
+        C, DP, TY, TX = shape.C, shape.DP, shape.TY, shape.TX
+        RM, RN, DPT, NT = shape.RM, shape.RN, shape.DPT, shape.threads
+        HAS_BIAS, HAS_LIST, HAS_TOPK = bool(flags.has_bias), bool(flags.has_list), bool(flags.has_topk)
+
+        def load_rows(dst, src, b, h, start, n, D, rows):  # type: ignore[no-untyped-def]
+            tid = cuda.threadIdx.y * TX + cuda.threadIdx.x
+            bad = 0
+            for idx in range(tid, rows * DP, NT):
+                r = idx // DP
+                d = idx - r * DP
+                i = start + r
+                x = ZERO
+                if i < n and d < D:
+                    x = src[b, h, i, d]
+                    if x - x != ZERO:
+                        bad = 1
+                dst[r, d] = x
+            return bad
+
+        def n_keys(b, g, Nk, cfg):  # type: ignore[no-untyped-def]
+            if HAS_LIST:
+                return cfg.counts[b, g]
+            return Nk
+
+        @device
+        def key_row(b, g, e, n, cfg):  # type: ignore[no-untyped-def]
+            """The key source: the key row of entry ``e`` of (b, g)'s key sequence of ``n`` entries (-1 past it)."""
+            if e >= n:
+                return -1
+            if HAS_LIST:
+                return cfg.kidx[b, g, e]
+            return e
+
+        def load_keys(jt, kps, b, g, c0, n, cfg):  # type: ignore[no-untyped-def]
+            tid = cuda.threadIdx.y * TX + cuda.threadIdx.x
+            for c in range(tid, jt.shape[0], NT):
+                j = key_row(b, g, c0 + c, n, cfg)
+                jt[c] = j
+                kps[c] = cfg.k_pos_b[b, j] if j >= 0 else -1
+
+        def gather_rows(dst, src, b, g, c0, n, D, rows, cfg):  # type: ignore[no-untyped-def]
+            tid = cuda.threadIdx.y * TX + cuda.threadIdx.x
+            bad = 0
+            for idx in range(tid, rows * DP, NT):
+                c = idx // DP
+                d = idx - c * DP
+                j = key_row(b, g, c0 + c, n, cfg)
+                x = ZERO
+                if j >= 0 and d < D:
+                    x = src[b, g, j, d]
+                    if x - x != ZERO:
+                        bad = 1
+                dst[c, d] = x
+            return bad
+
+        def load_queries(qf, qn, b, h, g, q0, rows, Nq, lse, delta, cfg, stats):  # type: ignore[no-untyped-def]
+            tid = cuda.threadIdx.y * TX + cuda.threadIdx.x
+            for c in range(tid, rows, NT):
+                i = q0 + c
+                ic = min(i, Nq - 1)
+                qn[QN_POS, c] = cfg.q_pos[i] if i < Nq else -1
+                qn[QN_BIAS_ROW, c] = ic if (HAS_BIAS and cfg.bias.shape[2] > 1) else 0
+                qn[QN_THR, c] = cfg.thr_idx[b, g, ic] if HAS_TOPK else -1
+                qf[QF_THR, c] = cfg.thr_val[b, g, ic] if HAS_TOPK else ZERO
+                if stats:
+                    x = lse[b, h, ic]
+                    qf[QF_LSE, c] = MAX if x == NEG_INF else x
+                    qf[QF_DELTA, c] = delta[b, h, ic]
+
+        def score(x, qi, j, kp, qf, qn, q0, masked, bb, hb, Nq, cfg):  # type: ignore[no-untyped-def]
+            ok = j >= 0 and q0 + qi < Nq
+            if HAS_BIAS and ok:
+                z = cfg.bias[bb, hb, qn[QN_BIAS_ROW, qi], j]
+                x += z
+                if HAS_TOPK and masked:  # DMA: the bias is the importance z, and the row keeps the top-k of it
+                    ok = kept(z, j, qf[QF_THR, qi], qn[QN_THR, qi])
+            if masked and ok:
+                ok = visible(qn[QN_POS, qi], kp, cfg.causal, cfg.window, cfg.num_sinks)
+            return x, ok
+
+        def dot_tile(s, A, Bm):  # type: ignore[no-untyped-def]
+            ty = cuda.threadIdx.y
+            tx = cuda.threadIdx.x
+            a = cuda.local.array(RM, dt)
+            bv = cuda.local.array(RN, dt)
+            for r in range(RM):
+                for c in range(RN):
+                    s[r, c] = ZERO
+            for d in range(DP):
+                for r in range(RM):
+                    a[r] = A[ty + r * TY, d]
+                for c in range(RN):
+                    bv[c] = Bm[tx + c * TX, d]
+                for r in range(RM):
+                    for c in range(RN):
+                        s[r, c] += a[r] * bv[c]
+
+        def acc_tile(acc, P, V, vis, careful):  # type: ignore[no-untyped-def]
+            ty = cuda.threadIdx.y
+            tx = cuda.threadIdx.x
+            a = cuda.local.array(RM, dt)
+            vv = cuda.local.array(DPT, dt)
+            for j in range(C):
+                for r in range(RM):
+                    a[r] = P[ty + r * TY, j]
+                for e in range(DPT):
+                    vv[e] = V[j, tx + e * TX]
+                if careful:  # rare: only the visible pairs, so that a NaN the row does not see stays out
+                    for r in range(RM):
+                        if vis[ty + r * TY, j] != 0:
+                            for e in range(DPT):
+                                acc[r, e] += a[r] * vv[e]
+                else:
+                    for r in range(RM):
+                        for e in range(DPT):
+                            acc[r, e] += a[r] * vv[e]
+
+        self.shape, self.flags = shape, flags
+        self.load_rows = device(load_rows)
+        self.n_keys = device(n_keys)
+        self.load_keys = device(load_keys)
+        self.gather_rows = device(gather_rows)
+        self.load_queries = device(load_queries)
+        self.score = device(score)
+        self.dot_tile = device(dot_tile)
+        self.acc_tile = device(acc_tile)
+
+
+def tile_ops(shape: TileShape, dtype: Any, flags: Flags) -> TileOps:
+    """Cached :class:`TileOps` for ``(shape, dtype, flags)``."""
+    key = (shape, np.dtype(dtype).name, tuple(bool(f) for f in flags))
+    if key not in _TILE_OPS:
+        _TILE_OPS[key] = TileOps(shape, dtype, Flags(*key[2]))
+    return _TILE_OPS[key]
+
+
+def cached(cache: Dict[Tuple[Any, ...], Any], key: Tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    """``cache[key]``, built by ``build()`` the first time (kernel factories memoize with it)."""
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]

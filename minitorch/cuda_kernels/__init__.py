@@ -1,1 +1,0 @@
-"""Numba CUDA attention kernels and their launchers."""
