@@ -89,9 +89,9 @@ def attention_probs(
     m_safe = np.where(np.isfinite(m), m, 0.0)
     e = np.where(mask, np.exp(s - m_safe), 0.0)
     l = e.sum(axis=-1, keepdims=True)
-    p = np.where(l > 0, e / np.where(l > 0, l, 1.0), 0.0)
+    p = np.where(l != 0, e / np.where(l != 0, l, 1.0), 0.0)
     with np.errstate(divide="ignore"):
-        lse = np.where(l[..., 0] > 0, m_safe[..., 0] + np.log(l[..., 0]), -np.inf)
+        lse = np.where(l[..., 0] != 0, m_safe[..., 0] + np.log(l[..., 0]), -np.inf)
     return p, lse, np.broadcast_to(mask, p.shape)
 
 
@@ -203,7 +203,7 @@ def naive_attention_float32(
     m = np.where(np.isfinite(m), m, np.float32(0))
     e = np.where(mask, np.exp(s - m), np.float32(0))
     l = e.sum(axis=-1, keepdims=True)
-    p = np.where(l > 0, e / np.where(l > 0, l, np.float32(1)), np.float32(0))
+    p = np.where(l != 0, e / np.where(l != 0, l, np.float32(1)), np.float32(0))
     if options.get("dropout", 0.0) > 0:
         p = p * (dropout_mask(options.get("seed", 0), p.shape, options["dropout"]) / np.float32(1 - options["dropout"]))
     return np.matmul(p.astype(np.float32), v32)
@@ -256,9 +256,9 @@ def _dma_probs(q, k, z, mask, scale):  # type: ignore[no-untyped-def]
     m_safe = np.where(np.isfinite(m), m, 0.0)
     e = np.where(mk, np.exp(s - m_safe), 0.0)
     l = e.sum(axis=-1, keepdims=True)
-    p = np.where(l > 0, e / np.where(l > 0, l, 1.0), 0.0)
+    p = np.where(l != 0, e / np.where(l != 0, l, 1.0), 0.0)
     with np.errstate(divide="ignore"):
-        lse = np.where(l[..., 0] > 0, m_safe[..., 0] + np.log(np.where(l > 0, l, 1.0)[..., 0]), -np.inf)
+        lse = np.where(l[..., 0] != 0, m_safe[..., 0] + np.log(np.where(l != 0, l, 1.0)[..., 0]), -np.inf)
     return p, lse
 
 

@@ -33,7 +33,19 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .tiles import SKIP, TRIANGLE, Flags, TileShape, cached, device, dropout_hash, numba_type, sentinels, tile_ops
+from .tiles import (
+    SKIP,
+    TRIANGLE,
+    Flags,
+    TileShape,
+    cached,
+    device,
+    dropout_hash,
+    nan_max,
+    numba_type,
+    sentinels,
+    tile_ops,
+)
 
 _KERNELS: Dict[Tuple[Any, ...], Any] = {}
 
@@ -107,7 +119,7 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
                 if masked:
                     vis[row, col] = 1 if ok else 0
                 s[r, c] = x
-                mx = max(mx, x)
+                mx = nan_max(mx, x)
             red_m[row, tx] = mx
         cuda.syncthreads()  # row-max partials complete; K_j is no longer read
 
@@ -117,7 +129,7 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
             row = ty + r * TY
             mt = m_i[r]
             for t in range(TX):
-                mt = max(mt, red_m[row, t])
+                mt = nan_max(mt, red_m[row, t])
             m_new[r] = mt
             seen = mt != MIN  # a row that has seen no key yet (every score masked or -inf): every P is 0
             rs = ZERO

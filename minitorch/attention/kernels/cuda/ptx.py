@@ -35,6 +35,7 @@ import numba
 import numpy as np
 from numba import cuda
 
+from ...tiling import default_block_sizes
 from . import backward as bwd
 from . import forward as fwd
 from . import launch
@@ -115,8 +116,6 @@ def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ..
 
 
 def _blocks(D: int) -> Tuple[int, int]:
-    from ...tiling import default_block_sizes
-
     return default_block_sizes(D, "cuda")
 
 

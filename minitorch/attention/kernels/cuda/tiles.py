@@ -95,6 +95,13 @@ dropout_hash = build_dropout_hash(device)
 """The counter-based dropout hash, bit-identical to :func:`minitorch.attention.dropout.dropout_mask`."""
 
 
+@device
+def nan_max(a, b):  # type: ignore[no-untyped-def]
+    """``max(a, b)`` that keeps a NaN (the GPU's ``fmax`` drops it): a row whose scores are all NaN (a NaN query)
+    must come out NaN, as on the CPU, not as a row that saw no key."""
+    return a if (a >= b or a != a) else b
+
+
 def numba_type(dtype: Any) -> Any:
     """numba scalar type of a float NumPy dtype (float32 or float64)."""
     dtype = np.dtype(dtype)
