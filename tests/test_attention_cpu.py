@@ -28,7 +28,6 @@ from hypothesis import strategies as st
 from minitorch.attention.kernels.cpu import flash as cpu
 from minitorch.attention.dropout import dropout_mask
 from minitorch.attention.reference import (
-    naive_attention_float32,
     reference_attention,
     reference_attention_backward,
     reference_mask,

@@ -81,7 +81,7 @@ def reference(case: Dict[str, Any]) -> Tuple[np.ndarray, ...]:
     return (out,) + R.reference_dma_backward(*args, case["dout"], **ref_kwargs(case))
 
 
-def run_tensors(case: Dict[str, Any], backend: TensorBackend, dtype: Any = np.float64) -> Tuple[np.ndarray, ...]:
+def run_tensors(case: Dict[str, Any], backend: Any, dtype: Any = np.float64) -> Tuple[np.ndarray, ...]:
     """flash_dma_attention forward and backward through the tensor API: ``(out, dq, dk, dv, d_dt, d_a)``."""
     ts = [from_numpy(np.asarray(case[n], dtype=dtype), backend=backend, requires_grad=True)
           for n in ("q", "k", "v", "dt", "a")]

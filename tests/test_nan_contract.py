@@ -14,7 +14,7 @@ visible-NaN case, whose rows come out of the whole online softmax.)
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import numpy as np
 import pytest

@@ -21,6 +21,7 @@ imports attention; attention extends it).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
@@ -132,42 +133,23 @@ def flash_attention(
     return out
 
 
-def attention_reference(
-    q: "Tensor",
-    k: "Tensor",
-    v: "Tensor",
-    *,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    window: Optional[int] = None,
-    key_padding_mask: Any = None,
-    attn_bias: Any = None,
-    dropout: float = 0.0,
-    seed: Optional[int] = None,
-    return_lse: bool = False,
-    q_positions: Any = None,
-    k_positions: Any = None,
-    block_q: Optional[int] = None,
-    block_k: Optional[int] = None,
-    order: Union[TileOrder, str] = TileOrder.Q_MAJOR,
-    num_sinks: int = 0,
-) -> Union["Tensor", Tuple["Tensor", "Tensor"]]:
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, **options: Any) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Standard attention from tensor ops (matmul, exp, sum), differentiated by autodiff. ``O(Nq Nk)`` memory.
 
-    Same arguments and results as :func:`flash_attention` (the tiling arguments are validated and ignored); the
-    ``lse`` it returns is differentiable too. Masked scores are excluded *before* the row max and the ``exp``, so a
-    masked score, however large, never overflows a row.
+    The keyword arguments and results of :func:`flash_attention` (the tiling arguments are validated and ignored);
+    the ``lse`` it returns is differentiable too. Masked scores are excluded *before* the row max and the ``exp``,
+    so a masked score, however large, never overflows a row.
     """
     _check_tensors(q, k, v)
-    return_lse = check_flag("return_lse", return_lse)
     B, H, Hkv, Nq, Nk, D = check_qkv(q.shape, k.shape, v.shape)
-    bias = _bias_tensor(attn_bias, q)
-    pad = _to_numpy_mask(key_padding_mask)
-    spec = _spec(  # validation only, so both APIs reject the same inputs
-        q, k, v, bias, causal=causal, scale=scale, window=window, key_padding_mask=pad, dropout=dropout, seed=seed,
-        q_positions=_positions(q_positions), k_positions=_positions(k_positions), block_q=block_q, block_k=block_k,
-        order=order, num_sinks=num_sinks,
-    )
+    options = dict(_DEFAULTS, **_known(options))
+    return_lse = check_flag("return_lse", options.pop("return_lse"))
+    bias = _bias_tensor(options.pop("attn_bias"), q)
+    pad = _to_numpy_mask(options.pop("key_padding_mask"))
+    for name in ("q_positions", "k_positions"):
+        options[name] = _positions(options[name])
+    spec = _spec(q, k, v, bias, key_padding_mask=pad, **options)  # validation only: both APIs reject the same input
+    causal, window, num_sinks = spec.causal, None if spec.window < 0 else spec.window, spec.num_sinks
     G = H // Hkv
     backend, dtype = q.backend, q.dtype
     # Group query heads by their kv head: (B, Hkv, G, Nq, D) against (B, Hkv, 1, Nk, D), no K/V copies per head.
@@ -210,6 +192,21 @@ def attention_reference(
         lse = (l_safe.log() + m + empty).contiguous().view(B, H, Nq)
         return out, lse
     return out
+
+
+_DEFAULTS = {name: p.default for name, p in inspect.signature(flash_attention).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY}
+"""flash_attention's keyword arguments and their defaults (attention_reference takes the same)."""
+
+
+def _known(options: Any) -> Any:
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}; the options are {sorted(_DEFAULTS)}")
+    return options
+
+
+attention_reference.__signature__ = inspect.signature(flash_attention)  # type: ignore[attr-defined]
 
 
 def _flash_attention_method(self: Tensor, k: Tensor, v: Tensor, **options: Any) -> Any:

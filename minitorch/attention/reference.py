@@ -9,8 +9,9 @@ All functions take and return NumPy arrays: ``q (B, H, Nq, D)``, ``k, v (B, Hkv,
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -133,33 +134,24 @@ def _sum_to(x: np.ndarray, shape: Tuple[int, ...], H: int) -> np.ndarray:
 
 
 def reference_attention_backward(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    dout: np.ndarray,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    window: Optional[int] = None,
-    key_padding_mask: Optional[np.ndarray] = None,
-    attn_bias: Optional[np.ndarray] = None,
-    dropout: float = 0.0,
-    seed: int = 0,
-    q_positions: Optional[np.ndarray] = None,
-    k_positions: Optional[np.ndarray] = None,
-    num_sinks: int = 0,
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarray, **options: Any
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """Gradients ``(dq, dk, dv, dbias)`` of ``sum(out * dout)`` in float64, by the textbook formulas.
+    """Gradients ``(dq, dk, dv, dbias)`` of ``sum(out * dout)`` in float64, by the textbook formulas; ``options``
+    are :func:`reference_attention`'s.
 
     With ``Z = P * keep / (1 - p)``: ``dV = Z^T dO``, ``dZ = dO V^T``, ``dP = dZ * keep / (1 - p)``,
     ``dS = P * (dP - rowsum(dP * P))``, ``dQ = scale dS K``, ``dK = scale dS^T Q``, ``dBias = dS`` summed to its shape.
     """
+    unknown = sorted(set(options) - set(inspect.signature(reference_attention).parameters))
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}")
+    dropout, seed, attn_bias = options.pop("dropout", 0.0), options.pop("seed", 0), options.get("attn_bias")
     q64 = np.asarray(q, dtype=np.float64)
     H, D = q64.shape[1], q64.shape[3]
     Hkv = k.shape[1]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    p, _, _ = attention_probs(
-        q, k, causal, scale, window, key_padding_mask, attn_bias, q_positions, k_positions, num_sinks
-    )
+    scale = options.get("scale")
+    options["scale"] = scale = 1.0 / math.sqrt(D) if scale is None else scale
+    p, _, _ = attention_probs(q, k, **options)
     do = np.asarray(dout, dtype=np.float64)
     k64 = _expand_kv(np.asarray(k, dtype=np.float64), H)
     v64 = _expand_kv(np.asarray(v, dtype=np.float64), H)

@@ -51,35 +51,33 @@ def build_selection(jit: Callable[[Callable], Callable] = lambda f: f) -> Callab
     """
     worse = jit(_worse)
 
+    def swap(hv, hi, b, g, i, j):  # type: ignore[no-untyped-def]
+        tv = hv[b, g, i]
+        ti = hi[b, g, i]
+        hv[b, g, i] = hv[b, g, j]
+        hi[b, g, i] = hi[b, g, j]
+        hv[b, g, j] = tv
+        hi[b, g, j] = ti
+
+    swap_j = jit(swap)
+
     def sift_up(hv, hi, b, g, pos):  # type: ignore[no-untyped-def]
         while pos > 0:
             parent = (pos - 1) // 2
-            if worse(hv[b, g, pos], hi[b, g, pos], hv[b, g, parent], hi[b, g, parent]):
-                tv = hv[b, g, pos]
-                ti = hi[b, g, pos]
-                hv[b, g, pos] = hv[b, g, parent]
-                hi[b, g, pos] = hi[b, g, parent]
-                hv[b, g, parent] = tv
-                hi[b, g, parent] = ti
-                pos = parent
-            else:
+            if not worse(hv[b, g, pos], hi[b, g, pos], hv[b, g, parent], hi[b, g, parent]):
                 break
+            swap_j(hv, hi, b, g, pos, parent)
+            pos = parent
 
     def sift_down(hv, hi, b, g, size, pos):  # type: ignore[no-untyped-def]
         while 2 * pos + 1 < size:
             c = 2 * pos + 1
             if c + 1 < size and worse(hv[b, g, c + 1], hi[b, g, c + 1], hv[b, g, c], hi[b, g, c]):
                 c = c + 1
-            if worse(hv[b, g, c], hi[b, g, c], hv[b, g, pos], hi[b, g, pos]):
-                tv = hv[b, g, pos]
-                ti = hi[b, g, pos]
-                hv[b, g, pos] = hv[b, g, c]
-                hi[b, g, pos] = hi[b, g, c]
-                hv[b, g, c] = tv
-                hi[b, g, c] = ti
-                pos = c
-            else:
+            if not worse(hv[b, g, c], hi[b, g, c], hv[b, g, pos], hi[b, g, pos]):
                 break
+            swap_j(hv, hi, b, g, c, pos)
+            pos = c
 
     sift_up_j = jit(sift_up)
     sift_down_j = jit(sift_down)

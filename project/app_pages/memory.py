@@ -217,7 +217,7 @@ def live_run(N: int, D: int, H: int, use_fast: bool) -> pd.DataFrame:
         from minitorch import FastTensorBackend
 
         spec = make_spec(q.shape, k.shape, v.shape, causal=True)
-        cpu.forward(q, k, v, None, spec)  # compile (or load the cache) outside the timing
+        FastTensorBackend.attention.forward(q, k, v, None, spec)  # compile (or load the cache) outside the timing
         timed("flash, FastTensorBackend (Numba CPU)", lambda: FastTensorBackend.attention.forward(q, k, v, None, spec)[0])
     return pd.DataFrame(rows)
 

@@ -43,7 +43,7 @@ the masked pairs (:func:`~.simd.matmul_visible`).
 from __future__ import annotations
 
 from collections import namedtuple
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import numba
 import numpy as np
@@ -249,6 +249,18 @@ def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, 
 
 
 @helper()
+def _fwd_buffers(q, Br, Bc):  # type: ignore[no-untyped-def]
+    """The on-chip buffers of a forward program: ``qt (R4, D)`` (scale Q_i), ``acc (R4, Dp)`` (unnormalized O_i),
+    ``m, l (R4,)``, ``kT (D, Bcp)`` (K_j^T), ``vj (Bc, Dp)`` (V_j), ``jt, kpt (Bcp,)`` (key rows and positions),
+    ``s (R4, Bcp)`` (S_ij, then P_ij), ``vis (R4, Bcp)`` (visible pairs), ``stats (3, R4)`` (scratch)."""
+    T, D = q.dtype, q.shape[3]
+    R4, _, Bcp, Dp = _tile_shapes(Br, Bc, D, q)
+    return (np.zeros((R4, D), T), np.zeros((R4, Dp), T), np.zeros(R4, T), np.zeros(R4, T), np.zeros((D, Bcp), T),
+            np.zeros((Bc, Dp), T), np.zeros(Bcp, np.int64), np.zeros(Bcp, np.int64), np.zeros((R4, Bcp), T),
+            np.zeros((R4, Bcp), np.uint8), np.zeros((3, R4), T))
+
+
+@helper()
 def _write_rows(acc, m, l, nr, D, out2, lse1, qs):  # type: ignore[no-untyped-def]
     """FA2 Algorithm 1 lines 12-13: ``O_i = diag(l_i)^-1 O_i`` and ``lse_i = m_i + log(l_i)`` into the rows
     ``qs ..`` of ``out2 (Nq, D)``, ``lse1 (Nq,)``; a row that saw no key gets 0 and ``-inf`` (NaN stays NaN)."""
@@ -271,22 +283,10 @@ def _fwd_q_major(worker, n_workers, q, k, v, out, lse, Br, Bc, n_splits, tile_ty
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    T = q.dtype
     group = H // k.shape[1]
     Tr, Gt = tile_types.shape[2], tile_types.shape[1]
-    R4, _, Bcp, Dp = _tile_shapes(Br, Bc, D, q)
     # on-chip buffers (allocated once per worker, reused by its programs)
-    qt = np.zeros((R4, D), T)
-    acc = np.zeros((R4, Dp), T)
-    m = np.zeros(R4, T)
-    l = np.zeros(R4, T)
-    kT = np.zeros((D, Bcp), T)
-    vj = np.zeros((Bc, Dp), T)
-    jt = np.zeros(Bcp, np.int64)
-    kpt = np.zeros(Bcp, np.int64)
-    s = np.zeros((R4, Bcp), T)
-    vis = np.zeros((R4, Bcp), np.uint8)
-    stats = np.zeros((3, R4), T)
+    qt, acc, m, l, kT, vj, jt, kpt, s, vis, stats = _fwd_buffers(q, Br, Bc)
     for prog in range(worker, B * H * Tr * n_splits, n_workers):
         b, h = prog // (H * Tr * n_splits), (prog // (Tr * n_splits)) % H
         tq, sp = (prog // n_splits) % Tr, prog % n_splits
@@ -327,21 +327,9 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    T = q.dtype
     group = H // k.shape[1]
     Tr, Gt = tile_types.shape[2], tile_types.shape[1]
-    R4, _, Bcp, Dp = _tile_shapes(Br, Bc, D, q)
-    qt = np.zeros((R4, D), T)
-    acc = np.zeros((R4, Dp), T)
-    m = np.zeros(R4, T)
-    l = np.zeros(R4, T)
-    kT = np.zeros((D, Bcp), T)
-    vj = np.zeros((Bc, Dp), T)
-    jt = np.zeros(Bcp, np.int64)
-    kpt = np.zeros(Bcp, np.int64)
-    s = np.zeros((R4, Bcp), T)
-    vis = np.zeros((R4, Bcp), np.uint8)
-    stats = np.zeros((3, R4), T)
+    qt, acc, m, l, kT, vj, jt, kpt, s, vis, stats = _fwd_buffers(q, Br, Bc)
     for prog in range(worker, B * H, n_workers):
         b, h = prog // H, prog % H
         g = h // group
@@ -669,17 +657,9 @@ def forward(
     return merge_partials(np.moveaxis(out_parts, 2, 3), np.moveaxis(lse_parts, 2, 3))
 
 
-def backward(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    bias: Optional[np.ndarray],
-    out: np.ndarray,
-    lse: np.ndarray,
-    dout: np.ndarray,
-    spec: AttentionSpec,
-    dlse: Optional[np.ndarray] = None,
-) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndarray], out: np.ndarray, lse: np.ndarray,
+             dout: np.ndarray, spec: AttentionSpec, dlse: Optional[np.ndarray] = None
+             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Flash attention backward: ``(dq, dk, dv, dbias)``; ``dbias`` has the bias's shape (``None`` without a bias).
 
     Preprocess ``delta``, dQ (with the row sums ``rs`` of dS), ``delta += rs - dlse``, then dK/dV/dBias.

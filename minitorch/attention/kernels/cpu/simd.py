@@ -12,7 +12,6 @@ NaN and Inf: nothing here drops them. ``exp`` of NaN is NaN (so a NaN score pois
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from llvmlite import binding as llvm_binding
 from llvmlite import ir

@@ -269,17 +269,9 @@ def _forward_k_major(head: _Head, out: np.ndarray, lse: np.ndarray) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------------------------
-def backward(
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    bias: Optional[np.ndarray],
-    out: np.ndarray,
-    lse: np.ndarray,
-    dout: np.ndarray,
-    spec: AttentionSpec,
-    dlse: Optional[np.ndarray] = None,
-) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndarray], out: np.ndarray, lse: np.ndarray,
+             dout: np.ndarray, spec: AttentionSpec, dlse: Optional[np.ndarray] = None
+             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Flash attention backward: gradients of ``sum(out * dout) + sum(lse * dlse)``.
 
     Args:
