@@ -16,7 +16,7 @@ package raises an ``ImportError`` that says so. The rest of minitorch never impo
 
 from .comm import MPI, abort_on_exception, get_comm  # noqa: F401  (raises the ImportError without mpi4py)
 from .data_parallel import allreduce_gradients, broadcast_parameters  # noqa: F401
-from .ring_attention import RingAttention, ring_attention  # noqa: F401
+from .ring import RingAttention, ring_attention  # noqa: F401
 from .sequence import gather_sequence, shard_sequence  # noqa: F401
 
 __all__ = [
