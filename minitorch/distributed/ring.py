@@ -5,7 +5,7 @@ The K/V blocks travel around a ring; the queries never move:
 
 * **Forward** (``P`` steps). At step ``s`` rank ``r`` holds the K/V block of rank ``(r - s) mod P``. Before
   computing it posts a non-blocking send of that block to rank ``r + 1`` and a receive of the next one from
-  ``r - 1`` (``Isend`` / ``Irecv``), so the transfer runs while it computes. It attends its queries to the block
+  ``r - 1`` (``Isend`` / ``Irecv``), so the transfer runs while it computes (:func:`_overlapped`). It attends its queries to the block
   with the backend's flash attention kernel (global positions give the causal and window masks; a block that is
   entirely masked launches nothing) and merges the block's ``(out, lse)`` into its running result by log-sum-exp
   (:func:`~minitorch.attention.ring_schedule.lse_merge`).
@@ -17,20 +17,23 @@ The K/V blocks travel around a ring; the queries never move:
 Memory per rank is ``O(N / P)``: its own shard, two K/V blocks (the one in use and the one arriving) and one
 travelling dK/dV block besides its own result. Nothing of size ``N`` or ``N x N`` is ever allocated.
 
-The kernels are reached through :func:`_engine` and their call description through :func:`_spec`, the two places
-that know how minitorch's attention internals are organised.
+The kernels are reached through :func:`_engine`, their call description through :func:`_spec` and tensors become
+arrays (and back) through :func:`_array` / :func:`_tensor`: the places that know how minitorch's attention internals
+are organised.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 
-from ..attention.flash import attention_impl
+from ..attention.flash import attention_impl, raw4, wrap
 from ..attention.ring_schedule import (
     RingStep,
     check_layout,
@@ -42,10 +45,11 @@ from ..attention.ring_schedule import (
 )
 from ..attention.spec import AttentionSpec, make_spec
 from ..tensor import Tensor
-from ..tensor_functions import Function, from_numpy
+from ..tensor_functions import Function
 from .comm import MPI, agree, get_comm
 
 Array = np.ndarray
+T = TypeVar("T")
 _TAG_K, _TAG_V, _TAG_DK, _TAG_DV = 0x52A0, 0x52A1, 0x52A2, 0x52A3  # one message stream per kind of block
 
 
@@ -61,6 +65,16 @@ def _spec(q_shape: Sequence[int], k_shape: Sequence[int], backend: Any, *, causa
     """The validated description of one kernel call (masks given by absolute positions)."""
     return make_spec(q_shape, k_shape, k_shape, causal=causal, window=window, scale=scale, q_positions=q_positions,
                      k_positions=k_positions, backend_kind=getattr(backend, "attention_kind", "simple"))
+
+
+def _array(t: Tensor) -> Array:
+    """The tensor's data as a contiguous NumPy array of its shape (a view, no copy, when it is contiguous)."""
+    return raw4(t)
+
+
+def _tensor(a: Array, like: Tensor) -> Tensor:
+    """A constant tensor of ``like``'s backend around the contiguous array ``a`` (no copy)."""
+    return wrap(np.ascontiguousarray(a, dtype=like.dtype), like.backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -121,13 +135,43 @@ class _Buffers:
         return self.flat[i][: self.B * self.Hkv * n * self.D].reshape(self.B, self.Hkv, n, self.D)
 
 
+_compute_thread: Optional[ThreadPoolExecutor] = None
+POLL_S = 0.0005  # how often the waiting thread drives MPI's progress engine while a kernel runs
+
+
+def _overlapped(work: Callable[[], T], requests: List[Any], timer: "_Timer") -> T:
+    """Run ``work`` (kernel calls, which release the GIL) on a helper thread while this thread calls
+    ``MPI_Testall`` on the step's messages every ``POLL_S`` seconds until they are done.
+
+    An MPI library moves a large message only inside MPI calls (unless it runs a progress thread of its own): a
+    receive posted before a long computation would otherwise start only at the ``Wait`` after it. Polling lets the
+    transfer happen during the computation; ``timer`` counts the steps whose messages were all done by its end.
+    """
+    global _compute_thread
+    pending = [r for r in requests if r]
+    if not pending:
+        return work()
+    if _compute_thread is None:
+        _compute_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minitorch-ring")
+    future = _compute_thread.submit(work)
+    done = False
+    while not wait_for([future], timeout=POLL_S).done:
+        if not done:
+            done = MPI.Request.Testall(pending)
+    timer.steps_with_messages += 1
+    timer.arrived_during_compute += int(done or MPI.Request.Testall(pending))
+    return future.result()
+
+
 class _Timer:
-    """Seconds spent computing and waiting for messages, and bytes sent, for ``stats``."""
+    """Seconds spent computing and waiting for messages, bytes sent, and how often the messages of a step had
+    arrived by the end of its computation (fully hidden), for ``stats``."""
 
     def __init__(self) -> None:
         self.compute_s = self.wait_s = 0.0
         self.bytes_sent = 0
         self.computed = self.skipped = 0
+        self.steps_with_messages = self.arrived_during_compute = 0
 
     def wait(self, requests: List[Any]) -> None:
         if requests:
@@ -141,7 +185,8 @@ class _Timer:
 
     def as_dict(self) -> Dict[str, Any]:
         return {"compute_s": self.compute_s, "wait_s": self.wait_s, "bytes_sent": self.bytes_sent,
-                "blocks_computed": self.computed, "blocks_skipped": self.skipped}
+                "blocks_computed": self.computed, "blocks_skipped": self.skipped,
+                "steps_with_messages": self.steps_with_messages, "arrived_during_compute": self.arrived_during_compute}
 
 
 class _KVRing:
@@ -189,8 +234,8 @@ def ring_forward(ring: _Ring, q: Array, k: Array, v: Array) -> Tuple[Array, Arra
     engine = _engine(ring.backend)
     timer = _Timer()
     B, H, n, D = q.shape
-    out = np.zeros((B, H, n, D), np.float64)  # running result, merged in float64 (one shard's worth)
-    lse = np.full((B, H, n), -np.inf)
+    out = np.zeros((B, H, n, D), q.dtype)  # the running result, in the kernels' precision
+    lse = np.full((B, H, n), -np.inf, q.dtype)
     blocks = _KVRing(ring, k, v, timer)
     for step in ring.plan:
         blocks.post(step.step)  # communication first: it runs while we compute
@@ -198,15 +243,17 @@ def ring_forward(ring: _Ring, q: Array, k: Array, v: Array) -> Tuple[Array, Arra
         if step.skipped:
             timer.skipped += 1
         else:
-            kb, vb = _rows(blocks.k, step.k_rows), _rows(blocks.v, step.k_rows)
-            qs = _rows(q, step.q_rows)
-            o, l = engine.forward(qs, kb, vb, None, ring.spec(step, qs.shape, kb.shape))
-            r = step.q_rows
-            out[:, :, r], lse[:, :, r] = lse_merge(out[:, :, r], lse[:, :, r], o, l)
+            def attend(step: RingStep = step, kb: Array = blocks.k, vb: Array = blocks.v) -> None:
+                kb, vb = _rows(kb, step.k_rows), _rows(vb, step.k_rows)
+                qs, r = _rows(q, step.q_rows), step.q_rows
+                o, l = engine.forward(qs, kb, vb, None, ring.spec(step, qs.shape, kb.shape))
+                out[:, :, r], lse[:, :, r] = lse_merge(out[:, :, r], lse[:, :, r], o, l)
+
+            _overlapped(attend, blocks.requests, timer)
             timer.computed += 1
         timer.compute_s += time.perf_counter() - t0
         blocks.finish()
-    return out.astype(q.dtype), lse.astype(q.dtype), timer.as_dict()
+    return out, lse, timer.as_dict()
 
 
 def ring_backward(ring: _Ring, q: Array, k: Array, v: Array, out: Array, lse: Array, dout: Array
@@ -217,7 +264,7 @@ def ring_backward(ring: _Ring, q: Array, k: Array, v: Array, out: Array, lse: Ar
     P, comm = ring.P, ring.comm
     B, H, n, D = q.shape
     Hkv = k.shape[1]
-    dq = np.zeros((B, H, n, D), np.float64)
+    dq = np.zeros((B, H, n, D), q.dtype)
     blocks = _KVRing(ring, k, v, timer)
     # The dK/dV of the block held at step t live in acc slot (P - t) % 2. Slot 0 is this rank's own result, where
     # its block's gradients arrive after the last hop (t = P); slot 1 is the one extra travelling buffer.
@@ -237,12 +284,15 @@ def ring_backward(ring: _Ring, q: Array, k: Array, v: Array, out: Array, lse: Ar
         if step.skipped:
             timer.skipped += 1
         else:
-            kb, vb = _rows(blocks.k, step.k_rows), _rows(blocks.v, step.k_rows)
-            r = step.q_rows
-            qs, os_, ls, dos = _rows(q, r), _rows(out, r), _rows(lse, r), _rows(dout, r)
-            dq_p, dk_p, dv_p, _ = engine.backward(qs, kb, vb, None, os_, ls, dos, ring.spec(step, qs.shape, kb.shape))
-            dq[:, :, r] += dq_p
-            partial = (dk_p, dv_p)
+            def grads(step: RingStep = step, kb: Array = blocks.k, vb: Array = blocks.v) -> Tuple[Array, Array]:
+                kb, vb, r = _rows(kb, step.k_rows), _rows(vb, step.k_rows), step.q_rows
+                qs, os_, ls, dos = _rows(q, r), _rows(out, r), _rows(lse, r), _rows(dout, r)
+                dq_p, dk_p, dv_p, _ = engine.backward(qs, kb, vb, None, os_, ls, dos,
+                                                      ring.spec(step, qs.shape, kb.shape))
+                dq[:, :, r] += dq_p
+                return dk_p, dv_p
+
+            partial = _overlapped(grads, blocks.requests + recv_reqs + send_reqs, timer)
             timer.computed += 1
         timer.compute_s += time.perf_counter() - t0
         dk_acc, dv_acc = slot(t)
@@ -262,16 +312,12 @@ def ring_backward(ring: _Ring, q: Array, k: Array, v: Array, out: Array, lse: Ar
         blocks.finish()
     timer.wait(recv_reqs + send_reqs)  # this rank's own dK/dV arrive home, in slot 0
     dk, dv = slot(P)
-    return dq.astype(q.dtype), dk.copy(), dv.copy(), timer.as_dict()
+    return dq, dk, dv, timer.as_dict()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The differentiable Function and the public call
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _numpy(t: Tensor) -> Array:
-    return t.to_numpy()
 
 
 class RingAttention(Function):
@@ -283,24 +329,22 @@ class RingAttention(Function):
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, ring: _Ring) -> Tensor:
-        qa, ka, va = _numpy(q), _numpy(k), _numpy(v)
+        qa, ka, va = _array(q), _array(k), _array(v)
         out, lse, timing = ring_forward(ring, qa, ka, va)
         if ring.stats is not None:
             ring.stats["forward"] = timing
-        ring.extra["lse"] = from_numpy(lse, backend=q.backend, dtype=q.dtype)
+        ring.extra["lse"] = _tensor(lse, q)
         ctx.save_for_backward(qa, ka, va, out, lse, ring)
-        return from_numpy(out, backend=q.backend, dtype=q.dtype)
+        return _tensor(out, q)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Tuple[Any, ...]:
         qa, ka, va, out, lse, ring = ctx.saved_values
-        dout = np.ascontiguousarray(_numpy(grad_out), dtype=qa.dtype)
+        dout = np.ascontiguousarray(_array(grad_out), dtype=qa.dtype)
         dq, dk, dv, timing = ring_backward(ring, qa, ka, va, out, lse, dout)
         if ring.stats is not None:
             ring.stats["backward"] = timing
-        be = grad_out.backend
-        return (from_numpy(dq, backend=be, dtype=qa.dtype), from_numpy(dk, backend=be, dtype=qa.dtype),
-                from_numpy(dv, backend=be, dtype=qa.dtype), None)
+        return _tensor(dq, grad_out), _tensor(dk, grad_out), _tensor(dv, grad_out), None
 
 
 def _local_check(q: Any, k: Any, v: Any, causal: bool, layout: str, window: Optional[int], scale: Optional[float]
