@@ -2,12 +2,14 @@
 process checks the numbers. One ``mpiexec`` run covers many cases because starting MPI processes is the slow part.
 
     mpiexec -n 4 python tests/distributed_worker.py ring OUT_DIR     # every CASE on P = 1, 2, 3 and 4 ranks,
-                                                                     # then bad arguments on one rank fail on all
+                                                                     # then bad arguments on one rank fail on all,
+                                                                     # and the data-parallel helpers
     mpiexec -n 2 python tests/distributed_worker.py fail OUT_DIR     # a kernel raising on rank 1 mid-ring
 
 ``ring``: the 4 ranks split into groups that run at the same time: P=1 beside P=3, then two groups of P=2, then
 P=4. Each group's rank 0 writes ``P{P}_g{group}.npz`` with, per case, the gathered ``out``, ``lse`` and the
-gradients of ``sum(out * g)`` with respect to q, k and v. Then every rank writes ``errors_rank{r}.json``.
+gradients of ``sum(out * g)`` with respect to q, k and v. Then every rank writes ``errors_rank{r}.json`` and
+``dp_rank{r}.json``.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ def mode_ring(comm: Any, out_dir: str) -> None:
         while not req.Test():
             time.sleep(0.002)
     mode_errors(comm, out_dir)
+    check_data_parallel_helpers(comm, out_dir)
 
 
 def mode_errors(comm: Any, out_dir: str) -> None:
@@ -126,6 +129,45 @@ def mode_errors(comm: Any, out_dir: str) -> None:
     ref = minitorch.flash_attention(full, full, full, causal=True)
     report["good_call_after_errors"] = ["max_abs_diff", repr(float(np.max(np.abs(out.to_numpy() - ref.to_numpy()))))]
     with open(os.path.join(out_dir, f"errors_rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
+def check_data_parallel_helpers(comm: Any, out_dir: str) -> None:
+    """broadcast_parameters and allreduce_gradients on a small module whose values differ by rank."""
+    import minitorch
+    from minitorch.distributed import allreduce_gradients, broadcast_parameters
+
+    rank = comm.Get_rank()
+    be = minitorch.FastTensorBackend
+
+    class Net(minitorch.Module):
+        def __init__(self, extra: bool = False) -> None:
+            super().__init__()
+            self.a = minitorch.Parameter(minitorch.from_numpy(np.full((2, 3), float(rank)), backend=be))
+            self.b = minitorch.Parameter(minitorch.from_numpy(np.arange(4.0) * (rank + 1), backend=be,
+                                                              dtype=np.float32))
+            self.c = minitorch.Parameter(minitorch.from_numpy(np.ones(2), backend=be))
+            if extra:
+                self.d = minitorch.Parameter(minitorch.from_numpy(np.ones(1), backend=be))
+
+    net = Net()
+    broadcast_parameters(net, comm)
+    report: Dict[str, Any] = {"a_after_broadcast": net.a.value.to_numpy().tolist(),
+                              "b_after_broadcast": net.b.value.to_numpy().tolist()}
+    net.a.value.grad = minitorch.from_numpy(np.full((2, 3), float(rank + 1)), backend=be)  # every rank
+    if rank == 0:  # only rank 0 has a gradient for b; nobody has one for c
+        net.b.value.grad = minitorch.from_numpy(np.full(4, 8.0), backend=be, dtype=np.float32)
+    allreduce_gradients(net, comm)
+    report["a_grad"] = net.a.value.grad.to_numpy().tolist()
+    report["b_grad"] = net.b.value.grad.to_numpy().tolist()
+    report["b_grad_dtype"] = str(net.b.value.grad.dtype)
+    report["c_grad_is_none"] = net.c.value.grad is None
+    try:
+        allreduce_gradients(Net(extra=(rank == 1)), comm)
+        report["mismatch"] = ["no error", ""]
+    except Exception as e:  # noqa: BLE001
+        report["mismatch"] = [type(e).__name__, str(e)]
+    with open(os.path.join(out_dir, f"dp_rank{rank}.json"), "w") as f:
         json.dump(report, f)
 
 

@@ -169,6 +169,19 @@ def test_bad_argument_on_one_rank_fails_on_every_rank(ring_run: str) -> None:
         assert float(report["good_call_after_errors"][1]) < 1e-12
 
 
+def test_data_parallel_helpers(ring_run: str) -> None:
+    """broadcast_parameters copies rank 0's values; allreduce_gradients averages, counting a missing gradient as
+    zero and leaving a parameter that no rank has a gradient for without one."""
+    for rank in range(4):
+        with open(os.path.join(ring_run, f"dp_rank{rank}.json")) as f:
+            r = json.load(f)
+        assert r["a_after_broadcast"] == [[0.0] * 3] * 2 and r["b_after_broadcast"] == [0.0, 1.0, 2.0, 3.0]
+        assert r["a_grad"] == [[2.5] * 3] * 2  # mean of 1, 2, 3, 4
+        assert r["b_grad"] == [2.0] * 4 and r["b_grad_dtype"] == "float32"  # 8 on rank 0, none elsewhere
+        assert r["c_grad_is_none"]
+        assert r["mismatch"][0] == "ValueError" and "ranks 0 and 1 hold different parameters" in r["mismatch"][1]
+
+
 def test_failing_rank_aborts_all_ranks(tmp_path: Any) -> None:
     t0 = time.perf_counter()
     res = _mpirun(2, [os.path.join(TESTS, "distributed_worker.py"), "fail", str(tmp_path)], REPO)

@@ -8,6 +8,7 @@ make the same call, in the same order.
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from types import TracebackType
 from typing import Any, List, Optional, Type
@@ -22,6 +23,8 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by te
     ) from err
 
 __all__ = ["MPI", "get_comm", "agree", "abort_on_exception"]
+
+ABORT_GRACE_S = 0.5  # seconds between printing a failing rank's traceback and MPI_Abort
 
 # Errors that a failed check re-raises on every rank; anything else becomes a RuntimeError.
 _KINDS = {"ValueError": ValueError, "TypeError": TypeError}
@@ -72,6 +75,7 @@ def abort_on_exception(comm: Any = None) -> None:
             traceback.print_exception(kind, value, tb)
             sys.stderr.flush()
             sys.stdout.flush()
+            time.sleep(ABORT_GRACE_S)  # let mpiexec forward the message before it kills every rank
         finally:
             comm.Abort(1)
 
