@@ -219,6 +219,7 @@ def main() -> None:
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only.split(",")]
     results: Dict[str, Any] = {}
     t_start = time.time()
+    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None  # other work on the machine
     for rnd in range(args.rounds):
         for name, causal, layout in configs:
             flags = (["--causal"] if causal else []) + ["--layout", layout]
@@ -253,7 +254,9 @@ def main() -> None:
               f"{s1['best_s']:10.2f} {ring['speedup_vs_single_1_thread']:7.2f} {ring['max_wait_s']:7.3f} "
               f"{ring['exchange']['exchange_s']:10.4f} {ring['hidden_fraction']:6.1%} {mem:9.1f} "
               f"{sp['peak_extra_mib']:10.1f}")
-    out = {"benchmark": "bench_ring_attention", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(),
+    machine = dict(machine_info(), load_average_at_start=load_at_start,
+                   load_average_at_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
+    out = {"benchmark": "bench_ring_attention", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine,
            "config": {"N": args.n, "B": B, "H": H, "Hkv": H, "D": D, "dtype": "float32", "ranks": args.ranks,
                       "rounds": args.rounds, "repeats": args.repeats,
                       "timing": "each contender in its own process(es), OMP_WAIT_POLICY=PASSIVE, interleaved rounds, "

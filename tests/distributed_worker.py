@@ -98,7 +98,7 @@ def mode_errors(comm: Any, out_dir: str) -> None:
     import minitorch
     from minitorch.distributed import gather_sequence, ring_attention, shard_sequence
 
-    rank, P = comm.Get_rank(), comm.Get_size()
+    rank = comm.Get_rank()
     be = minitorch.FastTensorBackend
     rng = np.random.default_rng(0)
     full = minitorch.from_numpy(rng.standard_normal((1, 2, 24, 4)), backend=be)

@@ -113,10 +113,10 @@ def _softmax_stats(s: np.ndarray, v: np.ndarray):  # type: ignore[no-untyped-def
     m = np.max(s, axis=1, initial=-np.inf)
     safe = np.where(np.isfinite(m), m, 0.0)
     e = np.exp(s - safe[:, None])
-    l = e.sum(axis=1)
+    total = e.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        lse = np.where(l > 0, safe + np.log(l), -np.inf)
-        out = np.where(l[:, None] > 0, (e @ v) / l[:, None], 0.0)
+        lse = np.where(total > 0, safe + np.log(total), -np.inf)
+        out = np.where(total[:, None] > 0, (e @ v) / total[:, None], 0.0)
     return out, lse
 
 

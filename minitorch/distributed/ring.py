@@ -5,10 +5,10 @@ The K/V blocks travel around a ring; the queries never move:
 
 * **Forward** (``P`` steps). At step ``s`` rank ``r`` holds the K/V block of rank ``(r - s) mod P``. Before
   computing it posts a non-blocking send of that block to rank ``r + 1`` and a receive of the next one from
-  ``r - 1`` (``Isend`` / ``Irecv``), so the transfer runs while it computes (:func:`_overlapped`). It attends its queries to the block
-  with the backend's flash attention kernel (global positions give the causal and window masks; a block that is
-  entirely masked launches nothing) and merges the block's ``(out, lse)`` into its running result by log-sum-exp
-  (:func:`~minitorch.attention.ring_schedule.lse_merge`).
+  ``r - 1`` (``Isend`` / ``Irecv``), so the transfer runs while it computes (:func:`_overlapped`). It attends its
+  queries to the block with the backend's flash attention kernel (global positions give the causal and window
+  masks; a block that is entirely masked launches nothing) and merges the block's ``(out, lse)`` into its running
+  result by log-sum-exp (:func:`~minitorch.attention.ring_schedule.lse_merge`).
 * **Backward** (``P`` steps, then one more hop). dQ stays home and is summed over the blocks. dK and dV of a
   block are summed by every rank it visits: they travel with the block and, after the last step, arrive back at
   the block's owner. Each step calls the kernel's raw backward with the *global* ``out`` and ``lse`` of the query
@@ -40,8 +40,8 @@ from ..attention.ring_schedule import (
     check_sequence_length,
     local_length,
     local_positions,
-    ring_plan,
     lse_merge,
+    ring_plan,
 )
 from ..attention.spec import AttentionSpec, make_spec
 from ..tensor import Tensor
@@ -246,8 +246,8 @@ def ring_forward(ring: _Ring, q: Array, k: Array, v: Array) -> Tuple[Array, Arra
             def attend(step: RingStep = step, kb: Array = blocks.k, vb: Array = blocks.v) -> None:
                 kb, vb = _rows(kb, step.k_rows), _rows(vb, step.k_rows)
                 qs, r = _rows(q, step.q_rows), step.q_rows
-                o, l = engine.forward(qs, kb, vb, None, ring.spec(step, qs.shape, kb.shape))
-                out[:, :, r], lse[:, :, r] = lse_merge(out[:, :, r], lse[:, :, r], o, l)
+                o, o_lse = engine.forward(qs, kb, vb, None, ring.spec(step, qs.shape, kb.shape))
+                out[:, :, r], lse[:, :, r] = lse_merge(out[:, :, r], lse[:, :, r], o, o_lse)
 
             _overlapped(attend, blocks.requests, timer)
             timer.computed += 1
@@ -388,7 +388,8 @@ def _make_ring(q: Any, k: Any, v: Any, comm: Any, causal: bool, layout: str, win
     for i, name in enumerate(_FIELDS):
         values = [inf[i] for inf in infos]
         if len(set(values)) != 1:
-            raise ValueError(f"every rank must call ring_attention with the same {name}, got {values} on ranks 0..{P-1}")
+            raise ValueError(f"every rank must call ring_attention with the same {name}, got {values} on ranks "
+                             f"0..{P - 1}")
     lengths = [inf[-1] for inf in infos]
     N = sum(lengths)
     check_sequence_length(N, P, layout)
