@@ -192,6 +192,17 @@ def test_failing_rank_aborts_all_ranks(tmp_path: Any) -> None:
     assert elapsed < TIMEOUT  # (subprocess.run raises TimeoutExpired before that if mpiexec hangs)
 
 
+def test_readme_demo_runs() -> None:
+    """``mpiexec -n 2 python -m minitorch.distributed.demo`` (the README's command, at a small size) agrees with one
+    process."""
+    res = _mpirun(2, ["-m", "minitorch.distributed.demo", "--n", "96", "--dim", "16", "--dtype", "float64",
+                      "--layout", "contiguous", "--window", "40"], REPO)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("max |ring - flash_attention"))
+    errors = dict(part.strip().split(" ") for part in line.split(":", 1)[1].split(","))
+    assert set(errors) == {"out", "dq", "dk", "dv"} and all(float(e) < 1e-12 for e in errors.values()), line
+
+
 def test_one_rank_is_flash_attention_bit_for_bit() -> None:
     """``comm=MPI.COMM_SELF``: one rank, one kernel call on the whole sequence, the very same numbers."""
     from minitorch.distributed import MPI, gather_sequence, ring_attention, shard_sequence
