@@ -79,16 +79,36 @@ def scaling(sizes: List[int], values: List[Optional[float]]) -> List[Dict[str, A
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def rss_mib() -> float:
-    """Resident set size of this process in MiB (Linux ``/proc``; NaN elsewhere)."""
+def _status_mib(key: str) -> float:
+    """A memory line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; NaN where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     return float("nan")
+
+
+def rss_mib() -> float:
+    """Resident set size of this process in MiB (Linux ``/proc``; NaN elsewhere)."""
+    return _status_mib("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (``VmHWM``) to its current size; False where Linux does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size (``VmHWM``) of this process in MiB since the last :func:`reset_peak_rss`."""
+    return _status_mib("VmHWM")
 
 
 _PROBE = """

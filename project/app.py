@@ -2,7 +2,8 @@
 
     streamlit run project/app.py
 
-Pages (sidebar, or by URL: ``?page=tiles``, ``online_softmax``, ``memory``, ``ring_buffer``, ``dma``, ``sandbox``):
+Pages (sidebar, or by URL: ``?page=tiles``, ``online_softmax``, ``memory``, ``ring_buffer``, ``dma``, ``sandbox``,
+``ring_attention``):
 
 * Tiles: the ``TileSchedule`` of an attention call (DENSE / TRIANGLE / SKIP), the Q-major and K-major processing
   orders step by step, and the bytes each order moves.
@@ -11,6 +12,8 @@ Pages (sidebar, or by URL: ``?page=tiles``, ``online_softmax``, ``memory``, ``ri
 * Ring buffer: the ``RingBufferKVCache`` slots, pointers, wraparound and the newest query's attention.
 * Dynamic Mask Attention: importance scores, selected keys and skipped tiles.
 * Tensor sandbox: shape, strides, storage, permute/view, and the autodiff graph of a Scalar expression.
+* Ring attention: a sequence split over ranks, the K/V blocks going around, computed and skipped chunk pairs, the
+  LSE merge.
 
 Everything shown is computed by minitorch itself (``minitorch.attention.*``, ``TensorData``, ``Scalar``).
 """
@@ -28,7 +31,7 @@ for _p in (_ROOT, _HERE):  # minitorch (repo root) and app_pages (this folder), 
 
 import streamlit as st  # noqa: E402
 
-from app_pages import common, dma, memory, online_softmax, ring_buffer, sandbox, tiles  # noqa: E402
+from app_pages import common, dma, memory, online_softmax, ring_attention, ring_buffer, sandbox, tiles  # noqa: E402
 
 # url key -> (title, module with render())
 PAGES = {
@@ -38,6 +41,7 @@ PAGES = {
     "ring_buffer": ("Ring buffer", ring_buffer),
     "dma": ("Dynamic Mask Attention", dma),
     "sandbox": ("Tensor sandbox", sandbox),
+    "ring_attention": ("Ring attention", ring_attention),
 }
 KEYS = list(PAGES)
 

@@ -5,6 +5,7 @@
     python project/run_transformer.py --resume              # continue an interrupted run from its checkpoint
     python project/run_transformer.py --overwrite           # start over, replacing the checkpoint of another run
     python project/run_transformer.py --backend cuda        # the Numba CUDA kernels (needs a GPU)
+    mpiexec -n 2 python project/run_transformer.py --data-parallel   # the batch split over 2 MPI ranks
 
 nanoGPT in one file. The model is a decoder-only transformer:
 
@@ -27,6 +28,12 @@ held-out validation loss; a loss-curve PNG; a ``.npz`` checkpoint every ``--save
 moments, step, loss history, the run's settings; also on Ctrl-C / SIGTERM) that ``--resume`` continues from, batch
 for batch. Saves are atomic (temporary file, ``fsync``, rename). A fresh run never replaces a checkpoint of another
 run, or of this run further along, unless told to (``--overwrite``).
+
+Data parallel (``--data-parallel`` under ``mpiexec -n P``, needs ``pip install 'minitorch[dist]'``): every rank builds
+the same model (same seed), takes its ``1/P`` of each step's global batch, and after ``backward`` the gradients are
+averaged over the ranks (``minitorch.distributed.allreduce_gradients``), so every rank takes the step the single
+process would take on the whole batch: the loss curve is the single-process one to float32 rounding. Only rank 0
+writes checkpoints and plots and generates; every rank reads the checkpoint on ``--resume``.
 
 Generation: one token at a time with one ``RingBufferKVCache`` per layer (window = context), reporting tokens/s
 against recomputing the whole window for every new token (what a model without a cache does).
@@ -539,12 +546,14 @@ def train(args: argparse.Namespace, model: GPT, opt: minitorch.Adam, tok: CharTo
     """
     cfg = model.cfg
     params = model.parameters()
+    if args.comm is not None:
+        from minitorch.distributed import allreduce_gradients
     tokens_per_step = args.batch * cfg.context
     bar = Progress(args.steps, desc="train", initial=state["step"], log_every=args.log_every)
     save = bool(args.checkpoint) and not args.no_save
 
     def checkpoint(reason: str) -> None:
-        if not save:
+        if not save or args.rank != 0:  # data parallel: the ranks hold the same state; rank 0 writes it
             return
         if state["step"] < keep_until:
             bar.write(f"[checkpoint] step {state['step']} ({reason}) not saved: {args.checkpoint} is at step "
@@ -571,23 +580,31 @@ def train(args: argparse.Namespace, model: GPT, opt: minitorch.Adam, tok: CharTo
             step = state["step"]
             t0 = time.perf_counter()
             x, y, pos = get_batch(train_data, args.batch, cfg.context, np.random.default_rng([args.seed, step]))
+            if args.comm is not None:  # data parallel: this rank's equal share of the global batch
+                share = slice(args.rank * args.batch // args.world, (args.rank + 1) * args.batch // args.world)
+                x, y, pos = x[share], y[share], pos[share]
             opt.lr = lr_at(step, args)
             opt.zero_grad()
             loss = cross_entropy(model(x, pos), y)
             loss.backward()
+            if args.comm is not None:  # mean of the ranks' mean-loss gradients = gradient of the global mean loss
+                allreduce_gradients(model, args.comm)
             clip_gradients(params, args.clip)
             opt.step()
             dt = time.perf_counter() - t0
             state["step"] += 1
             state["tokens"] += tokens_per_step
             state["train_seconds"] += dt
-            state["history"]["train"].append(loss.item())
+            state["history"]["train"].append(
+                loss.item() if args.comm is None else args.comm.allreduce(loss.item()) / args.world)
             metrics = {"loss": state["history"]["train"][-1], "tok/s": round(tokens_per_step / dt)}
             if args.eval_every and (state["step"] % args.eval_every == 0 or state["step"] == args.steps):
                 state["history"]["val"].append((state["step"], evaluate(model, val_data, args)))
             if state["history"]["val"]:
                 metrics["val"] = state["history"]["val"][-1][1]
             bar.update(**metrics)
+            if args.comm is not None:  # data parallel: stop together, at the same step
+                stop["signal"] = stop["signal"] if args.comm.allreduce(stop["signal"] is not None) else None
             if stop["signal"] is not None:
                 state["interrupted"] = True
                 break
@@ -765,6 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen-tokens-recompute", type=int, default=100,
                    help="of those, how many to time without the cache (recomputing the window)")
     g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
+    p.add_argument("--data-parallel", action="store_true",
+                   help="run under mpiexec -n P: split each step's batch over the P ranks and average the gradients "
+                        "(needs mpi4py: pip install 'minitorch[dist]'); --batch must be a multiple of P")
     p.add_argument("--quick", action="store_true",
                    help="smoke test (tests/test_project.py): a tiny model for a few steps, the loss must fall. Sets "
                         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK_DEFAULTS.items())
@@ -775,9 +795,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    args.comm, args.rank, args.world = None, 0, 1  # main() starts MPI for --data-parallel
     if args.quick:  # parse again with --quick's defaults: options given explicitly still win
         p.set_defaults(**QUICK_DEFAULTS)
         args = p.parse_args(argv)
+        args.comm, args.rank, args.world = None, 0, 1
     if args.checkpoint is None:
         args.checkpoint = QUICK_CHECKPOINT if args.quick else DEFAULT_CHECKPOINT
     return args
@@ -793,10 +815,27 @@ def get_backend(name: str) -> minitorch.TensorBackend:
     return {"fast": minitorch.FastTensorBackend, "simple": minitorch.SimpleBackend}[name]
 
 
+def start_data_parallel(args: argparse.Namespace) -> Tuple[Any, int, int]:
+    """``(comm, rank, world size)`` with ``--data-parallel``, else ``(None, 0, 1)``. Ranks other than 0 print nothing,
+    and an exception on any rank aborts them all (instead of leaving the others waiting in an all-reduce)."""
+    if not args.data_parallel:
+        return None, 0, 1
+    from minitorch.distributed import MPI, abort_on_exception
+
+    abort_on_exception()
+    comm = MPI.COMM_WORLD
+    if args.batch % comm.Get_size():
+        sys.exit(f"--data-parallel: --batch {args.batch} must be a multiple of the {comm.Get_size()} ranks")
+    if comm.Get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return comm, comm.Get_rank(), comm.Get_size()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train (or resume), plot, generate. Returns a summary (losses, timings, generation) for tests."""
     args = parse_args(argv)
     backend = get_backend(args.backend)
+    args.comm, args.rank, args.world = start_data_parallel(args)
     import numba
 
     threads_before = numba.get_num_threads()
@@ -870,13 +909,13 @@ def _run(args: argparse.Namespace, backend: minitorch.TensorBackend) -> Dict[str
         print(f"loss {summary['initial_loss']:.3f} -> {summary['final_loss']:.3f} (means of the first/last {k} "
               f"steps; uniform guess {math.log(cfg.vocab_size):.3f}); {state['tokens']:,} tokens in "
               f"{format_seconds(state['train_seconds'])} of steps ({rate:,.0f} tokens/s)")
-        if args.plot:
+        if args.plot and args.rank == 0:
             plot_losses(args.plot, dict(state["history"], vocab_size=cfg.vocab_size),
                         f"char-level GPT ({cfg.n_layer}x{cfg.d_model}, {cfg.n_head} heads, ctx {cfg.context}), "
                         f"{args.backend} backend")
             summary["plot"] = args.plot
             print(f"loss curve: {args.plot}")
-    if args.gen_tokens > 0 and state["step"] >= args.steps and not state.get("interrupted"):
+    if args.gen_tokens > 0 and state["step"] >= args.steps and not state.get("interrupted") and args.rank == 0:
         summary["generation"] = run_generation(model, tok, args)
     return summary
 

@@ -47,6 +47,7 @@ PAGES = {
     "dma": "page=dma",
     "sandbox": "page=sandbox",
     "sandbox_graph": "page=sandbox&section=graph",
+    "ring_attention": "page=ring_attention",
 }
 
 

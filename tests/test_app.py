@@ -19,7 +19,7 @@ from minitorch.attention.online_softmax import online_softmax_trace, softmax_row
 APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "project", "app.py")
 if os.path.dirname(APP) not in sys.path:  # the app's page modules (project/app_pages), for their helpers
     sys.path.insert(0, os.path.dirname(APP))
-PAGES = ["tiles", "online_softmax", "memory", "ring_buffer", "dma", "sandbox"]
+PAGES = ["tiles", "online_softmax", "memory", "ring_buffer", "dma", "sandbox", "ring_attention"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -390,3 +390,43 @@ def test_sandbox_page_widgets() -> None:
     at.text_input(key="sb_custom").input("__import__('os')").run()  # no builtins: an error message
     _ok(at)
     assert at.error
+
+
+def test_ring_attention_page_layouts_and_merge() -> None:
+    from minitorch.attention.reference import reference_mask
+    from minitorch.attention.ring_schedule import local_positions, ring_plan
+
+    def balance(N: int, P: int, layout: str, causal: bool = True, window=None) -> str:  # type: ignore[no-untyped-def]
+        work = []
+        for r in range(P):
+            q = local_positions(N, P, r, layout)
+            work.append(sum(reference_mask(1, len(q), len(local_positions(N, P, s.kv_rank, layout)), causal, window, q,
+                                           local_positions(N, P, s.kv_rank, layout)).sum()
+                            for s in ring_plan(N, P, r, layout, causal, window)))
+        return f"{max(work) / np.mean(work):.2f}"
+
+    at = _app("ring_attention")
+    assert _metric(at, "busiest rank / mean") == balance(64, 4, "zigzag") == "1.00"
+    assert _metric(at, "blocks skipped") == "0 of 16"
+    at.radio(key="ra_layout").set_value("contiguous").run()
+    _ok(at)
+    assert _metric(at, "busiest rank / mean") == balance(64, 4, "contiguous")
+    assert float(_metric(at, "busiest rank / mean")) > 1.5
+    assert _metric(at, "blocks skipped") == "6 of 16"  # rank r skips the P-1-r blocks of its future
+    at.slider(key="ra_step").set_value(3).run()
+    at.slider(key="ra_n").set_value(45).run()  # not divisible by P: chunks differ by one
+    at.checkbox(key="ra_use_window").check().run()
+    at.slider(key="ra_window").set_value(5).run()
+    _ok(at)
+    assert _metric(at, "busiest rank / mean") == balance(45, 4, "contiguous", window=5)
+    assert _metric(at, "visible pairs (all ranks)") == str(int(reference_mask(1, 45, 45, True, 5).sum()))
+    at.checkbox(key="ra_causal").uncheck().run()
+    at.slider(key="ra_p").set_value(1).run()  # one rank: no step slider, nothing travels
+    _ok(at)
+    assert _metric(at, "blocks skipped") == "0 of 1"
+    at.slider(key="ra_na").set_value(3).run()
+    at.slider(key="ra_nb").set_value(20).run()
+    at.number_input(key="ra_seed").set_value(4).run()
+    _ok(at)
+    assert float(_metric(at, "max |merged - full softmax|")) < 1e-12
+    assert float(_metric(at, "|merged lse - full lse|")) < 1e-12
