@@ -90,6 +90,10 @@ class AttentionSpec:
     keys: Optional[KeyList] = None
     topk: Optional[TopK] = None
     num_splits: int = 1
+    rows_complete: bool = True
+    """The call sees every key of its rows (``out``, ``lse`` given to backward are its own). False when the caller
+    runs one part of a larger attention with the whole's ``out`` and ``lse`` (ring attention's blocks): backward
+    then keeps ``delta`` as it is instead of refining it by this call's row sums of ``dS``."""
 
     @property
     def has_bias(self) -> bool:

@@ -118,8 +118,10 @@ class _Ring:
         """The kernel call of ``step``: its query rows against its key rows, at their global positions."""
         q_pos = self.positions(self.rank)[step.q_rows]
         k_pos = self.positions(step.kv_rank)[step.k_rows]
-        return _spec(q_shape, k_shape, self.backend, causal=self.causal, window=self.window, scale=self.scale,
+        spec = _spec(q_shape, k_shape, self.backend, causal=self.causal, window=self.window, scale=self.scale,
                      q_positions=q_pos, k_positions=k_pos)
+        # with several ranks a block holds a part of each row's keys: backward keeps the global delta as it is
+        return spec if self.P == 1 else spec.replace(rows_complete=False)
 
 
 class _Buffers:

@@ -680,7 +680,8 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndar
     rs = np.empty((B, H, Nq), dtype)
     launch(_bwd_dq, B * H * Tr, q, k, v, dout, lse, delta, dq, rs, spec.block_q, spec.block_k, tile_types, scale,
            cfg)
-    delta += rs - dlse
+    if spec.rows_complete:  # refined: every row of dS now sums to dlse
+        delta += rs - dlse
     # dK, dV (and dBias). A bias shared across batch rows / heads makes one program own all of them.
     zeros_needed = spec.keys is not None  # a key list leaves the keys nobody keeps untouched: their gradient is 0
     dk = np.zeros_like(k) if zeros_needed else np.empty_like(k)

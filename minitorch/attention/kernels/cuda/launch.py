@@ -309,8 +309,8 @@ def backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Devi
 
     dq = cuda.device_array((B, H, Nq, D), dtype=dtype)
     delta_kv = cuda.device_array((B, H, Nq), dtype=dtype)
+    delta = cuda.device_array((B, H, Nq), dtype=dtype)
     if B * H * Nq > 0:
-        delta = cuda.device_array((B, H, Nq), dtype=dtype)
         make_preprocess(dtype)[_grid1(B * H * Nq)](out, dout, dlse, has_dlse, delta)
         sq = shapes["dq"]
         make_dq(sq, dtype, flags)[(-(-Nq // sq.R), B * H), (sq.TX, sq.TY)](
@@ -318,7 +318,7 @@ def backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Devi
     sk = shapes["dkdv"]
     if B * Hkv * Nk > 0 and Nq > 0:
         make_dkdv(sk, dtype, flags, mode)[(-(-_key_entries(spec) // sk.R), B * Hkv), (sk.TX, sk.TY)](
-            q, k, v, dout, lse, delta_kv, dk, dv, dbi, tiles, *blocks, cfg)
+            q, k, v, dout, lse, delta_kv if spec.rows_complete else delta, dk, dv, dbi, tiles, *blocks, cfg)
 
     dbias = None
     if bias is not None:

@@ -302,7 +302,8 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndar
     for head in _heads(q, k, v, bias, spec):
         b, h = head.b, head.h
         _backward_dq(head, dout[b, h], lse_safe[b, h], delta[b, h], dq[b, h], rs[b, h])
-    delta = delta + rs - dlse  # refined: every row of dS now sums to dlse
+    if spec.rows_complete:
+        delta = delta + rs - dlse  # refined: every row of dS now sums to dlse
     for b in range(spec.B):
         for g in range(spec.Hkv):
             heads = [_head(q, k, v, bias, spec, b, h) for h in range(g * spec.group, (g + 1) * spec.group)]
