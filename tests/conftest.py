@@ -13,11 +13,52 @@ REAL_CUDA = os.environ.get("MINITORCH_REAL_CUDA", "0") == "1"
 if not REAL_CUDA:
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
+import sys  # noqa: E402
+import threading  # noqa: E402
+
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=25, deadline=None)
 settings.register_profile("dev", max_examples=10, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _atomic_simulator_shared_arrays() -> None:
+    """Make the CUDA simulator's shared arrays race-free.
+
+    The simulator gives all threads of a block the same shared array by keying it on the caller's file and line,
+    created on the first call. The lookup and the creation are not atomic: when the interpreter switches threads
+    between them (it does under load), two threads create an array each and one of them computes on a private copy
+    that the others never see, giving wrong results a real GPU cannot produce (seen once in a kernel's first tile on
+    a loaded machine). Same semantics here, with the lookup and the creation under one lock.
+    """
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        return
+    import numpy as np
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    lock = threading.Lock()
+    dynamic = kernelapi.FakeCUDAShared.array
+
+    def array(self, shape, dtype, alignment=None):  # type: ignore[no-untyped-def]
+        if shape == 0 or alignment is not None:  # dynamic shared memory (one buffer), or unsupported: as before
+            return dynamic(self, shape, dtype, alignment)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            res = self._allocations.get(key)
+            if res is None:
+                res = self._allocations[key] = np.empty(shape, dtype)
+        return res
+
+    kernelapi.FakeCUDAShared.array = array
+
+
+_atomic_simulator_shared_arrays()
 
 
 def real_cuda_problem() -> str:
