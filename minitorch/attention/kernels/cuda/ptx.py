@@ -14,7 +14,7 @@ caught, PTX-level ones are not::
     python -m minitorch.attention.kernels.cuda.ptx [--all] [--ptxas]
 
 Without ``--all`` it compiles a representative set (every kernel, with every flag off and every flag on, float32,
-plus the float64 forward); ``--all`` compiles every flag combination for float32 and float64 at the default tiles
+plus the float64 forward; paged kernels are forward only); ``--all`` compiles every flag combination for float32 and float64 at the default tiles
 of ``D = 64`` and ``D = 128``.
 """
 
@@ -64,7 +64,8 @@ def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ..
     dtypes = [np.float32, np.float64] if full else [np.float32]
     dims = [64, 128] if full else [64]
     all_flags = [Flags(*f) for f in itertools.product([False, True], repeat=5) if f[0] or not f[3]]  # top-k: bias
-    flag_sets = all_flags if full else [Flags(False, False, False, False, False), Flags(True, True, True, True, True)]
+    off, on = Flags(*[False] * 5), Flags(*[True] * 5)
+    flag_sets = all_flags if full else [off, on._replace(has_pages=False), on]  # (paged: forward only)
     for dtype, D in itertools.product(dtypes, dims):
         x4, x5, x3, x1, t8 = _arr(dtype, 4), _arr(dtype, 5), _arr(dtype, 3), _arr(dtype, 1), _arr(np.int8, 4)
         cfg = _typeof_config(dtype)
