@@ -380,7 +380,7 @@ def test_bad_input() -> None:
 def test_paged_decode_equals_ring_cache_and_flash_attention() -> None:
     """Token by token, a paged cache and a ring cache that holds every token give the same attention, and both
     equal contiguous flash attention over the same keys; with a window the paged cache (window=W) equals a ring
-    cache of capacity W."""
+    cache of capacity W, and with sinks too (window=W, 2 sinks: a ring of capacity W + 2 with 2 sinks)."""
     rng = np.random.default_rng(6)
     N, Hkv, H, D, W = 40, 2, 4, 8, 11
     k, v = rng.standard_normal((2, Hkv, N, D))
@@ -389,13 +389,16 @@ def test_paged_decode_equals_ring_cache_and_flash_attention() -> None:
     sid = paged.add_sequence()
     full = RingBufferKVCache(1, Hkv, D, N, backend="fast", dtype=np.float64)
     windowed = RingBufferKVCache(1, Hkv, D, W, backend="fast", dtype=np.float64)
+    sinks = RingBufferKVCache(1, Hkv, D, W + 2, num_sinks=2, backend="fast", dtype=np.float64)
     for t in range(N):
         paged.append(sid, k[:, t : t + 1], v[:, t : t + 1])
-        for ring in (full, windowed):
+        for ring in (full, windowed, sinks):
             ring.append(k[None, :, t : t + 1], v[None, :, t : t + 1])
         qt = q[t : t + 1]
         np.testing.assert_allclose(paged.attend(qt, [sid]), full.attend(qt), rtol=0, atol=1e-12)
         np.testing.assert_allclose(paged.attend(qt, [sid], window=W), windowed.attend(qt), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(paged.attend(qt, [sid], window=W, num_sinks=2), sinks.attend(qt), rtol=0,
+                                   atol=1e-12)
     be = FastTensorBackend
     t4 = lambda x: minitorch.from_numpy(np.ascontiguousarray(x), backend=be)  # noqa: E731
     qs = q.transpose(2, 1, 0, 3)  # all N queries of the one sequence: (1, H, N, D)
