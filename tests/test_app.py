@@ -464,3 +464,11 @@ def test_paged_page_steps_match_cache() -> None:
         at.button(key="pg_next").click().run()
     _ok(at)
     assert int(_metric(at, "pages in use")) == 5  # A: 6 tokens in 3 pages, B: 3 tokens in 2
+    deep = AppTest.from_file(APP, default_timeout=60)  # a link into the tour: ?page=paged&step=6
+    deep.query_params["page"], deep.query_params["step"] = "paged", "6"
+    deep.run()
+    _ok(deep)
+    ref = PagedKVCache(page.HKV, page.D, page_size=4, num_pages=12, backend="simple", dtype=np.float64)
+    for op, sid, n in page.SCENARIO[:6]:
+        page.apply(ref, op, sid, n)
+    assert int(_metric(deep, "pages in use")) == ref.pages_in_use and "copy-on-write" in deep.info[0].value

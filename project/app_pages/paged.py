@@ -140,6 +140,9 @@ def render() -> None:
         run(*SCENARIO[st.session_state["pg_step"]])
         st.session_state["pg_step"] += 1
 
+    if st.session_state["pg_step"] == 0 and not log:  # a link may start the tour part way: ?page=paged&step=6
+        for _ in range(min(int(st.query_params.get("step", 0) or 0), len(SCENARIO))):
+            next_step()
     step = st.session_state["pg_step"]
     b = st.columns(3)
     b[0].button(f"Next step ({step}/{len(SCENARIO)})", key="pg_next", disabled=step >= len(SCENARIO),
@@ -172,7 +175,7 @@ def render() -> None:
     m[3].metric("rows used in held pages", f"{len(set(_rows(cache)))}/{cache.pages_in_use * page_size}",
                 help="a shared row counts once; the rest is the unused tail of last pages")
     longest = int(cache.seq_lens(live).max()) if live else 0
-    m[4].metric("contiguous cache for the same", f"{len(live) * longest} rows",
+    m[4].metric("a contiguous cache", f"{len(live) * longest} rows",
                 help="a contiguous cache reserves the longest sequence's length for every sequence")
     if log:
         st.info(log[-1])
