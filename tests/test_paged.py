@@ -339,7 +339,8 @@ def test_out_of_pages_leaves_the_cache_unchanged(shared: bool) -> None:
     before = _snapshot(cache)
     # 12 more tokens need 3 new pages; to the fork 8 more need 2 new + a copy of the shared last page
     what = "2 new + 1 copy-on-write" if shared else "3 new"
-    with pytest.raises(OutOfPagesError, match="need 3 free pages of 4 tokens " + re.escape(f"({what})") + ", but only 2 of 4"):
+    message = "need 3 free pages of 4 tokens " + re.escape(f"({what})") + ", but only 2 of 4"
+    with pytest.raises(OutOfPagesError, match=message):
         cache.append(sid, *_tokens(rng, 1, 8 if shared else 12, 4))
     after = _snapshot(cache)
     assert after["seqs"] == before["seqs"] and after["free"] == before["free"]

@@ -160,7 +160,7 @@ class PagedKVCache:
             raise ValueError("the cache has no backend yet: give backend= (and dtype=) or append keys first")
         return engine_of(self.backend)
 
-    # -- state -----------------------------------------------------------------------------------------------------------
+    # -- state ------------------------------------------------------------------------------------------------------
     @property
     def num_free_pages(self) -> int:
         """Pages on the free list."""
@@ -223,7 +223,7 @@ class PagedKVCache:
                 f"sequences={len(self._pages)}, pages_in_use={self.pages_in_use}, "
                 f"backend={getattr(self.backend, 'name', None)}, dtype={getattr(self.dtype, 'name', None)})")
 
-    # -- sequences -------------------------------------------------------------------------------------------------------
+    # -- sequences --------------------------------------------------------------------------------------------------
     def _check_id(self, sid: Any) -> int:
         if isinstance(sid, (bool, np.bool_)) or not isinstance(sid, (int, np.integer)):
             raise TypeError(f"a sequence id is an int from add_sequence() or fork(), got {sid!r}")
@@ -346,7 +346,7 @@ class PagedKVCache:
             self.engine.write_rows(self._v[page : page + 1], v4, dst_rows, src_rows)
             t += n
 
-    # -- attention -------------------------------------------------------------------------------------------------------
+    # -- attention --------------------------------------------------------------------------------------------------
     def attend(self, q: Any, ids: Sequence[int], *, scale: Optional[float] = None, window: Optional[int] = None,
                num_sinks: int = 0, return_lse: bool = False) -> Any:
         """Attention of ``q (S, H, T, D)``, the ``T`` newest tokens of each of the sequences ``ids``, over their

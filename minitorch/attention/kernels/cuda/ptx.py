@@ -14,8 +14,8 @@ caught, PTX-level ones are not::
     python -m minitorch.attention.kernels.cuda.ptx [--all] [--ptxas]
 
 Without ``--all`` it compiles a representative set (every kernel, with every flag off and every flag on, float32,
-plus the float64 forward; paged kernels are forward only); ``--all`` compiles every flag combination for float32 and float64 at the default tiles
-of ``D = 64`` and ``D = 128``.
+plus the float64 forward; paged kernels are forward only); ``--all`` compiles every flag combination for float32
+and float64 at the default tiles of ``D = 64`` and ``D = 128``.
 """
 
 from __future__ import annotations

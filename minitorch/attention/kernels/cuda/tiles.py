@@ -13,7 +13,8 @@ What the kernels are configured by comes in two kinds:
   this package caches its kernels per ``(TileShape, dtype, Flags)``, so shapes of shared and local arrays and
   every branch on a flag are constants of the compiled code;
 * the run-time :class:`Config`: positions, mask parameters, the bias, the key list, the block table, the
-  thresholds, the dropout seed, typed by the launcher (:func:`~.launch.make_config`) so that no kernel mixes float64 into float32 math.
+  thresholds, the dropout seed, typed by the launcher (:func:`~.launch.make_config`) so that no kernel mixes
+  float64 into float32 math.
 
 Real-GPU hygiene: constants are typed with the kernel's dtype (``ft(...)``), masked scores hold the finite sentinel
 ``finfo.min`` (never ``-inf`` in arithmetic), and shared memory stays within :data:`SMEM_LIMIT` (the launcher
