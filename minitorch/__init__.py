@@ -50,6 +50,7 @@ from .attention import (  # noqa: F401
     DecoderFeedbackBuffer,
     FlashAttention,
     FlashDMAAttention,
+    PagedKVCache,
     RingBufferAttention,
     RingBufferConfig,
     RingBufferKVCache,

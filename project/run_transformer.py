@@ -36,7 +36,10 @@ process would take on the whole batch: the loss curve is the single-process one 
 writes checkpoints and plots and generates; every rank reads the checkpoint on ``--resume``.
 
 Generation: one token at a time with one ``RingBufferKVCache`` per layer (window = context), reporting tokens/s
-against recomputing the whole window for every new token (what a model without a cache does).
+against recomputing the whole window for every new token (what a model without a cache does). With ``--paged``
+it also generates for a batch of prompts of different lengths at once, with one ``PagedKVCache`` per layer (every
+sequence's keys in pages of one shared pool, a decode step attends for all of them in one call), and checks that
+every prompt gets the tokens it gets when generated alone.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from minitorch import Parameter, Tensor  # noqa: E402
 from progress import Progress, format_seconds  # noqa: E402
 
 RingBufferKVCache = getattr(minitorch, "RingBufferKVCache", None)  # None: generate without a cache
+PagedKVCache = getattr(minitorch, "PagedKVCache", None)  # None: no --paged
 
 DATA_DIR = os.path.join(HERE, "data")
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(HERE), "checkpoints", "run_transformer.npz")
@@ -242,6 +246,15 @@ class CausalSelfAttention(minitorch.Module):
         cache.append(k, v)
         return self.proj(self.merge(cache.attend(q), 1, T))
 
+    def forward_paged(self, x: Tensor, S: int, T: int, cache: Any, ids: Sequence[int], window: int) -> Tensor:
+        """The ``T`` newest tokens of ``S`` sequences, ``x (S*T, d)``: append each sequence's keys and values to
+        its pages of the layer's paged cache, then attend for all of them in one call (window = context)."""
+        q, k, v = (self.heads(lin(x), S, T) for lin in (self.q, self.k, self.v))
+        k_np, v_np = k.contiguous().to_numpy(), v.contiguous().to_numpy()  # (S, H, T, Dh): one (H, T, Dh) each
+        for s, sid in enumerate(ids):
+            cache.append(sid, k_np[s], v_np[s])
+        return self.proj(self.merge(cache.attend(q.contiguous(), ids, window=window), S, T))
+
 
 class MLP(minitorch.Module):
     def __init__(self, cfg: Config):
@@ -267,6 +280,10 @@ class Block(minitorch.Module):
 
     def forward_cached(self, x: Tensor, cache: Any) -> Tensor:
         x = x + self.attn.forward_cached(self.ln1(x), cache)
+        return x + self.mlp(self.ln2(x))
+
+    def forward_paged(self, x: Tensor, S: int, T: int, cache: Any, ids: Sequence[int], window: int) -> Tensor:
+        x = x + self.attn.forward_paged(self.ln1(x), S, T, cache, ids, window)
         return x + self.mlp(self.ln2(x))
 
 
@@ -311,6 +328,23 @@ class GPT(minitorch.Module):
         for block, cache in zip(self.blocks(), caches):
             x = block.forward_cached(x, cache)
         return self.logits(x)
+
+    def forward_paged(self, idx: np.ndarray, starts: np.ndarray, caches: Sequence[Any], ids: Sequence[int]) -> Tensor:
+        """Logits ``(S*T, vocab)`` for ``T`` new tokens of each of ``S`` sequences, ``idx (S, T)``, sequence ``s`` at
+        positions ``starts[s] .. starts[s]+T-1``, its earlier keys and values in pages of ``caches`` (one paged
+        cache per layer, the sequences named by ``ids``)."""
+        S, T = idx.shape
+        pos = (np.asarray(starts)[:, None] + np.arange(T)[None, :]) % self.cfg.context
+        x = self.embed(idx, pos)
+        for block, cache in zip(self.blocks(), caches):
+            x = block.forward_paged(x, S, T, cache, ids, self.cfg.context)
+        return self.logits(x)
+
+    def new_paged_caches(self, num_pages: int, page_size: int = 16) -> List[Any]:
+        """One paged KV cache per layer, ``num_pages`` pages of ``page_size`` tokens shared by all sequences."""
+        c = self.cfg
+        return [PagedKVCache(c.n_head, c.d_model // c.n_head, page_size=page_size, num_pages=num_pages,
+                             backend=c.backend, dtype=c.dtype) for _ in range(c.n_layer)]
 
     def new_caches(self) -> List[Any]:
         """One ring-buffer KV cache per layer; the window is the training context."""
@@ -669,6 +703,64 @@ def generate(model: GPT, prompt: np.ndarray, n_new: int, temperature: float, see
     return ids, n_new / max(seconds, 1e-9), all_logits
 
 
+def generate_paged(model: GPT, prompts: Sequence[np.ndarray], n_new: int, temperature: float, seed: int,
+                   page_size: int = 16) -> Tuple[List[List[int]], float, Dict[str, int], List[List[np.ndarray]]]:
+    """Generate ``n_new`` tokens after each of ``prompts`` (of different lengths) at once, with paged KV caches.
+
+    Each prompt is prefilled into its own sequence of the shared pools; then every step runs the model once for
+    the newest token of every sequence (``S`` rows), attending over each one's own pages in one call. Sequence
+    ``s`` samples with its own generator seeded as :func:`generate` seeds it, so it gets the tokens it would get
+    alone. Returns the ids of every sequence, the tokens/s of the batched steps, the pool's page counts and the
+    logits every sequence sampled from.
+    """
+    C = model.cfg.context
+    seqs = [[int(t) for t in p[-C:]] for p in prompts]
+    S = len(seqs)
+    num_pages = sum(-(-(len(s) + n_new) // page_size) for s in seqs)
+    caches = model.new_paged_caches(num_pages, page_size)
+    rngs = [np.random.default_rng(seed) for _ in range(S)]
+    used: List[List[np.ndarray]] = [[] for _ in range(S)]
+    with no_grad(model):
+        ids = [caches[0].add_sequence() for _ in range(S)]
+        for cache in caches[1:]:
+            assert [cache.add_sequence() for _ in range(S)] == ids  # the same ids in every layer
+        logits = np.stack([model.forward_paged(np.array([s]), np.array([0]), caches, [sid]).to_numpy()[-1]
+                           for s, sid in zip(seqs, ids)])  # prefill, one prompt at a time (their own lengths)
+        t0 = time.perf_counter()
+        for i in range(n_new):
+            for s in range(S):
+                used[s].append(logits[s])
+                seqs[s].append(sample(logits[s], temperature, rngs[s].random()))
+            if i + 1 < n_new:  # one step for all sequences: the newest token of each, at its own position
+                new = np.array([[s[-1]] for s in seqs])
+                starts = np.array([len(s) - 1 for s in seqs])
+                logits = model.forward_paged(new, starts, caches, ids).to_numpy()
+        seconds = time.perf_counter() - t0
+    pages = {"pages_in_use": caches[0].pages_in_use, "num_pages": num_pages, "page_size": page_size}
+    return seqs, S * n_new / max(seconds, 1e-9), pages, used
+
+
+def run_paged_generation(model: GPT, tok: CharTokenizer, args: argparse.Namespace) -> Dict[str, Any]:
+    """``--paged``: generate for a batch of prompts of different lengths with paged caches, and for each prompt
+    alone with its ring-buffer cache; the tokens must be the same."""
+    prompts = [tok.encode(p) for p in args.paged_prompts]
+    prompts = [p if len(p) else np.array([0]) for p in prompts]
+    n = args.gen_tokens
+    generate_paged(model, prompts, min(n, 2), args.temperature, args.seed)  # untimed: compiles the kernels
+    seqs, tps, pages, logits = generate_paged(model, prompts, n, args.temperature, args.seed)
+    alone = [generate(model, p, n, args.temperature, args.seed, use_cache=True) for p in prompts]
+    same = [a[0] == b for a, b in zip(alone, seqs)]
+    diff = max(float(np.max(np.abs(x - y))) for a, b in zip(alone, logits) for x, y in zip(a[2], b))
+    out = {"texts": [tok.decode(s) for s in seqs], "same_tokens": all(same), "max_logit_diff": diff,
+           "tokens_per_s": tps, **pages}
+    print(f"\n--- {len(prompts)} prompts generated together with the paged KV cache ({tps:.1f} tokens/s, "
+          f"{pages['pages_in_use']} pages of {pages['page_size']} tokens per layer; max |logit difference| from "
+          f"generating alone {diff:.2e}) ---")
+    for text, ok in zip(out["texts"], same):
+        print(f"[{'same as alone' if ok else 'DIFFERENT from alone'}] {text!r}")
+    return out
+
+
 def run_generation(model: GPT, tok: CharTokenizer, args: argparse.Namespace) -> Dict[str, Any]:
     prompt = tok.encode(args.prompt) if args.prompt else np.array([0])
     if len(prompt) == 0:
@@ -704,6 +796,10 @@ def run_generation(model: GPT, tok: CharTokenizer, args: argparse.Namespace) -> 
         print(f"tokens/s ({out['timing']}): {out['cached_tokens_per_s']:.1f} with the KV cache, {tps2:.1f} "
               f"recomputing the {model.cfg.context}-token window ({n_plain} tokens): {out['speedup']:.1f}x; max "
               f"|logit difference| over the first {n_same} tokens: {out['max_logit_diff_within_context']:.2e}")
+    if args.paged and PagedKVCache is None:
+        print("PagedKVCache is not available: no --paged generation")
+    elif args.paged:
+        out["paged"] = run_paged_generation(model, tok, args)
     return out
 
 
@@ -782,6 +878,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen-tokens-recompute", type=int, default=100,
                    help="of those, how many to time without the cache (recomputing the window)")
     g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
+    g.add_argument("--paged", action="store_true",
+                   help="also generate for a batch of prompts of different lengths at once with the paged KV cache, "
+                        "and check each gets the tokens it gets alone")
+    g.add_argument("--paged-prompts", nargs="+", default=["Alice ", "The Queen said, ", "W"], metavar="TEXT",
+                   help="the prompts of --paged")
     p.add_argument("--data-parallel", action="store_true",
                    help="run under mpiexec -n P: split each step's batch over the P ranks and average the gradients "
                         "(needs mpi4py: pip install 'minitorch[dist]'); --batch must be a multiple of P")

@@ -48,6 +48,7 @@ PAGES = {
     "sandbox": "page=sandbox",
     "sandbox_graph": "page=sandbox&section=graph",
     "ring_attention": "page=ring_attention",
+    "paged": "page=paged&step=10",  # the tour after a fork, a copy-on-write, a free and a second fork
 }
 
 

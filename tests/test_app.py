@@ -19,7 +19,7 @@ from minitorch.attention.online_softmax import online_softmax_trace, softmax_row
 APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "project", "app.py")
 if os.path.dirname(APP) not in sys.path:  # the app's page modules (project/app_pages), for their helpers
     sys.path.insert(0, os.path.dirname(APP))
-PAGES = ["tiles", "online_softmax", "memory", "ring_buffer", "dma", "sandbox", "ring_attention"]
+PAGES = ["tiles", "online_softmax", "memory", "ring_buffer", "dma", "sandbox", "ring_attention", "paged"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -430,3 +430,45 @@ def test_ring_attention_page_layouts_and_merge() -> None:
     _ok(at)
     assert float(_metric(at, "max |merged - full softmax|")) < 1e-12
     assert float(_metric(at, "|merged lse - full lse|")) < 1e-12
+
+
+def test_paged_page_steps_match_cache() -> None:
+    """The guided tour of the paged page: after every step the page's counts are those of a PagedKVCache driven
+    by the same operations; the fork shares pages, the copy-on-write and the reuse of freed pages are shown; the
+    paged attention it shows matches the float64 reference. Restart and the settings start over."""
+    from app_pages import paged as page
+
+    from minitorch.attention.paged import PagedKVCache
+
+    at = _app("paged")
+    ref = PagedKVCache(page.HKV, page.D, page_size=4, num_pages=12, backend="simple", dtype=np.float64)
+    for step, (op, sid, n) in enumerate(page.SCENARIO):
+        at.button(key="pg_next").click().run()
+        _ok(at)
+        page.apply(ref, op, sid, n)
+        assert int(_metric(at, "pages in use")) == ref.pages_in_use, step
+        assert int(_metric(at, "free pages")) == ref.num_free_pages, step
+        if op == "fork":
+            assert "nothing copied" in at.info[0].value
+        if step == 5:
+            assert "copy-on-write" in at.info[0].value
+        if step == 8:  # C grew into the pages B freed
+            assert set(ref.pages(2)) & {2}
+    assert float(_metric(at, "paged attention of the newest tokens vs float64 reference (max diff)")) < 1e-12
+    assert at.button(key="pg_next").disabled
+    at.button(key="pg_restart").click().run()
+    _ok(at)
+    assert int(_metric(at, "pages in use")) == 0
+    at.slider(key="pg_page_size").set_value(2).run()
+    for _ in range(4):
+        at.button(key="pg_next").click().run()
+    _ok(at)
+    assert int(_metric(at, "pages in use")) == 5  # A: 6 tokens in 3 pages, B: 3 tokens in 2
+    deep = AppTest.from_file(APP, default_timeout=60)  # a link into the tour: ?page=paged&step=6
+    deep.query_params["page"], deep.query_params["step"] = "paged", "6"
+    deep.run()
+    _ok(deep)
+    ref = PagedKVCache(page.HKV, page.D, page_size=4, num_pages=12, backend="simple", dtype=np.float64)
+    for op, sid, n in page.SCENARIO[:6]:
+        page.apply(ref, op, sid, n)
+    assert int(_metric(deep, "pages in use")) == ref.pages_in_use and "copy-on-write" in deep.info[0].value

@@ -16,11 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import bench_attention, bench_decode, bench_dma, run  # noqa: E402
+from benchmarks import bench_attention, bench_decode, bench_dma, bench_paged, run  # noqa: E402
 from benchmarks.common import LOCAL_RESULTS_DIR, RESULTS_DIR  # noqa: E402
 
 SCRIPTS = [(bench_attention, "bench_attention.json"), (bench_decode, "bench_decode.json"),
-           (bench_dma, "bench_dma.json")]
+           (bench_dma, "bench_dma.json"), (bench_paged, "bench_paged.json")]
 
 
 @pytest.mark.parametrize("script,name", SCRIPTS, ids=[n for _, n in SCRIPTS])

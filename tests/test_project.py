@@ -89,6 +89,20 @@ def test_run_transformer_quick(tmp_path: Any) -> None:
     assert gen["max_logit_diff_within_context"] < 1e-3
 
 
+def test_run_transformer_paged_generation_matches_alone() -> None:
+    """``--paged``: prompts of different lengths generated together with the paged KV cache (one decode step for
+    all of them) get the tokens each prompt gets alone with its ring-buffer cache, past the context window too."""
+    import run_transformer
+
+    res = run_transformer.main(["--quick", "--steps", "6", "--eval-every", "0", "--no-save", "--plot", "", "--paged",
+                                "--gen-tokens", "40", "--gen-tokens-recompute", "2"])
+    paged = res["generation"]["paged"]
+    assert paged["same_tokens"] and len(paged["texts"]) == 3 and paged["tokens_per_s"] > 0
+    assert paged["max_logit_diff"] < 1e-4  # the same logits up to float32 rounding, not just the same samples
+    # "Alice " (6), "The Queen said, " (16) and "W" (1) plus 40 tokens each: 3 + 4 + 3 pages of 16 tokens
+    assert paged["pages_in_use"] == paged["num_pages"] == 10
+
+
 def test_run_transformer_resume_is_exact(tmp_path: Any) -> None:
     """Stopping after 6 of 10 steps and resuming gives the losses of an uninterrupted 10-step run: the checkpoint
     holds parameters and Adam moments, and the batch of each step depends only on (seed, step)."""

@@ -11,6 +11,7 @@ Front end, one concept per module:
 * :mod:`.reference`: the float64 NumPy oracle.
 * :mod:`.online_softmax`, :mod:`.merge`: the online softmax step by step, and the merge of partial results by lse.
 * :mod:`.kv_cache`, :mod:`.ring_buffer`: the ring-buffer KV cache and the seed-compatible module.
+* :mod:`.paged`: the paged KV cache and paged attention (keys read through block tables).
 * :mod:`.dma`, :mod:`.importance`, :mod:`.selection`: Dynamic Mask Attention.
 * :mod:`.engine`: the raw-array contract between the front end and the kernels.
 
@@ -24,12 +25,14 @@ from .dma import flash_dma_attention  # noqa: F401
 from .dropout import dropout_mask  # noqa: F401
 from .functions import FlashAttention, FlashAttentionLSE, FlashDMAAttention  # noqa: F401
 from .kv_cache import DecoderFeedbackBuffer, RingBufferKVCache  # noqa: F401
+from .paged import OutOfPagesError, PagedKVCache, paged_attention  # noqa: F401
 from .reference import (  # noqa: F401
     attention_probs,
     naive_attention_float32,
     reference_attention,
     reference_attention_backward,
     reference_mask,
+    reference_paged_attention,
 )
 from .ring_buffer import BufferState, RingBufferAttention, RingBufferConfig, build_attention, register_attention  # noqa: F401
 from .tiling import TileOrder, TileSchedule, TileType, standard_attention_hbm_bytes  # noqa: F401

@@ -112,7 +112,16 @@ def concat_seq(engine: AttentionEngine, parts: List[ArrayLike]) -> ArrayLike:
     return out
 
 
-def _float_dtype(dtype: Any) -> np.dtype:
+def adopt_backend(x: Any) -> TensorBackend:
+    """The backend of keys given without one: a Tensor's own; CudaBackend for a device array; SimpleBackend for a
+    NumPy array."""
+    if isinstance(x, Tensor):
+        return x.backend
+    return CudaBackend if hasattr(x, "copy_to_host") and not isinstance(x, np.ndarray) else SimpleBackend
+
+
+def float_dtype(dtype: Any) -> np.dtype:
+    """``dtype`` as a NumPy float32 or float64 dtype, or a TypeError naming it."""
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -232,7 +241,7 @@ class RingBufferKVCache:
         self.capacity, self.num_sinks = int(capacity), int(num_sinks)
         self.window = self.capacity - self.num_sinks
         # None: taken from the first keys appended (never a silent float64 NumPy cache beside float32 CUDA tensors)
-        self.dtype: Optional[np.dtype] = None if dtype is None else _float_dtype(dtype)
+        self.dtype: Optional[np.dtype] = None if dtype is None else float_dtype(dtype)
         self.backend: Optional[TensorBackend] = None if backend is None else resolve_backend(backend)
         for name, val in (("block_size", block_size), ("tile_size", tile_size)):
             if val is not None and (isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1):
@@ -266,11 +275,7 @@ class RingBufferKVCache:
         """Backend and dtype not given: those of the first keys appended (a Tensor's; NumPy arrays: SimpleBackend;
         device arrays: CudaBackend), then allocate."""
         if self.backend is None:
-            if isinstance(k, Tensor):
-                self.backend = k.backend
-            else:
-                self.backend = CudaBackend if hasattr(k, "copy_to_host") and not isinstance(k, np.ndarray) \
-                    else SimpleBackend
+            self.backend = adopt_backend(k)
         if self.dtype is None:
             dt = np.dtype(getattr(k, "dtype", np.float64))
             self.dtype = dt if dt in (np.dtype(np.float32), np.dtype(np.float64)) else np.dtype(np.float64)
@@ -662,7 +667,7 @@ class DecoderFeedbackBuffer:
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
         self.capacity, self.batch, self.dim = int(capacity), int(batch), int(dim)
         self.backend = resolve_backend(backend)
-        self.dtype = _float_dtype(dtype)
+        self.dtype = float_dtype(dtype)
         self.start_value = start_value
         self._buf = np.zeros((self.capacity, self.batch, self.dim), dtype=self.dtype)
         self.reset()

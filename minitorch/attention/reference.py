@@ -121,6 +121,42 @@ def reference_attention(
     return np.einsum("bhij,bhjd->bhid", p, v64), lse
 
 
+def reference_paged_attention(
+    q: np.ndarray,
+    k_pages: np.ndarray,
+    v_pages: np.ndarray,
+    block_table: np.ndarray,
+    seq_lens: np.ndarray,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    window: Optional[int] = None,
+    num_sinks: int = 0,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Paged attention in float64, the direct way: gather each sequence's keys and values out of its pages into
+    contiguous arrays, then :func:`reference_attention` on them, one sequence at a time. Returns ``(out (S, H, T, D),
+    lse (S, H, T))``.
+
+    ``q (S, H, T, D)`` holds the ``T`` newest tokens of each sequence (positions ``seq_lens[s] - T ..``); token ``j``
+    of sequence ``s`` is row ``j % page_size`` of page ``block_table[s, j // page_size]`` of
+    ``k_pages, v_pages (num_pages, Hkv, page_size, D)``.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    S, H, T, D = q.shape
+    page_size = k_pages.shape[2]
+    out = np.zeros(q.shape)
+    lse = np.full((S, H, T), -np.inf)
+    for s in range(S):
+        n = int(seq_lens[s])
+        j = np.arange(n)
+        pages = np.asarray(block_table)[s, j // page_size]
+        k = np.asarray(k_pages, dtype=np.float64)[pages, :, j % page_size].transpose(1, 0, 2)[None]  # (1, Hkv, n, D)
+        v = np.asarray(v_pages, dtype=np.float64)[pages, :, j % page_size].transpose(1, 0, 2)[None]
+        out[s : s + 1], lse[s : s + 1] = reference_attention(
+            q[s : s + 1], k, v, causal=causal, scale=scale, window=window, q_positions=np.arange(n - T, n),
+            k_positions=j, num_sinks=num_sinks)
+    return out, lse
+
+
 def _sum_to(x: np.ndarray, shape: Tuple[int, ...], H: int) -> np.ndarray:
     """Reduce a ``(B, H, Nq, Nk)`` gradient to a bias's (broadcast) shape; kv-head biases sum their group."""
     shape4 = (1,) * (4 - len(shape)) + tuple(shape)

@@ -7,7 +7,8 @@ An :class:`AttentionSpec` is a *configuration of the engine's inner step* (docs/
 
 * the **key source**: key tile ``tk`` is the key rows ``[tk Bc, (tk + 1) Bc)`` (contiguous, the default), or, with
   a :class:`KeyList`, the rows ``kidx[b, g, c]`` of list entries ``c`` in ``[tk Bc, (tk + 1) Bc)`` (Dynamic Mask
-  Attention's compacted keys; later the pages of a paged cache);
+  Attention's compacted keys); a key row is stored at ``k[b, g, j]``, or, with :class:`Pages`, in a page pool
+  shared by the batch, read through a block table (a paged KV cache, vLLM's PagedAttention);
 * the **score modification**: ``s = scale q.k + bias``, the visibility rule of :mod:`.masks` on the positions
   (causal, window, sinks, padding, empty slots), optionally a :class:`TopK` keep rule on the bias (DMA's ``z``),
   and dropout;
@@ -26,7 +27,7 @@ from typing import Any, Optional, Sequence, Tuple
 import numpy as np
 
 from .dropout import drop_threshold
-from .tiling import TileOrder, TileSchedule, default_block_sizes
+from .tiling import TileOrder, TileSchedule, classify_tiles, default_block_sizes
 
 Shape4 = Tuple[int, int, int, int]
 MAX_POSITION = 2**62
@@ -45,6 +46,22 @@ class KeyList:
     kidx: Any
     counts: Any
     tile_types: Any
+
+
+@dataclass(frozen=True, eq=False)
+class Pages:
+    """Keys stored in pages of a pool shared by the batch (vLLM's PagedAttention layout): the ``k, v`` given to the
+    engine are the pools ``(num_pages, Hkv, page_size, D)``, and batch row ``b`` (a sequence) has ``lengths[b]`` key
+    rows: row ``j`` is the sequence's token ``j``, stored in page ``block_table[b, j // page_size]`` at offset
+    ``j % page_size``. Rows past ``lengths[b]`` do not exist (never read, whatever their table entry holds).
+
+    ``block_table (B, max_pages)`` int64 (-1: unused), ``lengths (B,)`` int64; NumPy arrays (an engine copies them to
+    where it computes). Forward only (decoding).
+    """
+
+    block_table: np.ndarray
+    page_size: int
+    lengths: np.ndarray
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,10 +94,11 @@ class AttentionSpec:
     q_pos: np.ndarray
     k_pos: np.ndarray
     k_pos_b: np.ndarray
+    q_pos_b: np.ndarray
     block_q: int
     block_k: int
     order: TileOrder
-    schedule: TileSchedule
+    schedule: Optional[TileSchedule]
     tile_types: np.ndarray
     dropout: float = 0.0
     seed: int = 0
@@ -88,6 +106,7 @@ class AttentionSpec:
     num_sinks: int = 0
     bias_shape: Optional[Shape4] = None
     keys: Optional[KeyList] = None
+    pages: Optional[Pages] = None
     topk: Optional[TopK] = None
     num_splits: int = 1
     rows_complete: bool = True
@@ -216,6 +235,27 @@ def check_int(name: str, value: Any, low: int, none_ok: bool = False) -> int:
     return int(value)
 
 
+def check_window(window: Any) -> Optional[int]:
+    """``window``: None or an int >= 0; one wider than any distance between positions is no window at all."""
+    if window is None:
+        return None
+    window = check_int("window", window, 0, none_ok=True)
+    return None if window >= MAX_POSITION else window
+
+
+def check_blocks(block_q: Any, block_k: Any, default_blocks: Optional[Tuple[int, int]], D: int, Nq: int,
+                 Nk: int) -> Tuple[int, int]:
+    """``(block_q, block_k)``: positive ints (None: the backend's ``default_blocks``, the CPU's when that is None too),
+    clamped to the sequences (``Nq``, ``Nk``)."""
+    dq, dk = default_blocks if default_blocks is not None else default_block_sizes(D)
+    block_q = dq if block_q is None else block_q
+    block_k = dk if block_k is None else block_k
+    for name, val in (("block_q", block_q), ("block_k", block_k)):
+        if not _is_int(val) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    return min(int(block_q), max(Nq, 1)), min(int(block_k), max(Nk, 1))
+
+
 def make_spec(
     q_shape: Sequence[int],
     k_shape: Sequence[int],
@@ -246,10 +286,7 @@ def make_spec(
     B, H, Hkv, Nq, Nk, D = check_qkv(q_shape, k_shape, v_shape)
     causal = check_flag("causal", causal)
     scale = check_scale(scale, D)
-    if window is not None:
-        window = check_int("window", window, 0, none_ok=True)
-        if window >= MAX_POSITION:  # wider than any distance between positions: no window at all
-            window = None
+    window = check_window(window)
     dropout = check_dropout(dropout)
     seed = check_seed(seed, dropout)
     num_sinks = check_int("num_sinks", num_sinks, 0)
@@ -258,14 +295,7 @@ def make_spec(
         order = TileOrder(order)
     except ValueError:
         raise ValueError(f"order must be a TileOrder (q_major or k_major), got {order!r}") from None
-
-    dq, dk = default_blocks if default_blocks is not None else default_block_sizes(D)
-    block_q = dq if block_q is None else block_q
-    block_k = dk if block_k is None else block_k
-    for name, val in (("block_q", block_q), ("block_k", block_k)):
-        if not _is_int(val) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
-    block_q, block_k = min(int(block_q), max(Nq, 1)), min(int(block_k), max(Nk, 1))
+    block_q, block_k = check_blocks(block_q, block_k, default_blocks, D, Nq, Nk)
 
     pad = None
     if key_padding_mask is not None:
@@ -288,10 +318,112 @@ def make_spec(
         B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, scale=scale, causal=causal,
         window=-1 if window is None else int(window), q_pos=schedule.q_pos, k_pos=schedule.k_pos,
         k_pos_b=np.ascontiguousarray(np.broadcast_to(schedule.k_pos_b, (B, Nk))),
+        q_pos_b=np.ascontiguousarray(np.broadcast_to(schedule.q_pos, (B, Nq))),
         block_q=block_q, block_k=block_k, order=order, schedule=schedule,
         tile_types=np.ascontiguousarray(np.broadcast_to(schedule.batch_types, (B, schedule.Tr, schedule.Tc))),
         dropout=dropout, seed=seed, drop_threshold=drop_threshold(dropout), num_sinks=num_sinks,
         bias_shape=bshape, num_splits=num_splits,
+    )
+
+
+def check_backward(spec: AttentionSpec) -> None:
+    """Engines run backward for every spec but a paged one (paged attention is for decoding: forward only)."""
+    if spec.pages is not None:
+        raise ValueError("paged attention is forward only (decoding): keys read through a block table have no "
+                         "backward; train with flash_attention on contiguous keys")
+
+
+def _int_array(name: str, x: Any, ndim: int) -> np.ndarray:
+    """``x`` (a list, an array, a Tensor) as an int64 array of ``ndim`` dims, or a TypeError/ValueError naming it."""
+    if hasattr(x, "to_numpy"):
+        x = x.to_numpy()
+    elif hasattr(x, "copy_to_host") and not isinstance(x, np.ndarray):
+        x = x.copy_to_host()
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an array of ints, got {type(x).__name__}") from None
+    if arr.dtype.kind not in "iuf" or (arr.dtype.kind == "f" and not np.all(np.mod(arr, 1) == 0)):
+        raise TypeError(f"{name} must hold ints, got dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def make_paged_spec(
+    q_shape: Sequence[int],
+    k_pages_shape: Sequence[int],
+    v_pages_shape: Sequence[int],
+    block_table: Any,
+    seq_lens: Any,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    window: Optional[int] = None,
+    num_sinks: int = 0,
+    block_q: Optional[int] = None,
+    block_k: Optional[int] = None,
+    default_blocks: Optional[Tuple[int, int]] = None,
+    num_splits: int = 1,
+) -> AttentionSpec:
+    """Validate a paged attention call and build its spec: keys read in place through the block table (:class:`Pages`).
+
+    ``q (S, H, T, D)``: the ``T`` newest tokens of each of ``S`` sequences, at positions ``seq_lens[s] - T ..
+    seq_lens[s] - 1``; ``k_pages, v_pages (num_pages, Hkv, page_size, D)``; ``block_table (S, max_pages)`` ints, -1
+    where unused; ``seq_lens (S,)``. The spec is that of ``S`` batch rows of ``Nk = max(seq_lens)`` keys, row ``j`` of
+    sequence ``s`` at position ``j`` (``-1`` past ``seq_lens[s]``), with per-row query positions (``q_pos_b``).
+    """
+    qs = _shape4("q", q_shape)
+    kp, vp = _shape4("k_pages", k_pages_shape), _shape4("v_pages", v_pages_shape)
+    if kp != vp:
+        raise ValueError(f"k_pages and v_pages must have the same shape, got k_pages {kp} and v_pages {vp}")
+    S, H, T, D = qs
+    num_pages, Hkv, page_size, Dk = kp
+    if Dk != D or D < 1:
+        raise ValueError(f"q and k_pages must have the same head_dim >= 1, got q {qs} and k_pages {kp}")
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"the number of query heads must be a multiple of the number of kv heads, got q {qs} "
+                         f"(H={H}) and k_pages {kp} (Hkv={Hkv})")
+    if page_size < 1:
+        raise ValueError(f"k_pages must have page_size >= 1 (num_pages, Hkv, page_size, D), got {kp}")
+    table = _int_array("block_table", block_table, 2)
+    lens = _int_array("seq_lens", seq_lens, 1)
+    if lens.shape != (S,) or table.shape[0] != S:
+        raise ValueError(f"block_table (S, max_pages) and seq_lens (S,) must have S={S} rows for q {qs}, got "
+                         f"block_table {table.shape} and seq_lens {lens.shape}")
+    if S and lens.min() < T:
+        s = int(np.argmin(lens))
+        raise ValueError(f"seq_lens: q holds the T={T} newest tokens of each sequence, but sequence {s} has "
+                         f"seq_lens[{s}]={lens[s]} < {T}")
+    needed = -(-lens // page_size)  # pages holding each sequence's tokens
+    if S and needed.max() > table.shape[1]:
+        s = int(np.argmax(needed))
+        raise ValueError(f"block_table {table.shape} has {table.shape[1]} pages per sequence, but sequence {s} of "
+                         f"length {lens[s]} needs {needed[s]} pages of {page_size}")
+    used = np.arange(table.shape[1])[None, :] < needed[:, None]
+    bad = (table < -1) | (table >= num_pages) | (used & (table < 0))
+    if bad.any():
+        s, c = (int(i[0]) for i in np.nonzero(bad))
+        raise ValueError(f"block_table[{s}, {c}] = {table[s, c]}: entries must be pages in [0, {num_pages}) "
+                         f"(k_pages {kp}), or -1 past the sequence's {needed[s]} pages")
+    causal = check_flag("causal", causal)
+    scale = check_scale(scale, D)
+    window = check_window(window)
+    num_sinks = check_int("num_sinks", num_sinks, 0)
+    num_splits = check_int("num_splits", num_splits, 1)
+    Nk = int(lens.max()) if S else 0
+    block_q, block_k = check_blocks(block_q, block_k, default_blocks, D, T, Nk)
+    # row j of sequence s is its token j; the queries are each sequence's T newest tokens
+    k_pos = np.arange(Nk, dtype=np.int64)
+    k_pos_b = np.where(k_pos[None, :] < lens[:, None], k_pos[None, :], -1)
+    q_pos_b = lens[:, None] - T + np.arange(T, dtype=np.int64)[None, :]
+    return AttentionSpec(
+        B=S, H=H, Hkv=Hkv, Nq=T, Nk=Nk, D=D, scale=scale, causal=causal, window=-1 if window is None else window,
+        q_pos=max(Nk - T, 0) + np.arange(T, dtype=np.int64), k_pos=k_pos, k_pos_b=k_pos_b, q_pos_b=q_pos_b,
+        block_q=block_q, block_k=block_k, order=TileOrder.Q_MAJOR, schedule=None,
+        tile_types=classify_tiles(q_pos_b, k_pos_b, block_q, block_k, causal, -1 if window is None else window,
+                                  num_sinks),
+        num_sinks=num_sinks, num_splits=num_splits, pages=Pages(table, int(page_size), lens),
     )
 
 

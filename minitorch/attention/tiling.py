@@ -86,8 +86,9 @@ def _as_positions(pos: Optional[Sequence[int]], n: int, default_start: int, name
 def build_tile_classifier(jit: Callable[[Callable], Callable] = lambda f: f) -> Callable:
     """The classification of every tile by the one visibility rule of :mod:`.masks`, compiled with ``jit``.
 
-    ``classify_tiles(q_pos, k_pos_b, Br, Bc, causal, window, num_sinks, types)`` fills ``types (B, Tr, Tc)`` for
-    query positions ``q_pos (Nq,)`` and key positions ``k_pos_b (B, Nk)`` (``-1``: empty or padded).
+    ``classify_tiles(q_pos_b, k_pos_b, Br, Bc, causal, window, num_sinks, types)`` fills ``types (B, Tr, Tc)`` for
+    query positions ``q_pos_b (1 or B, Nq)`` (shared by the batch rows, or per row: a paged batch's sequences end at
+    different positions) and key positions ``k_pos_b (B, Nk)`` (``-1``: empty or padded).
 
     Exact for the *boxes* of positions of the tiles, with the rule and no other. The rule sees a valid pair only
     through ``d = qp - kp`` and whether the key is a sink, and for either kind of key its visible ``d`` form an
@@ -123,15 +124,16 @@ def build_tile_classifier(jit: Callable[[Callable], Callable] = lambda f: f) -> 
 
     bounds_j = jit(bounds)
 
-    def classify_tiles(q_pos, k_pos_b, Br, Bc, causal, window, num_sinks, types):  # type: ignore[no-untyped-def]
+    def classify_tiles(q_pos_b, k_pos_b, Br, Bc, causal, window, num_sinks, types):  # type: ignore[no-untyped-def]
         B, Tr, Tc = types.shape[0], types.shape[1], types.shape[2]
-        Nq, Nk = q_pos.shape[0], k_pos_b.shape[1]
+        Nq, Nk = q_pos_b.shape[1], k_pos_b.shape[1]
         big = 1 << 62
         qb = np.zeros((4, Tr), np.int64)
-        for tq in range(Tr):
-            bounds_j(q_pos, tq * Br, min(Nq, (tq + 1) * Br), 0, big, qb, tq)
         kb = np.zeros((2, 4, Tc), np.int64)  # the two kinds of keys: sinks, then the others
         for b in range(B):
+            if b < q_pos_b.shape[0]:  # the query tiles' bounds: once if shared, per row if not
+                for tq in range(Tr):
+                    bounds_j(q_pos_b[b], tq * Br, min(Nq, (tq + 1) * Br), 0, big, qb, tq)
             kp = k_pos_b[b]
             for tk in range(Tc):
                 ks, ke = tk * Bc, min(Nk, (tk + 1) * Bc)
@@ -256,12 +258,9 @@ class TileSchedule:
     # -- classification --------------------------------------------------------------------------------------
     def classify(self, q_pos: np.ndarray, k_pos_b: np.ndarray) -> np.ndarray:
         """:class:`TileType` of every tile, ``int8 (B, Tr, Tc)``, for query positions ``q_pos (Nq,)`` and key
-        positions ``k_pos_b (B, Nk)`` (``-1``: empty or padded), with this schedule's tiles and masks
-        (:func:`build_tile_classifier`, compiled)."""
-        types = np.empty((k_pos_b.shape[0], self.Tr, self.Tc), dtype=np.int8)
-        _classify_tiles(np.ascontiguousarray(q_pos, dtype=np.int64), np.ascontiguousarray(k_pos_b, dtype=np.int64),
-                        self.block_q, self.block_k, self.causal, self.window, self.num_sinks, types)
-        return types
+        positions ``k_pos_b (B, Nk)`` (``-1``: empty or padded), with this schedule's tiles and masks."""
+        return classify_tiles(np.asarray(q_pos)[None], k_pos_b, self.block_q, self.block_k, self.causal,
+                              self.window, self.num_sinks)
 
     # -- geometry --------------------------------------------------------------------------------------------
     def q_range(self, tq: int) -> Tuple[int, int]:
@@ -421,3 +420,16 @@ def build_list_classifier(jit: Callable[[Callable], Callable] = lambda f: f) -> 
 
 _classify_tiles = build_tile_classifier(numba.njit(cache=True))
 """The classification TileSchedule runs (compiled: a decoder builds a schedule for every token)."""
+
+
+def classify_tiles(q_pos_b: np.ndarray, k_pos_b: np.ndarray, block_q: int, block_k: int, causal: bool, window: int,
+                   num_sinks: int) -> np.ndarray:
+    """:class:`TileType` of every tile, ``int8 (B, Tr, Tc)``, for query positions ``q_pos_b (1 or B, Nq)`` and key
+    positions ``k_pos_b (B, Nk)`` (``-1``: empty or padded) at tiles of ``block_q x block_k`` (``window = -1``: none),
+    by the rule of :mod:`.masks` alone (:func:`build_tile_classifier`, compiled)."""
+    q_pos_b = np.ascontiguousarray(q_pos_b, dtype=np.int64)
+    k_pos_b = np.ascontiguousarray(k_pos_b, dtype=np.int64)
+    Tr, Tc = -(-q_pos_b.shape[1] // block_q), -(-k_pos_b.shape[1] // block_k)
+    types = np.empty((k_pos_b.shape[0], Tr, Tc), dtype=np.int8)
+    _classify_tiles(q_pos_b, k_pos_b, int(block_q), int(block_k), bool(causal), int(window), int(num_sinks), types)
+    return types

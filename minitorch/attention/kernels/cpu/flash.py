@@ -18,7 +18,8 @@ every element with the one visibility rule of :mod:`minitorch.attention.masks`.
 **One inner step per direction**, configured by the spec (:class:`Config`), used by every kernel below:
 
 * :func:`_key_rows` and :func:`_gather`: the *key source*, key tile ``tk`` as contiguous rows or read through a
-  key list (DMA's compacted keys);
+  key list (DMA's compacted keys), each row stored in the batch row's own keys or in a page pool read through a
+  block table (a paged KV cache);
 * :func:`_score_tile`: the *score modification*, ``+ bias``, the visibility rule, DMA's top-k keep rule;
 * :func:`_fwd_step`: ``S_ij``, online softmax, ``O_i += P_ij V_j`` (FA2 Algorithm 1 lines 8-10);
 * :func:`_bwd_step`: recompute ``P_ij`` and ``dS_ij`` (FA2 Algorithm 2 lines 11-14).
@@ -51,7 +52,7 @@ import numpy as np
 from ...dropout import build_dropout_hash
 from ...masks import build_kept, build_visible
 from ...merge import merge_partials
-from ...spec import AttentionSpec
+from ...spec import AttentionSpec, check_backward
 from ...tiling import TileOrder, TileType
 from .launch import FM_REDUCE, as_input, helper, kernel, launch
 from .simd import exp, exp_rows, matmul, matmul_visible, rows_max, vwidth
@@ -68,18 +69,21 @@ _dropout_hash = build_dropout_hash(_inline)
 
 Config = namedtuple(
     "Config",
-    "q_pos k_pos_b causal window num_sinks "
+    "q_pos_b k_pos_b causal window num_sinks "
     "bias has_bias bias_head_div "
     "kidx counts has_list "
+    "block_table page_size lengths has_pages "
     "thr_val thr_idx has_topk "
     "has_dropout seed drop_threshold inv_keep",
 )
 """The spec, as the kernels read it (one typed named tuple; absent features hold small dummy arrays):
 
-* masks: ``q_pos (Nq,)``, ``k_pos_b (B, Nk)`` int64 positions (-1: empty), ``causal``, ``window`` (-1: none),
+* masks: ``q_pos_b (B, Nq)``, ``k_pos_b (B, Nk)`` int64 positions (-1: empty), ``causal``, ``window`` (-1: none),
   ``num_sinks``;
 * bias: ``bias (Bb, Hb, Nqb, Nk)``; query head ``h`` reads bias head ``h // bias_head_div``;
 * key source: with ``has_list``, key tile entries ``c`` are key rows ``kidx[b, g, c]`` (``counts[b, g]`` of them);
+  with ``has_pages``, ``k, v`` are page pools and batch row b's key row ``j < lengths[b]`` is stored in page
+  ``block_table[b, j // page_size]`` at offset ``j % page_size``;
 * DMA's top-k: row ``i`` keeps key ``j`` iff ``kept(bias[b, g, 0, j], j, thr_val[b, g, i], thr_idx[b, g, i])``;
 * dropout: keep iff ``dropout_hash(seed, b, h, i, j) >= drop_threshold``; kept probabilities times ``inv_keep``.
 """
@@ -131,8 +135,13 @@ def _finite(a, n0, n1):  # type: ignore[no-untyped-def]
 
 @helper()
 def _tile_count(cfg, b, g, Nk, Bc):  # type: ignore[no-untyped-def]
-    """The number of key tiles of (b, kv head g): of the key rows, or of the entries of the key list."""
-    n = cfg.counts[b % cfg.counts.shape[0], g % cfg.counts.shape[1]] if cfg.has_list else Nk
+    """The number of key tiles of (b, kv head g): of the key rows (a paged sequence's own length), or of the
+    entries of the key list."""
+    n = Nk
+    if cfg.has_list:
+        n = cfg.counts[b % cfg.counts.shape[0], g % cfg.counts.shape[1]]
+    elif cfg.has_pages:
+        n = cfg.lengths[b]
     return (n + Bc - 1) // Bc, n
 
 
@@ -148,21 +157,31 @@ def _key_rows(cfg, b, g, start, n, jt, kpt):  # type: ignore[no-untyped-def]
         kpt[c] = cfg.k_pos_b[b, j]
 
 
+@_inline
+def _row_address(b, j, cfg):  # type: ignore[no-untyped-def]
+    """Where key row ``j`` of batch row ``b`` is stored: ``(b, j)`` (``src[b, g, j]``), or in a paged batch ``(page,
+    j % page_size)`` with ``page = block_table[b, j // page_size]`` (``src`` the pool: read in place)."""
+    if cfg.has_pages:
+        return cfg.block_table[b, j // cfg.page_size], j % cfg.page_size
+    return b, j
+
+
 @helper()
-def _gather(src, jt, n, dst, transposed):  # type: ignore[no-untyped-def]
-    """Load the key rows ``jt[:n]`` of ``src (Nk, D)`` on chip: ``dst[c] = src[jt[c]]``, or ``dst[:, c]`` when
-    ``transposed`` (a product that reduces over the keys then reads contiguous memory)."""
-    D = src.shape[1]
+def _gather(src, b, g, jt, n, dst, transposed, cfg):  # type: ignore[no-untyped-def]
+    """Load the key rows ``jt[:n]`` of (b, kv head g) of ``src`` (keys or values, 4-D) on chip: ``dst[c]`` = row
+    ``jt[c]`` (stored where :func:`_row_address` says), or ``dst[:, c]`` when ``transposed`` (a product that reduces
+    over the keys then reads contiguous memory)."""
+    D = src.shape[3]
     if transposed:
         for c in range(n):
-            j = jt[c]
+            sb, sj = _row_address(b, jt[c], cfg)
             for d in range(D):
-                dst[d, c] = src[j, d]
+                dst[d, c] = src[sb, g, sj, d]
     else:
         for c in range(n):
-            j = jt[c]
+            sb, sj = _row_address(b, jt[c], cfg)
             for d in range(D):
-                dst[c, d] = src[j, d]
+                dst[c, d] = src[sb, g, sj, d]
 
 
 @helper()
@@ -179,7 +198,7 @@ def _score_tile(s, vis, nr, nc, qs, b, g, jt, kpt, masked, cfg, bias2):  # type:
             for c in range(nc):
                 s[i, c] += bias2[brow, jt[c]]
         if masked:
-            qp = cfg.q_pos[qs + i]
+            qp = cfg.q_pos_b[b, qs + i]
             if cfg.has_topk:
                 tv, ti = cfg.thr_val[b, g, qs + i], cfg.thr_idx[b, g, qs + i]
                 for c in range(nc):
@@ -310,8 +329,8 @@ def _fwd_q_major(worker, n_workers, q, k, v, out, lse, Br, Bc, n_splits, tile_ty
             nc = min(Bc, n_keys - ks)
             # line 6: load K_j (transposed: S_ij = Q_i K_j^T reads it by rows), V_j, through the key source
             _key_rows(cfg, b, g, ks, nc, jt, kpt)
-            _gather(k[b, g], jt, nc, kT, True)
-            _gather(v[b, g], jt, nc, vj, False)
+            _gather(k, b, g, jt, nc, kT, True, cfg)
+            _gather(v, b, g, jt, nc, vj, False, cfg)
             # lines 8-10: S_ij, online softmax, O_i update
             _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, kpt, tile == TRIANGLE, cfg, bias2)
         # lines 12-13: O_i = diag(l_i)^-1 O_i, lse_i = m_i + log(l_i)
@@ -344,8 +363,8 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
             ks = tk * Bc
             nc = min(Bc, n_keys - ks)
             _key_rows(cfg, b, g, ks, nc, jt, kpt)
-            _gather(k[b, g], jt, nc, kT, True)
-            _gather(v[b, g], jt, nc, vj, False)
+            _gather(k, b, g, jt, nc, kT, True, cfg)
+            _gather(v, b, g, jt, nc, vj, False, cfg)
             # line 7: inner loop over query tiles i
             for tq in range(Tr):
                 tile = tile_types[b, g % Gt, tq, tk]
@@ -475,9 +494,9 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
             nc = min(Bc, n_keys - ks)
             # load K_j (transposed for S = Q K^T, by rows for dS K) and V_j (transposed for dP = dO V^T)
             _key_rows(cfg, b, g, ks, nc, jt, kpt)
-            _gather(k[b, g], jt, nc, kT, True)
-            _gather(k[b, g], jt, nc, kj, False)
-            _gather(v[b, g], jt, nc, vT, True)
+            _gather(k, b, g, jt, nc, kT, True, cfg)
+            _gather(k, b, g, jt, nc, kj, False, cfg)
+            _gather(v, b, g, jt, nc, vT, True, cfg)
             # s = P_ij, dp = dS_ij
             _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, qs, b, h, g, jt, kpt,
                       tile == TRIANGLE, cfg, bias2)
@@ -540,8 +559,8 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, B
                 nc = min(Bc, n_keys - ks)
                 # load K_j, V_j (transposed, for the products with Q_i and dO_i); dK_j = dV_j = 0
                 _key_rows(cfg, b, g, ks, nc, jt, kpt)
-                _gather(k[b, g], jt, nc, kT, True)
-                _gather(v[b, g], jt, nc, vT, True)
+                _gather(k, b, g, jt, nc, kT, True, cfg)
+                _gather(v, b, g, jt, nc, vT, True, cfg)
                 dk_acc[:] = 0
                 dv_acc[:] = 0
                 for h in range(g * group, (g + 1) * group):  # the query heads that read kv head g
@@ -609,16 +628,19 @@ def _config(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtype) ->
         bias_arr = as_input(np.reshape(bias, shape), dtype)
         Hb = bias_arr.shape[1]
         head_div = 1 if Hb == spec.H else (spec.group if Hb == spec.Hkv else spec.H)
-    keys, topk = spec.keys, spec.topk
+    keys, pages, topk = spec.keys, spec.pages, spec.topk
     kidx = as_input(keys.kidx, i64) if keys is not None else np.zeros((1, 1, 1), i64)
     counts = as_input(keys.counts, i64) if keys is not None else np.zeros((1, 1), i64)
+    block_table = as_input(pages.block_table, i64) if pages is not None else np.zeros((1, 1), i64)
+    lengths = as_input(pages.lengths, i64) if pages is not None else np.zeros(1, i64)
     thr_val = as_input(topk.thr_val, dtype) if topk is not None else np.zeros((1, 1, 1), dtype)
     thr_idx = as_input(topk.thr_idx, i64) if topk is not None else np.zeros((1, 1, 1), i64)
     cfg = Config(
-        as_input(spec.q_pos, i64), as_input(spec.k_pos_b, i64), bool(spec.causal), int(spec.window),
+        as_input(spec.q_pos_b, i64), as_input(spec.k_pos_b, i64), bool(spec.causal), int(spec.window),
         int(spec.num_sinks),
         bias_arr, bias is not None, int(head_div),
         kidx, counts, keys is not None,
+        block_table, int(pages.page_size) if pages is not None else 1, lengths, pages is not None,
         thr_val, thr_idx, topk is not None,
         spec.dropout > 0, np.uint64(spec.seed), np.uint64(spec.drop_threshold), dtype.type(1.0 / (1.0 - spec.dropout)),
     )
@@ -631,7 +653,8 @@ def forward(
     """Flash attention forward: ``out (B, H, Nq, D)`` and ``lse (B, H, Nq)`` (natural log, ``-inf`` for empty rows).
 
     ``spec.order`` picks the Q-major (FlashAttention-2) or K-major (FlashAttention-1) loop order; Q-major with
-    ``spec.num_splits > 1`` runs split-K and merges the partial results by their lse.
+    ``spec.num_splits > 1`` runs split-K and merges the partial results by their lse. With ``spec.pages``, ``k, v``
+    are the page pools ``(num_pages, Hkv, page_size, D)``.
     """
     dtype = _check_dtype(q)
     q, k, v = (as_input(x, dtype) for x in (q, k, v))
@@ -664,6 +687,7 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndar
 
     Preprocess ``delta``, dQ (with the row sums ``rs`` of dS), ``delta += rs - dlse``, then dK/dV/dBias.
     """
+    check_backward(spec)
     dtype = _check_dtype(q)
     q, k, v, out, dout, lse = (as_input(x, dtype) for x in (q, k, v, out, dout, lse))
     dlse = np.zeros(lse.shape, dtype) if dlse is None else as_input(dlse, dtype)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 from numba import cuda
 
-from ...spec import AttentionSpec
+from ...spec import AttentionSpec, check_backward
 from ...tiling import TileOrder, default_block_sizes
 from .backward import (
     DBIAS_NONE,
@@ -153,18 +153,22 @@ def on_device(x: Any, dtype: Any) -> DeviceArray:
 
 
 def _metadata(spec: AttentionSpec) -> Dict[str, DeviceArray]:
-    """Positions, tile types and the key list / top-k thresholds of a spec on the device, copied once per spec."""
+    """Positions, tile types and the key list / block table / top-k thresholds of a spec on the device, copied once
+    per spec."""
     memo = _MEMO.setdefault(spec, {})
     if "meta" not in memo:
         i64 = np.int64
         meta = {
-            "q_pos": on_device(spec.q_pos, i64),
+            "q_pos_b": on_device(spec.q_pos_b, i64),
             "k_pos_b": on_device(spec.k_pos_b, i64),
             "tile_types": on_device(spec.kernel_tiles(), np.int8),
         }
         if spec.keys is not None:
             meta["kidx"] = on_device(spec.keys.kidx, i64)
             meta["counts"] = on_device(spec.keys.counts, i64)
+        if spec.pages is not None:
+            meta["block_table"] = on_device(spec.pages.block_table, i64)
+            meta["lengths"] = on_device(spec.pages.lengths, i64)
         if spec.topk is not None:
             meta["thr_idx"] = on_device(spec.topk.thr_idx, i64)
             meta["thr_val"] = spec.topk.thr_val  # converted with the kernel's dtype in make_config
@@ -183,13 +187,16 @@ def make_config(spec: AttentionSpec, bias: Optional[DeviceArray], dtype: np.dtyp
     meta = _metadata(spec)
     ft = dtype.type
     has_bias, has_list, has_topk = bias is not None, spec.keys is not None, spec.topk is not None
+    has_pages = spec.pages is not None
     if has_topk and not has_bias:
         raise ValueError("CUDA attention: a top-k keep rule needs its importance as the bias (B, Hkv, 1, Nk)")
-    flags = Flags(has_bias, has_list, has_topk, spec.dropout > 0)
+    flags = Flags(has_bias, has_list, has_pages, has_topk, spec.dropout > 0)
     cfg = Config(
-        meta["q_pos"], meta["k_pos_b"], bool(spec.causal), np.int64(spec.window), np.int64(spec.num_sinks),
+        meta["q_pos_b"], meta["k_pos_b"], bool(spec.causal), np.int64(spec.window), np.int64(spec.num_sinks),
         bias if has_bias else _dummy(dtype, 4),
         meta["kidx"] if has_list else _dummy(np.int64, 3), meta["counts"] if has_list else _dummy(np.int64, 2),
+        meta["block_table"] if has_pages else _dummy(np.int64, 2),
+        np.int64(spec.pages.page_size if has_pages else 1), meta["lengths"] if has_pages else _dummy(np.int64, 1),
         on_device(meta["thr_val"], dtype) if has_topk else _dummy(dtype, 3),
         meta["thr_idx"] if has_topk else _dummy(np.int64, 3),
         np.uint64(spec.seed), np.uint64(spec.drop_threshold), ft(1.0 / (1.0 - spec.dropout)), ft(spec.scale),
@@ -211,8 +218,12 @@ def _inputs(q: Any, k: Any, v: Any, bias: Any, spec: AttentionSpec) -> Tuple[Any
     B, H, Hkv, Nq, Nk, D = spec.B, spec.H, spec.Hkv, spec.Nq, spec.Nk, spec.D
     q, k, v = (on_device(x, dtype) for x in (q, k, v))
     _check("q", q, (B, H, Nq, D), dtype)
-    _check("k", k, (B, Hkv, Nk, D), dtype)
-    _check("v", v, (B, Hkv, Nk, D), dtype)
+    if spec.pages is not None:  # the page pools (num_pages, Hkv, page_size, D)
+        _check("k", k, (k.shape[0], Hkv, spec.pages.page_size, D), dtype)
+        _check("v", v, tuple(k.shape), dtype)
+    else:
+        _check("k", k, (B, Hkv, Nk, D), dtype)
+        _check("v", v, (B, Hkv, Nk, D), dtype)
     if bias is not None:
         shape = spec.bias_shape if spec.bias_shape is not None else tuple(bias.shape)
         bias = on_device(bias, dtype)
@@ -280,6 +291,7 @@ def backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Devi
     Preprocess (``delta = rowsum(dO O) - dlse``), the dQ kernel (which also refines delta by the row sums of dS),
     then the dK/dV kernel (with dBias, written at the key rows of the key source); deterministic.
     """
+    check_backward(spec)
     q, k, v, bias, dtype = _inputs(q, k, v, bias, spec)
     B, H, Hkv, Nq, Nk, D = spec.B, spec.H, spec.Hkv, spec.Nq, spec.Nk, spec.D
     out, dout, lse = (on_device(x, dtype) for x in (out, dout, lse))

@@ -14,8 +14,8 @@ caught, PTX-level ones are not::
     python -m minitorch.attention.kernels.cuda.ptx [--all] [--ptxas]
 
 Without ``--all`` it compiles a representative set (every kernel, with every flag off and every flag on, float32,
-plus the float64 forward); ``--all`` compiles every flag combination for float32 and float64 at the default tiles
-of ``D = 64`` and ``D = 128``.
+plus the float64 forward; paged kernels are forward only); ``--all`` compiles every flag combination for float32
+and float64 at the default tiles of ``D = 64`` and ``D = 128``.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ ARCH = (9, 0)
 def _typeof_config(dtype: Any) -> Any:
     """The numba type of a :class:`~.tiles.Config` with arrays of these dtypes (what a launch passes)."""
     i64, ft = np.int64, np.dtype(dtype).type
-    cfg = Config(np.zeros(1, i64), np.zeros((1, 1), i64), True, i64(-1), i64(0), np.zeros((1, 1, 1, 1), ft),
-                 np.zeros((1, 1, 1), i64), np.zeros((1, 1), i64), np.zeros((1, 1, 1), ft), np.zeros((1, 1, 1), i64),
-                 np.uint64(0), np.uint64(0), ft(1), ft(1))
+    cfg = Config(np.zeros((1, 1), i64), np.zeros((1, 1), i64), True, i64(-1), i64(0), np.zeros((1, 1, 1, 1), ft),
+                 np.zeros((1, 1, 1), i64), np.zeros((1, 1), i64), np.zeros((1, 1), i64), i64(1), np.zeros(1, i64),
+                 np.zeros((1, 1, 1), ft), np.zeros((1, 1, 1), i64), np.uint64(0), np.uint64(0), ft(1), ft(1))
     return numba.typeof(cfg)
 
 
@@ -63,8 +63,9 @@ def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ..
     i64, b1 = numba.int64, numba.boolean
     dtypes = [np.float32, np.float64] if full else [np.float32]
     dims = [64, 128] if full else [64]
-    all_flags = [Flags(*f) for f in itertools.product([False, True], repeat=4) if f[0] or not f[2]]  # top-k: bias
-    flag_sets = all_flags if full else [Flags(False, False, False, False), Flags(True, True, True, True)]
+    all_flags = [Flags(*f) for f in itertools.product([False, True], repeat=5) if f[0] or not f[3]]  # top-k: bias
+    off, on = Flags(*[False] * 5), Flags(*[True] * 5)
+    flag_sets = all_flags if full else [off, on._replace(has_pages=False), on]  # (paged: forward only)
     for dtype, D in itertools.product(dtypes, dims):
         x4, x5, x3, x1, t8 = _arr(dtype, 4), _arr(dtype, 5), _arr(dtype, 3), _arr(dtype, 1), _arr(np.int8, 4)
         cfg = _typeof_config(dtype)
@@ -75,13 +76,15 @@ def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ..
                                              "dkdv": (*_blocks(D)[::-1], bwd.dkdv_smem_bytes)}.items()}
         tag = f"{np.dtype(dtype).name} D={D}"
         for f in flag_sets:
-            ftag = "".join(n[4] if v else "-" for n, v in zip(Flags._fields, f))  # b/l/t/d
+            ftag = "".join(n[4] if v else "-" for n, v in zip(Flags._fields, f))  # b/l/p/t/d
             yield (f"fwd_q {tag} {ftag} {_sh(shapes['forward'])}",
                    lambda f=f, s=shapes["forward"], dt=dtype: fwd.make_forward_q_major(s, dt, f),
                    (x4, x4, x4, x5, x4, t8, i64, i64, i64, cfg), dtype)
             yield (f"fwd_k {tag} {ftag} {_sh(shapes['forward'])}",
                    lambda f=f, s=shapes["forward"], dt=dtype: fwd.make_forward_k_major(s, dt, f),
                    (x4, x4, x4, x4, x3, x3, t8, i64, i64, i64, cfg), dtype)
+            if f.has_pages:  # paged attention is forward only
+                continue
             yield (f"dq {tag} {ftag} {_sh(shapes['dq'])}",
                    lambda f=f, s=shapes["dq"], dt=dtype: bwd.make_dq(s, dt, f),
                    (x4, x4, x4, x4, x3, x3, x3, b1, x4, x3, t8, i64, i64, cfg), dtype)

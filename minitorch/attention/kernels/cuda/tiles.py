@@ -9,11 +9,12 @@ different rows hit different banks).
 
 What the kernels are configured by comes in two kinds:
 
-* compile-time :class:`Flags` (bias, key list, top-k rule, dropout) and the :class:`TileShape`: every factory of
+* compile-time :class:`Flags` (bias, key list, pages, top-k rule, dropout) and the :class:`TileShape`: every factory of
   this package caches its kernels per ``(TileShape, dtype, Flags)``, so shapes of shared and local arrays and
   every branch on a flag are constants of the compiled code;
-* the run-time :class:`Config`: positions, mask parameters, the bias, the key list, the thresholds, the dropout
-  seed, typed by the launcher (:func:`~.launch.make_config`) so that no kernel mixes float64 into float32 math.
+* the run-time :class:`Config`: positions, mask parameters, the bias, the key list, the block table, the
+  thresholds, the dropout seed, typed by the launcher (:func:`~.launch.make_config`) so that no kernel mixes
+  float64 into float32 math.
 
 Real-GPU hygiene: constants are typed with the kernel's dtype (``ft(...)``), masked scores hold the finite sentinel
 ``finfo.min`` (never ``-inf`` in arithmetic), and shared memory stays within :data:`SMEM_LIMIT` (the launcher
@@ -55,25 +56,30 @@ QN_POS, QN_BIAS_ROW, QN_THR = 0, 1, 2
 ``lse`` (``MAX`` for ``-inf``), ``delta``, the top-k threshold value) and ``qn`` (int64: the position, -1 past
 ``Nq``; the bias row; the top-k threshold index). Loaded by ``TileOps.load_queries``, read by ``TileOps.score``."""
 
-Flags = namedtuple("Flags", "has_bias has_list has_topk has_dropout")
+Flags = namedtuple("Flags", "has_bias has_list has_pages has_topk has_dropout")
 """The compile-time configuration of a kernel: which parts of the score modification and key source exist.
 
 * ``has_bias``: ``S += bias`` (``Config.bias`` is ``(Bb, Hb, Nqb, Nk)``);
 * ``has_list``: key tile entries are read through ``Config.kidx`` (a :class:`~minitorch.attention.spec.KeyList`);
+* ``has_pages``: ``k, v`` are page pools, key rows read through ``Config.block_table``
+  (:class:`~minitorch.attention.spec.Pages`);
 * ``has_topk``: DMA's keep rule on the bias value (:func:`~minitorch.attention.masks.kept`) in TRIANGLE tiles;
 * ``has_dropout``: the counter-based dropout of :mod:`minitorch.attention.dropout`.
 """
 
 Config = namedtuple(
     "Config",
-    "q_pos k_pos_b causal window num_sinks bias kidx counts thr_val thr_idx seed drop_threshold inv_keep scale",
+    "q_pos_b k_pos_b causal window num_sinks bias kidx counts block_table page_size lengths thr_val thr_idx seed "
+    "drop_threshold inv_keep scale",
 )
 """The run-time configuration every attention kernel reads (absent features hold tiny dummy arrays):
 
-* masks: ``q_pos (Nq,)``, ``k_pos_b (B, Nk)`` int64 positions (-1: empty), ``causal``, ``window`` (-1: none),
+* masks: ``q_pos_b (B, Nq)``, ``k_pos_b (B, Nk)`` int64 positions (-1: empty), ``causal``, ``window`` (-1: none),
   ``num_sinks`` (the rule of :mod:`minitorch.attention.masks`);
 * ``bias (Bb, Hb, Nqb, Nk)``: query head ``h`` reads bias head ``h // (H // Hb)``, row ``i`` (or 0 when ``Nqb = 1``);
-* key source: entry ``c`` of (b, kv head g) is key row ``kidx[b, g, c]``, ``counts[b, g]`` entries;
+* key source: entry ``c`` of (b, kv head g) is key row ``kidx[b, g, c]``, ``counts[b, g]`` entries; in a paged
+  batch, batch row b has ``lengths[b]`` key rows and row ``j`` is stored in page ``block_table[b, j // page_size]``
+  at offset ``j % page_size`` of the pools ``k, v``;
 * DMA's top-k: row ``i`` keeps key ``j`` iff ``kept(bias[b, g, 0, j], j, thr_val[b, g, i], thr_idx[b, g, i])``;
 * dropout: keep iff ``dropout_hash(seed, b, h, i, j) >= drop_threshold``; kept probabilities times ``inv_keep``;
 * ``scale``: of the scores, in the kernel's dtype.
@@ -192,10 +198,12 @@ class TileOps:
 
     * ``load_rows(dst, src, b, h, start, n, D, rows) -> bad``: ``dst[r] = src[b, h, start + r]`` (zero past ``n``
       and ``D``), cooperative and coalesced along ``d``;
-    * ``n_keys(b, g, Nk, cfg)``: the length of the key sequence of (b, kv head g): ``Nk``, or the list's count;
+    * ``n_keys(b, g, Nk, cfg)``: the length of the key sequence of (b, kv head g): ``Nk``, the list's count, or a
+      paged sequence's length;
     * ``load_keys(jt, kps, b, g, c0, n, cfg)``: the key source: ``jt[c]`` = the key row of entry ``c0 + c``
       (``-1`` past ``n``), ``kps[c]`` its position;
-    * ``gather_rows(dst, src, b, g, c0, n, D, rows, cfg) -> bad``: ``dst[c] = src[b, g, key row of c0 + c]``;
+    * ``gather_rows(dst, src, b, g, c0, n, D, rows, cfg) -> bad``: ``dst[c]`` = the key row of entry ``c0 + c``
+      of ``src`` (at ``src[b, g, j]``, or in a paged batch in its page of the pool ``src``);
     * ``load_queries(qf, qn, b, h, g, q0, rows, Nq, lse, delta, cfg, stats)``: the query table of the rows
       ``q0 ..`` (:data:`QF_LSE` ...; ``lse`` and ``delta`` only with ``stats``, the backward), cooperative;
     * ``score(x, qi, j, kp, qf, qn, q0, masked, bb, hb, Nq, cfg) -> (s, ok)``: the score modification of the pair
@@ -217,6 +225,7 @@ class TileOps:
         C, DP, TY, TX = shape.C, shape.DP, shape.TY, shape.TX
         RM, RN, DPT, NT = shape.RM, shape.RN, shape.DPT, shape.threads
         HAS_BIAS, HAS_LIST, HAS_TOPK = bool(flags.has_bias), bool(flags.has_list), bool(flags.has_topk)
+        HAS_PAGES = bool(flags.has_pages)
 
         def load_rows(dst, src, b, h, start, n, D, rows):  # type: ignore[no-untyped-def]
             tid = cuda.threadIdx.y * TX + cuda.threadIdx.x
@@ -236,6 +245,8 @@ class TileOps:
         def n_keys(b, g, Nk, cfg):  # type: ignore[no-untyped-def]
             if HAS_LIST:
                 return cfg.counts[b, g]
+            if HAS_PAGES:
+                return cfg.lengths[b]
             return Nk
 
         @device
@@ -263,7 +274,10 @@ class TileOps:
                 j = key_row(b, g, c0 + c, n, cfg)
                 x = ZERO
                 if j >= 0 and d < D:
-                    x = src[b, g, j, d]
+                    if HAS_PAGES:  # row j of a paged sequence: in its page of the pool, read in place
+                        x = src[cfg.block_table[b, j // cfg.page_size], g, j % cfg.page_size, d]
+                    else:
+                        x = src[b, g, j, d]
                     if x - x != ZERO:
                         bad = 1
                 dst[c, d] = x
@@ -274,7 +288,7 @@ class TileOps:
             for c in range(tid, rows, NT):
                 i = q0 + c
                 ic = min(i, Nq - 1)
-                qn[QN_POS, c] = cfg.q_pos[i] if i < Nq else -1
+                qn[QN_POS, c] = cfg.q_pos_b[b, i] if i < Nq else -1
                 qn[QN_BIAS_ROW, c] = ic if (HAS_BIAS and cfg.bias.shape[2] > 1) else 0
                 qn[QN_THR, c] = cfg.thr_idx[b, g, ic] if HAS_TOPK else -1
                 qf[QF_THR, c] = cfg.thr_val[b, g, ic] if HAS_TOPK else ZERO

@@ -46,7 +46,7 @@ import numpy as np
 from ...dropout import build_dropout_hash
 from ...masks import build_kept, build_visible
 from ...merge import merge_partials
-from ...spec import AttentionSpec
+from ...spec import AttentionSpec, check_backward
 from ...tiling import TileOrder, TileType
 
 dropout_hash = build_dropout_hash()  # the NumPy versions: the same bits and rule as the compiled kernels
@@ -61,8 +61,9 @@ kept = build_kept()
 class _Head:
     """The inputs seen by query head ``h`` of batch row ``b``.
 
-    ``q (Nq, D)``, ``k, v (Nk, D)`` are views (GQA: kv head ``g = h // group``, no copy); ``bias`` is the 2-D
-    ``(Nqb, Nk)`` slice of the broadcast bias for this (b, h), or ``None``; ``types (Tr, Tc)`` the tile types.
+    ``q (Nq, D)``, ``k, v (Nk, D)`` are views (GQA: kv head ``g = h // group``, no copy), or in a paged batch
+    :class:`_PagedRows` reading the rows through the block table; ``bias`` is the 2-D ``(Nqb, Nk)`` slice of the
+    broadcast bias for this (b, h), or ``None``; ``types (Tr, Tc)`` the tile types.
     """
 
     spec: AttentionSpec
@@ -83,8 +84,9 @@ class _Head:
     def key_rows(self, tk: int) -> np.ndarray:
         """The key source: the key rows of key tile ``tk``, a contiguous range or entries of the key list."""
         spec, Bc = self.spec, self.spec.block_k
-        if spec.keys is None:
-            return np.arange(tk * Bc, min((tk + 1) * Bc, spec.Nk))
+        if spec.keys is None:  # a paged sequence has its own length
+            n = spec.Nk if spec.pages is None else int(spec.pages.lengths[self.b])
+            return np.arange(tk * Bc, min((tk + 1) * Bc, n))
         kidx, counts = spec.keys.kidx, spec.keys.counts
         b, g = self.b % kidx.shape[0], self.g % kidx.shape[1]
         return kidx[b, g, tk * Bc : min((tk + 1) * Bc, int(counts[b, g]))]
@@ -108,8 +110,8 @@ class _Head:
             s = s + self.bias[i if self.bias.shape[0] > 1 else [0]][:, j]  # a (1, Nk) bias broadcasts over rows
         vis = None
         if self.types[tq, tk] == TileType.TRIANGLE:
-            vis = visible(spec.q_pos[i][:, None], spec.k_pos_b[self.b, j][None, :], spec.causal, spec.window,
-                          spec.num_sinks)
+            vis = visible(spec.q_pos_b[self.b, i][:, None], spec.k_pos_b[self.b, j][None, :], spec.causal,
+                          spec.window, spec.num_sinks)
             if spec.topk is not None:  # Dynamic Mask Attention: does row i keep key j? (the bias is its z)
                 thr_val, thr_idx = spec.topk.thr_val[self.b, self.g, i], spec.topk.thr_idx[self.b, self.g, i]
                 vis &= kept(self.bias[0, j][None, :], j[None, :], thr_val[:, None], thr_idx[:, None])
@@ -133,6 +135,19 @@ class _Head:
         return np.where(keep, 1.0 / (1.0 - spec.dropout), 0.0).astype(self.q.dtype)
 
 
+class _PagedRows:
+    """The key (or value) rows of one sequence and kv head in a page pool ``(num_pages, Hkv, page_size, D)``: row
+    ``j`` is ``pool[block_table[j // page_size], g, j % page_size]``, read in place through the sequence's block
+    table (``rows[j]`` gathers only the rows asked for; the sequence is never copied out whole)."""
+
+    def __init__(self, pool: np.ndarray, table: np.ndarray, page_size: int, g: int) -> None:
+        self.pool, self.table, self.page_size, self.g = pool, table, page_size, g
+
+    def __getitem__(self, j: np.ndarray) -> np.ndarray:
+        j = np.asarray(j)
+        return self.pool[self.table[j // self.page_size], self.g, j % self.page_size]
+
+
 def _head(q, k, v, bias, spec: AttentionSpec, b: int, h: int) -> _Head:  # type: ignore[no-untyped-def]
     g = h // spec.group  # GQA / MQA: query head h reads kv head h // group
     bias_bh = None
@@ -141,7 +156,12 @@ def _head(q, k, v, bias, spec: AttentionSpec, b: int, h: int) -> _Head:  # type:
         hb = h if Hb == spec.H else (g if Hb == spec.Hkv else 0)  # a kv-head bias is shared by its group
         bias_bh = bias[b if Bb == spec.B else 0, hb]
     types = spec.kernel_tiles()
-    return _Head(spec, b, h, g, q[b, h], k[b, g], v[b, g], bias_bh, types[b, g % types.shape[1]])
+    if spec.pages is None:  # where the key source's rows are stored: this batch row's own rows ...
+        kb, vb = k[b, g], v[b, g]
+    else:  # ... or a paged sequence's pages in the shared pool
+        table, ps = spec.pages.block_table[b], spec.pages.page_size
+        kb, vb = _PagedRows(k, table, ps, g), _PagedRows(v, table, ps, g)
+    return _Head(spec, b, h, g, q[b, h], kb, vb, bias_bh, types[b, g % types.shape[1]])
 
 
 def _heads(q, k, v, bias, spec: AttentionSpec) -> Iterator[_Head]:  # type: ignore[no-untyped-def]
@@ -288,6 +308,7 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndar
     summed over a whole row (a bias broadcast over the keys' rows, DMA's ``z``). The dQ pass therefore also sums
     each row of ``dS`` (``rs``) and the dK/dV pass uses ``delta + rs - dlse``, whose rows sum as they should.
     """
+    check_backward(spec)
     dtype = q.dtype
     dq = np.zeros(q.shape, dtype=dtype)
     dk = np.zeros(k.shape, dtype=dtype)
