@@ -90,7 +90,7 @@ def attention_probs(
     m_safe = np.where(np.isfinite(m), m, 0.0)
     e = np.where(mask, np.exp(s - m_safe), 0.0)
     l = e.sum(axis=-1, keepdims=True)
-    p = np.where(l != 0, e / np.where(l != 0, l, 1.0), 0.0)
+    p = np.where(mask & (l != 0), e / np.where(l != 0, l, 1.0), 0.0)  # a masked pair: 0, also in a NaN row
     with np.errstate(divide="ignore"):
         lse = np.where(l[..., 0] != 0, m_safe[..., 0] + np.log(l[..., 0]), -np.inf)
     return p, lse, np.broadcast_to(mask, p.shape)

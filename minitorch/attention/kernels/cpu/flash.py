@@ -428,7 +428,8 @@ def _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, q
         if masked:
             for c in range(nc):
                 if vis[i, c] == 0:
-                    dp[i, c] = zero  # a masked pair has no gradient, whatever V holds there
+                    dp[i, c] = zero  # a masked pair has no gradient, whatever V holds there,
+                    s[i, c] = zero  # and no probability, whatever the row's lse (NaN for a row that sees a NaN)
 
 
 @kernel()

@@ -327,8 +327,9 @@ def _tile_grads(head: _Head, tq: int, tk: int, dO_i: np.ndarray, lse_i: np.ndarr
             Z_ij = P_ij * drop
             dP_ij = dP_ij * drop
         dS_ij = P_ij * (dP_ij - delta_i[:, None])
-    if vis is not None:
-        dS_ij = np.where(vis, dS_ij, 0)  # a masked pair has no gradient, whatever V holds there
+    if vis is not None:  # a masked pair has no gradient, whatever V holds there, and no probability, whatever the
+        # row's lse (NaN for a row that sees a NaN: it must not reach dV of the keys the row does not see)
+        Z_ij, dS_ij = np.where(vis, Z_ij, 0), np.where(vis, dS_ij, 0)
     return Z_ij, dS_ij, vis
 
 
