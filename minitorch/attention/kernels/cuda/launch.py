@@ -45,6 +45,7 @@ from .backward import (
     make_dkdv,
     make_dq,
     make_preprocess,
+    make_sinks_backward,
 )
 from .forward import (
     forward_smem_bytes,
@@ -168,6 +169,13 @@ def _metadata(spec: AttentionSpec) -> Dict[str, DeviceArray]:
         if spec.topk is not None:
             meta["thr_idx"] = on_device(spec.topk.thr_idx, i64)
             meta["thr_val"] = spec.topk.thr_val  # converted with the kernel's dtype in make_config
+        if spec.q_seg is not None:
+            meta["q_seg"] = on_device(spec.q_seg, i64)
+            meta["k_seg"] = on_device(spec.k_seg, i64)
+        if spec.block_mask is not None:
+            meta["bm_index"] = on_device(spec.block_mask.index, np.int32)
+            bits = spec.block_mask.bits
+            meta["bm_bits"] = on_device(bits if bits.size else np.zeros((1, 1, 1)), np.uint8)
         memo["meta"] = meta
     return memo["meta"]
 
@@ -185,7 +193,9 @@ def make_config(spec: AttentionSpec, bias: Optional[DeviceArray], dtype: np.dtyp
     has_bias, has_list, has_topk = bias is not None, spec.keys is not None, spec.topk is not None
     if has_topk and not has_bias:
         raise ValueError("CUDA attention: a top-k keep rule needs its importance as the bias (B, Hkv, 1, Nk)")
-    flags = Flags(has_bias, has_list, has_topk, spec.dropout > 0)
+    has_seg, has_bm = spec.q_seg is not None, spec.block_mask is not None
+    flags = Flags(has_bias, has_list, has_topk, spec.dropout > 0, has_seg, has_bm, spec.sinks is not None,
+                  spec.softcap > 0, spec.alibi is not None, spec.score_mod)
     cfg = Config(
         meta["q_pos"], meta["k_pos_b"], bool(spec.causal), np.int64(spec.window), np.int64(spec.num_sinks),
         bias if has_bias else _dummy(dtype, 4),
@@ -193,6 +203,10 @@ def make_config(spec: AttentionSpec, bias: Optional[DeviceArray], dtype: np.dtyp
         on_device(meta["thr_val"], dtype) if has_topk else _dummy(dtype, 3),
         meta["thr_idx"] if has_topk else _dummy(np.int64, 3),
         np.uint64(spec.seed), np.uint64(spec.drop_threshold), ft(1.0 / (1.0 - spec.dropout)), ft(spec.scale),
+        meta["q_seg"] if has_seg else _dummy(np.int64, 2), meta["k_seg"] if has_seg else _dummy(np.int64, 2),
+        meta["bm_index"] if has_bm else _dummy(np.int32, 4), meta["bm_bits"] if has_bm else _dummy(np.uint8, 3),
+        on_device(spec.sinks, dtype) if spec.sinks is not None else _dummy(dtype, 1),
+        on_device(spec.alibi, dtype) if spec.alibi is not None else _dummy(dtype, 1), ft(spec.softcap),
     )
     return flags, cfg, meta["tile_types"]
 
@@ -253,7 +267,7 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Devic
         m_buf = cuda.device_array((B, H, Nq), dtype=dtype)
         l_buf = cuda.device_array((B, H, Nq), dtype=dtype)
         rows = _grid1(B * H * Nq)
-        make_k_major_init(dtype)[rows](out, m_buf, l_buf)
+        make_k_major_init(dtype)[rows](out, m_buf, l_buf, cfg.sinks, flags.has_sinks)
         kernel = make_forward_k_major(shape, dtype, flags)
         for tk in range(-(-_key_entries(spec) // shape.C)):  # FA1's outer loop over key tiles: launches in order
             kernel[(Tr, B * H), threads](q, k, v, out, m_buf, l_buf, tiles, *blocks, np.int64(tk), cfg)
@@ -329,6 +343,19 @@ def backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Devi
             if dbias.size > 0:
                 make_dbias_reduce(dtype)[_grid1(dbias.size)](dbi, dbias)
     return dq, dk, dv, dbias
+
+
+def sinks_backward(out: DeviceArray, lse: DeviceArray, dout: Optional[DeviceArray], dlse: Optional[DeviceArray],
+                   spec: AttentionSpec) -> DeviceArray:
+    """The gradient of the learnable sinks ``(H,)`` on the device (:func:`.backward.make_sinks_backward`)."""
+    dtype = np.dtype(out.dtype)
+    dsinks = cuda.device_array((spec.H,), dtype=dtype)
+    dout_ = on_device(dout, dtype) if dout is not None else zeros(tuple(out.shape), dtype)
+    dlse_ = on_device(dlse, dtype) if dlse is not None else _dummy(dtype, 3)
+    if spec.H > 0:
+        make_sinks_backward(dtype)[_grid1(spec.H)](out, dout_, lse, dlse_, dlse is not None,
+                                                  on_device(spec.sinks, dtype), dsinks)
+    return dsinks
 
 
 def decode_splits(n_tiles: int) -> int:
