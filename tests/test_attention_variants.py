@@ -129,6 +129,7 @@ CASES: Dict[str, Dict[str, Any]] = {
     "documents": {"q_segment_ids": _QSEG[:, :NQ0], "k_segment_ids": _KSEG, "causal": True},
     "prefix_lm": {"mask_mod": prefix_lm(20)},
     "dilated_per_head": {"mask_mod": dilated, "window": 30},
+    "mask_without_partial_tiles": {"mask_mod": lambda b, h, q, k: q * 0 == k * 0, "causal": True},  # no bits at all
     "softcap_30": {"softcap": 30.0},
     "softcap_50": {"softcap": 50.0, "causal": True},
     "alibi": {"alibi_slopes": _SLOPES, "causal": True},
@@ -349,6 +350,8 @@ def test_block_mask_reused_across_calls() -> None:
     a = q.flash_attention(k, v, mask_mod=bm).to_numpy()
     b = q.flash_attention(k, v, mask_mod=prefix_lm(9), block_q=16, block_k=8).to_numpy()
     np.testing.assert_array_equal(a, b)
+    one_head = block_mask_from(prefix_lm(9), 1, 1, 40, 40, 16, 8)  # H = 1: serves every head
+    np.testing.assert_array_equal(q.flash_attention(k, v, mask_mod=one_head).to_numpy(), a)
     with pytest.raises(ValueError, match="block mask was built for"):
         q.flash_attention(k, v, mask_mod=bm, block_q=8)
     with pytest.raises(ValueError, match="block mask was built for"):

@@ -179,81 +179,100 @@ def _gather(src, jt, n, dst, transposed):  # type: ignore[no-untyped-def]
 @helper()
 def _score_tile(s, vis, dsdt, nr, nc, qs, b, h, g, jt, kpt, masked, want_grad, cfg, bias2):  # type: ignore[no-untyped-def]
     """The score modification of a ``(query, key)`` tile: ``S += bias``; the modification after it
-    (:func:`_modify_row`; with ``want_grad`` its derivative into ``dsdt``); then, in a TRIANGLE tile, ``S = MASKED``
-    where the pair is not visible (the rule of :mod:`...masks` on the positions ``q_pos`` and ``kpt``, the segment
-    ids, a ``mask_mod``'s bits; with DMA also the top-k keep rule), and ``vis[i, c]`` records it. ``bias2`` is the
-    bias's ``(Nqb, Nk)`` slab for this (b, h)."""
+    (:func:`_modify_tile`; with ``want_grad`` its derivative into ``dsdt``); then, in a TRIANGLE tile, ``S = MASKED``
+    where the pair is not visible (the rule of :mod:`...masks` on the positions ``q_pos`` and ``kpt``; with segment
+    ids or a ``mask_mod``, :func:`_mask_tile`; with DMA also the top-k keep rule), and ``vis[i, c]`` records it.
+    ``bias2`` is the bias's ``(Nqb, Nk)`` slab for this (b, h). (Helpers take ``cfg`` once per tile, not per row:
+    it is a large struct.)"""
     sentinel = _masked_value(s)
     causal, window, num_sinks = cfg.causal, cfg.window, cfg.num_sinks
-    for i in range(nr):
-        if cfg.has_bias:
+    if cfg.has_bias:
+        for i in range(nr):
             brow = qs + i if bias2.shape[0] > 1 else 0
             for c in range(nc):
                 s[i, c] += bias2[brow, jt[c]]
-        if cfg.has_mods:
-            _modify_row(s[i], dsdt[i], nc, b, h, cfg.q_pos[qs + i], kpt, want_grad, cfg)
-        if masked:
-            qp = cfg.q_pos[qs + i]
-            if cfg.has_topk:
-                tv, ti = cfg.thr_val[b, g, qs + i], cfg.thr_idx[b, g, qs + i]
-                for c in range(nc):
-                    ok = _visible(qp, kpt[c], causal, window, num_sinks) & _kept(bias2[0, jt[c]], jt[c], tv, ti)
-                    vis[i, c] = ok
-                    s[i, c] = s[i, c] if ok else sentinel
-            else:
-                for c in range(nc):
-                    ok = _visible(qp, kpt[c], causal, window, num_sinks)
-                    vis[i, c] = ok
-                    s[i, c] = s[i, c] if ok else sentinel
-            if cfg.has_segments or cfg.has_block_mask:
-                _mask_row(s[i], vis[i], nc, b, h, qs + i, jt, cfg, sentinel)
+    if cfg.has_mods:
+        _modify_tile(s, dsdt, nr, nc, qs, b, h, kpt, want_grad, cfg)
+    if not masked:
+        return
+    if cfg.has_segments or cfg.has_block_mask:
+        _mask_tile(s, vis, nr, nc, qs, b, h, jt, kpt, cfg)
+        return
+    for i in range(nr):
+        qp = cfg.q_pos[qs + i]
+        if cfg.has_topk:
+            tv, ti = cfg.thr_val[b, g, qs + i], cfg.thr_idx[b, g, qs + i]
+            for c in range(nc):
+                ok = _visible(qp, kpt[c], causal, window, num_sinks) & _kept(bias2[0, jt[c]], jt[c], tv, ti)
+                vis[i, c] = ok
+                s[i, c] = s[i, c] if ok else sentinel
+        else:
+            for c in range(nc):
+                ok = _visible(qp, kpt[c], causal, window, num_sinks)
+                vis[i, c] = ok
+                s[i, c] = s[i, c] if ok else sentinel
 
 
 @helper()
-def _modify_row(s, dsdt, n, b, h, qp, kpt, want_grad, cfg):  # type: ignore[no-untyped-def]
-    """The score modification after the bias, on one row ``s[:n]`` of query position ``qp`` (key positions
+def _modify_tile(s, dsdt, nr, nc, qs, b, h, kpt, want_grad, cfg):  # type: ignore[no-untyped-def]
+    """The score modification after the bias, row by row (query position ``q_pos[qs + i]``, key positions
     ``kpt``), in the order of the public API: the user's ``score_mod`` (its compiled row function, called through
-    its address), ``softcap tanh(s / softcap)``, ALiBi's ``- alibi[h] |qp - kp|``. With ``want_grad``, ``dsdt[:n]``
-    gets the derivative of the result by the row's input (backward chains ``dS`` through it)."""
+    its address), ``softcap tanh(s / softcap)``, ALiBi's ``- alibi[h] |qp - kp|``. With ``want_grad``, ``dsdt`` gets
+    the derivative of the result by the input (backward chains ``dS`` through it)."""
     T = s.dtype.type
-    if want_grad:
-        for c in range(n):
-            dsdt[c] = T(1)
-    if cfg.has_score_mod:  # s = score_mod(s), and dsdt = score_mod_grad(s) first when want_grad
-        call_row(cfg.score_mod, s, dsdt, kpt, n, b, h, qp, want_grad)
-    if cfg.softcap > 0:
-        cap = cfg.softcap
-        inv = T(1) / cap
-        for c in range(n):
-            t = np.tanh(s[c] * inv)
-            if want_grad:
-                dsdt[c] *= T(1) - t * t
-            s[c] = cap * t
-    if cfg.has_alibi:
-        slope = cfg.alibi[h]
-        for c in range(n):
-            s[c] -= slope * T(abs(qp - kpt[c]))
+    cap = cfg.softcap
+    inv = T(1) / cap if cap > 0 else T(0)
+    slope = cfg.alibi[h] if cfg.has_alibi else T(0)
+    for i in range(nr):
+        qp = cfg.q_pos[qs + i]
+        if want_grad:
+            for c in range(nc):
+                dsdt[i, c] = T(1)
+        if cfg.has_score_mod:  # s = score_mod(s), and dsdt = score_mod_grad(s) first when want_grad
+            call_row(cfg.score_mod, s[i], dsdt[i], kpt, nc, b, h, qp, want_grad)
+        if cap > 0:
+            for c in range(nc):
+                t = np.tanh(s[i, c] * inv)
+                if want_grad:
+                    dsdt[i, c] *= T(1) - t * t
+                s[i, c] = cap * t
+        if cfg.has_alibi:
+            for c in range(nc):
+                s[i, c] -= slope * T(abs(qp - kpt[c]))
 
 
 @helper()
-def _mask_row(s, vis, n, b, h, qi, jt, cfg, sentinel):  # type: ignore[no-untyped-def]
-    """The masks beside the positions' rule, on one row of a TRIANGLE tile (query row ``qi``, key rows ``jt``):
-    packed sequences (:func:`...masks.same_segment`) and a ``mask_mod``'s bits, which tile ``(qi // bq, j // bk)``
-    holds at ``bm_bits[slot]`` (a kernel tile lies inside one tile of the block mask)."""
-    bm_q, bm_k = cfg.bm_bits.shape[1], cfg.bm_bits.shape[2]
+def _mask_tile(s, vis, nr, nc, qs, b, h, jt, kpt, cfg):  # type: ignore[no-untyped-def]
+    """The masks of a TRIANGLE tile (query rows ``qs ..``, key rows ``jt`` at positions ``kpt``) when there is more
+    than the positions' rule: packed sequences (:func:`...masks.same_segment`) and a ``mask_mod``'s bits. A block
+    mask's tiles are the kernel's (contiguous keys): row ``i``'s bits are ``bm_bits[slot, (qs + i) % bq, :]`` from
+    the tile's first key on (``slot = -1``: the block mask lets the whole tile through)."""
+    sentinel = _masked_value(s)
+    causal, window, num_sinks = cfg.causal, cfg.window, cfg.num_sinks
+    bq, bk = cfg.bm_bits.shape[1], cfg.bm_bits.shape[2]
     slot = -1
     if cfg.has_block_mask:
-        slot = cfg.bm_index[b % cfg.bm_index.shape[0], h % cfg.bm_index.shape[1], qi // bm_q, jt[0] // bm_k]
-    qsg = cfg.q_seg[b, qi] if cfg.has_segments else 0
-    r = qi % bm_q
-    for c in range(n):
-        ok = vis[c] != 0
-        if cfg.has_segments:
-            ok = ok & _same_segment(qsg, cfg.k_seg[b, jt[c]])
-        if slot >= 0:
-            ok = ok & (cfg.bm_bits[slot, r, jt[c] % bm_k] != 0)
-        vis[c] = ok
-        s[c] = s[c] if ok else sentinel
+        slot = cfg.bm_index[b % cfg.bm_index.shape[0], h % cfg.bm_index.shape[1], qs // bq, jt[0] // bk]
+    c0 = jt[0] % bk
+    for i in range(nr):
+        qi = qs + i
+        qp = cfg.q_pos[qi]
+        bits = cfg.bm_bits[max(slot, 0), qi % bq]
+        if not cfg.has_segments:  # the common case, one loop: positions and bits
+            for c in range(nc):
+                ok = _visible(qp, kpt[c], causal, window, num_sinks)
+                if slot >= 0:
+                    ok = ok & (bits[c0 + c] != 0)
+                vis[i, c] = ok
+                s[i, c] = s[i, c] if ok else sentinel
+            continue
+        qsg = cfg.q_seg[b, qi]
+        for c in range(nc):
+            ok = _visible(qp, kpt[c], causal, window, num_sinks) & _same_segment(qsg, cfg.k_seg[b, jt[c]])
+            if slot >= 0:
+                ok = ok & (bits[c0 + c] != 0)
+            vis[i, c] = ok
+            s[i, c] = s[i, c] if ok else sentinel
 
 
 @helper()
@@ -709,7 +728,9 @@ def _config(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtype) ->
     segs = (spec.q_seg, spec.k_seg) if spec.q_seg is not None else (np.zeros((1, 1), i64),) * 2
     bm = spec.block_mask
     bm_index = as_input(bm.index, np.int32) if bm is not None else np.full((1, 1, 1, 1), -1, np.int32)
-    bm_bits = as_input(bm.bits, np.uint8) if bm is not None and bm.bits.size else np.zeros((1, 1, 1), np.uint8)
+    bm_bits = np.zeros((1, 1, 1), np.uint8)  # (its shape gives the block mask's tiles: at least one slot)
+    if bm is not None:
+        bm_bits = as_input(bm.bits, np.uint8) if bm.bits.size else np.zeros((1, bm.block_q, bm.block_k), np.uint8)
     per_head = lambda x: as_input(x, dtype) if x is not None else np.zeros(1, dtype)  # noqa: E731
     cfg = Config(
         as_input(spec.q_pos, i64), as_input(spec.k_pos_b, i64), bool(spec.causal), int(spec.window),

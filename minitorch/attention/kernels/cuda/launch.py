@@ -174,8 +174,8 @@ def _metadata(spec: AttentionSpec) -> Dict[str, DeviceArray]:
             meta["k_seg"] = on_device(spec.k_seg, i64)
         if spec.block_mask is not None:
             meta["bm_index"] = on_device(spec.block_mask.index, np.int32)
-            bits = spec.block_mask.bits
-            meta["bm_bits"] = on_device(bits if bits.size else np.zeros((1, 1, 1)), np.uint8)
+            bm = spec.block_mask  # (the bits' shape gives the block mask's tiles: at least one slot)
+            meta["bm_bits"] = on_device(bm.bits if bm.bits.size else np.zeros((1, bm.block_q, bm.block_k)), np.uint8)
         memo["meta"] = meta
     return memo["meta"]
 
