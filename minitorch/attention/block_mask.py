@@ -92,9 +92,11 @@ class BlockMask:
 
     def check_fits(self, Nq: int, Nk: int, block_q: int, block_k: int, q_pos: np.ndarray, k_pos: np.ndarray,
                    B: Optional[int] = None, H: Optional[int] = None) -> None:
-        """Raise ``ValueError`` unless this block mask was built for a call of these sizes, tiles and positions."""
+        """Raise ``ValueError`` unless this block mask was built for a call of these sizes, tiles and positions. A
+        block mask built for ``B = 1`` (``H = 1``) serves every batch row (head), as FlexAttention's does."""
         mine = (self.B, self.H, self.Nq, self.Nk, self.block_q, self.block_k)
-        call = (self.B if B is None else B, self.H if H is None else H, Nq, Nk, block_q, block_k)
+        call = (self.B if B is None or self.B == 1 else B, self.H if H is None or self.H == 1 else H, Nq, Nk,
+                block_q, block_k)
         if mine != call:
             raise ValueError(f"the block mask was built for (B, H, Nq, Nk, block_q, block_k) = {mine}, but the call "
                              f"has {call}: build it with block_mask_from for this call (or leave block_q/block_k "
