@@ -3,7 +3,7 @@
     streamlit run project/app.py
 
 Pages (sidebar, or by URL: ``?page=tiles``, ``online_softmax``, ``memory``, ``ring_buffer``, ``dma``, ``sandbox``,
-``ring_attention``):
+``ring_attention``, ``mask_mod``):
 
 * Tiles: the ``TileSchedule`` of an attention call (DENSE / TRIANGLE / SKIP), the Q-major and K-major processing
   orders step by step, and the bytes each order moves.
@@ -14,6 +14,8 @@ Pages (sidebar, or by URL: ``?page=tiles``, ``online_softmax``, ``memory``, ``ri
 * Tensor sandbox: shape, strides, storage, permute/view, and the autodiff graph of a Scalar expression.
 * Ring attention: a sequence split over ranks, the K/V blocks going around, computed and skipped chunk pairs, the
   LSE merge.
+* mask_mod: a mask as a Python function (causal, sliding window, prefix-LM, documents, dilated, your own), its block
+  mask and the work it skips, checked against the reference.
 
 Everything shown is computed by minitorch itself (``minitorch.attention.*``, ``TensorData``, ``Scalar``).
 """
@@ -31,7 +33,7 @@ for _p in (_ROOT, _HERE):  # minitorch (repo root) and app_pages (this folder), 
 
 import streamlit as st  # noqa: E402
 
-from app_pages import common, dma, memory, online_softmax, ring_attention, ring_buffer, sandbox, tiles  # noqa: E402
+from app_pages import common, dma, mask_mod, memory, online_softmax, ring_attention, ring_buffer, sandbox, tiles  # noqa: E402
 
 # url key -> (title, module with render())
 PAGES = {
@@ -42,6 +44,7 @@ PAGES = {
     "dma": ("Dynamic Mask Attention", dma),
     "sandbox": ("Tensor sandbox", sandbox),
     "ring_attention": ("Ring attention", ring_attention),
+    "mask_mod": ("mask_mod", mask_mod),
 }
 KEYS = list(PAGES)
 
