@@ -33,7 +33,17 @@ for _p in (_ROOT, _HERE):  # minitorch (repo root) and app_pages (this folder), 
 
 import streamlit as st  # noqa: E402
 
-from app_pages import common, dma, mask_mod, memory, online_softmax, ring_attention, ring_buffer, sandbox, tiles  # noqa: E402
+from app_pages import (  # noqa: E402
+    common,
+    dma,
+    mask_mod,
+    memory,
+    online_softmax,
+    ring_attention,
+    ring_buffer,
+    sandbox,
+    tiles,
+)
 
 # url key -> (title, module with render())
 PAGES = {

@@ -116,7 +116,8 @@ def classify_segments(q_seg: np.ndarray, k_seg: np.ndarray, Br: int, Bc: int) ->
     klo, khi, k_has, k_pad = _segment_bounds(k_seg, Bc)
     some = (q_has[:, :, None] & k_has[:, None, :] & (qlo[:, :, None] <= khi[:, None, :])
             & (klo[:, None, :] <= qhi[:, :, None]))
-    every = ((qlo == qhi) & ~q_pad)[:, :, None] & ((klo == khi) & ~k_pad)[:, None, :] & (qlo[:, :, None] == klo[:, None, :])
+    one_q, one_k = (qlo == qhi) & ~q_pad, (klo == khi) & ~k_pad  # one segment id, no padding
+    every = one_q[:, :, None] & one_k[:, None, :] & (qlo[:, :, None] == klo[:, None, :])
     return np.where(~some, TileType.SKIP, np.where(every, TileType.DENSE, TileType.TRIANGLE)).astype(np.int8)
 
 

@@ -78,7 +78,8 @@ def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ..
     dims = [64, 128] if full else [64]
     all_flags = [Flags(*f) for f in itertools.product([False, True], repeat=4) if f[0] or not f[2]]  # top-k: bias
     # the attention variants (segments, block mask, sinks, softcap, ALiBi, a score_mod): all off, or all on
-    variants_on = Flags(True, False, False, True, True, True, True, True, True, score_mod_of(_sample_mod, _sample_mod_grad))
+    variants_on = Flags(True, False, False, True, True, True, True, True, True,
+                        score_mod_of(_sample_mod, _sample_mod_grad))
     all_flags.append(variants_on)
     flag_sets = all_flags if full else [Flags(False, False, False, False), Flags(True, True, True, True), variants_on]
     for dtype, D in itertools.product(dtypes, dims):

@@ -291,7 +291,7 @@ def _forward_k_major(head: _Head, out: np.ndarray, lse: np.ndarray) -> None:
     ``O`` stays normalized after every step (as in the paper), ``l`` and ``m`` are full ``(Nq,)`` arrays. Each
     step un-normalizes ``O_i`` (``l_i O_i``), runs the same online-softmax step as Q-major, and normalizes back.
     """
-    spec, dtype = head.spec, head.q.dtype
+    spec = head.spec
     O = out  # line 2: O = 0, l = 0, m = -inf in HBM (or the sink's term)
     m, l = _start(head, spec.Nq, True)
     for tk in range(spec.Tc):  # line 5: for each key tile
