@@ -497,3 +497,12 @@ def test_cuda_variants(case: str) -> None:
     Nq, Nk = (11, 13) if "q_segment_ids" in opts else (12, 12)
     x = make_inputs(B, H, Hkv, Nq, Nk, 4, dtype, seed=9, bias_shape=(1, H, Nq, Nk))
     check(minitorch.CudaBackend.attention, x, dict(opts, block_q=8, block_k=4), to_device=cuda.to_device)
+
+
+@pytest.mark.cuda
+def test_cuda_score_mod_errors_name_the_function() -> None:
+    def broken(s, b, h, q, k):  # type: ignore[no-untyped-def]
+        return s + undefined_name  # noqa: F821
+
+    with pytest.raises(TypeError, match=r"score_mod '.*broken' .*failed in the CUDA kernels: NameError"):
+        _call(minitorch.CudaBackend, score_mod=broken)

@@ -28,11 +28,13 @@ Determinism: no float atomics anywhere; every sum runs in a fixed order.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 from numba import cuda
 
+from ...mods import describe
 from ...spec import AttentionSpec
 from ...tiling import TileOrder, default_block_sizes
 from .backward import (
@@ -246,8 +248,39 @@ def _grid1(n: int) -> Tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _user_functions(spec: AttentionSpec) -> Iterator[None]:
+    """A user's ``score_mod`` is compiled into the kernels at their first launch (on a GPU) or run in them (the
+    simulator): if that fails, a ``TypeError`` that names the function, not an error from deep in a kernel."""
+    if spec.score_mod is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as e:  # the user's code: a Numba typing error on a GPU, any Python error in the simulator
+        mod = spec.score_mod
+        names = f"score_mod {describe(mod.fn)}" + (f" (or score_mod_grad {describe(mod.grad)})" if mod.grad else "")
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise TypeError(f"{names} failed in the CUDA kernels: {type(e).__name__}: {first}") from e
+
+
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[DeviceArray],
             spec: AttentionSpec) -> Tuple[DeviceArray, DeviceArray]:
+    """Flash attention forward on the GPU (:func:`_forward`); a user's ``score_mod`` that fails names itself."""
+    with _user_functions(spec):
+        return _forward(q, k, v, bias, spec)
+
+
+def backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[DeviceArray], out: DeviceArray,
+             lse: DeviceArray, dout: DeviceArray, spec: AttentionSpec, dlse: Optional[DeviceArray] = None
+             ) -> Tuple[DeviceArray, DeviceArray, DeviceArray, Optional[DeviceArray]]:
+    """Flash attention backward on the GPU (:func:`_backward`); a user's ``score_mod`` that fails names itself."""
+    with _user_functions(spec):
+        return _backward(q, k, v, bias, out, lse, dout, spec, dlse)
+
+
+def _forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[DeviceArray],
+             spec: AttentionSpec) -> Tuple[DeviceArray, DeviceArray]:
     """Flash attention forward on the GPU: ``(out (B, H, Nq, D), lse (B, H, Nq))``.
 
     ``spec.order`` picks Q-major (FlashAttention-2; with ``spec.num_splits > 1`` split-K, merged by lse) or K-major
@@ -286,9 +319,9 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Devic
     return out, lse
 
 
-def backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[DeviceArray], out: DeviceArray,
-             lse: DeviceArray, dout: DeviceArray, spec: AttentionSpec, dlse: Optional[DeviceArray] = None
-             ) -> Tuple[DeviceArray, DeviceArray, DeviceArray, Optional[DeviceArray]]:
+def _backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[DeviceArray], out: DeviceArray,
+              lse: DeviceArray, dout: DeviceArray, spec: AttentionSpec, dlse: Optional[DeviceArray] = None
+              ) -> Tuple[DeviceArray, DeviceArray, DeviceArray, Optional[DeviceArray]]:
     """Flash attention backward on the GPU: ``(dq, dk, dv, dbias)`` (``dbias`` None without a bias).
 
     Preprocess (``delta = rowsum(dO O) - dlse``), the dQ kernel (which also refines delta by the row sums of dS),
