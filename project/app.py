@@ -3,7 +3,7 @@
     streamlit run project/app.py
 
 Pages (sidebar, or by URL: ``?page=tiles``, ``online_softmax``, ``memory``, ``ring_buffer``, ``dma``, ``sandbox``,
-``ring_attention``, ``paged``):
+``ring_attention``, ``paged``, ``mask_mod``):
 
 * Tiles: the ``TileSchedule`` of an attention call (DENSE / TRIANGLE / SKIP), the Q-major and K-major processing
   orders step by step, and the bytes each order moves.
@@ -16,6 +16,8 @@ Pages (sidebar, or by URL: ``?page=tiles``, ``online_softmax``, ``memory``, ``ri
   LSE merge.
 * Paged KV cache: the page pool, each sequence's block table, the free list, a fork sharing pages and
   copy-on-write, step by step.
+* mask_mod: a mask as a Python function (causal, sliding window, prefix-LM, documents, dilated, your own), its block
+  mask and the work it skips, checked against the reference.
 
 Everything shown is computed by minitorch itself (``minitorch.attention.*``, ``TensorData``, ``Scalar``).
 """
@@ -33,7 +35,18 @@ for _p in (_ROOT, _HERE):  # minitorch (repo root) and app_pages (this folder), 
 
 import streamlit as st  # noqa: E402
 
-from app_pages import common, dma, memory, online_softmax, paged, ring_attention, ring_buffer, sandbox, tiles  # noqa: E402
+from app_pages import (  # noqa: E402
+    common,
+    dma,
+    mask_mod,
+    memory,
+    online_softmax,
+    paged,
+    ring_attention,
+    ring_buffer,
+    sandbox,
+    tiles,
+)
 
 # url key -> (title, module with render())
 PAGES = {
@@ -45,6 +58,7 @@ PAGES = {
     "sandbox": ("Tensor sandbox", sandbox),
     "ring_attention": ("Ring attention", ring_attention),
     "paged": ("Paged KV cache", paged),
+    "mask_mod": ("mask_mod", mask_mod),
 }
 KEYS = list(PAGES)
 

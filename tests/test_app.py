@@ -19,7 +19,7 @@ from minitorch.attention.online_softmax import online_softmax_trace, softmax_row
 APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "project", "app.py")
 if os.path.dirname(APP) not in sys.path:  # the app's page modules (project/app_pages), for their helpers
     sys.path.insert(0, os.path.dirname(APP))
-PAGES = ["tiles", "online_softmax", "memory", "ring_buffer", "dma", "sandbox", "ring_attention", "paged"]
+PAGES = ["tiles", "online_softmax", "memory", "ring_buffer", "dma", "sandbox", "ring_attention", "paged", "mask_mod"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -472,3 +472,40 @@ def test_paged_page_steps_match_cache() -> None:
     for op, sid, n in page.SCENARIO[:6]:
         page.apply(ref, op, sid, n)
     assert int(_metric(deep, "pages in use")) == ref.pages_in_use and "copy-on-write" in deep.info[0].value
+
+
+def _block_counts_match(at: "AppTest", fn, N: int, block: int) -> None:
+    from minitorch.attention import block_mask_from
+
+    bm = block_mask_from(fn, 1, 1, N, N, block, block)
+    for name, n in bm.counts().items():
+        assert int(_metric(at, f"{name} tiles")) == n, name
+    assert _metric(at, "work skipped") == f"{bm.skip_fraction():.1%}"
+
+
+def test_mask_mod_page_presets_and_custom_expression() -> None:
+    at = _app("mask_mod")
+    _block_counts_match(at, lambda b, h, q, k: k <= q, 256, 16)  # the default: causal
+    assert float(_metric(at, "flash_attention(mask_mod=...) vs float64 reference (max diff)")) < 1e-10
+    at.selectbox(key="mm_preset").set_value("document masking").run()
+    at.slider(key="mm_l").set_value(64).run()
+    at.select_slider(key="mm_block").set_value(32).run()
+    _ok(at)
+    _block_counts_match(at, lambda b, h, q, k: (q // 64) == (k // 64), 256, 32)
+    assert int(_metric(at, "TRIANGLE tiles")) == 0  # documents aligned with the tiles: dense blocks only
+    at.selectbox(key="mm_preset").set_value("dilated").run()
+    at.slider(key="mm_d").set_value(4).run()
+    at.select_slider(key="mm_n").set_value(64).run()
+    _ok(at)
+    _block_counts_match(at, lambda b, h, q, k: (k <= q) & ((q - k) % 4 == 0), 64, 32)
+    assert float(_metric(at, "flash_attention(mask_mod=...) vs float64 reference (max diff)")) < 1e-10
+    at.selectbox(key="mm_preset").set_value("custom").run()
+    at.text_input(key="mm_expr").input("(k <= q) & (k % 8 == 0)").run()
+    _ok(at)
+    _block_counts_match(at, lambda b, h, q, k: (k <= q) & (k % 8 == 0), 64, 32)
+    at.text_input(key="mm_expr").input("(k <= q) and (q - k < 4)").run()  # Python `and` on arrays: a clear error
+    _ok(at)
+    assert at.error and "not `and`" in at.error[0].value
+    at.text_input(key="mm_expr").input("q +* k").run()  # a syntax error: shown, not raised
+    _ok(at)
+    assert at.error and "SyntaxError" in at.error[0].value

@@ -160,6 +160,27 @@ def test_visible_nan_propagates_to_exactly_the_rows_that_see_it(backend, dtype) 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", _backend_params())
+def test_a_nan_row_reaches_only_the_gradients_of_the_keys_it_sees(backend, dtype) -> None:  # type: ignore[no-untyped-def]
+    """A NaN key makes the rows that see it NaN, and through them the gradients of the keys *those rows see*;
+    the keys they do not see (outside their window, in the same tiles) keep clean gradients: the backward gives a
+    masked pair probability 0, whatever the row's lse. (The CUDA engine's case runs in test_cuda_attention.py's
+    NaN tests at simulator sizes.)"""
+    q, k, v, do, _ = inputs(dtype, B=1, H=1, Hkv=1, Nq=16, Nk=16, D=4, bias=False)
+    k[0, 0, 10] = np.nan  # seen by rows 10..12 (window 3), which see keys 8..12
+    out, lse, (dq, dk, dv, _) = run(backend, q, k, v, do, None, causal=True, window=3, block_q=8, block_k=8)
+    rows, keys = np.isnan(out[0, 0]).any(axis=-1), np.isnan(dv[0, 0]).any(axis=-1)
+    np.testing.assert_array_equal(np.nonzero(rows)[0], [10, 11, 12])
+    np.testing.assert_array_equal(np.nonzero(keys)[0], [8, 9, 10, 11, 12])
+    np.testing.assert_array_equal(np.nonzero(np.isnan(dk[0, 0]).any(axis=-1))[0], [8, 9, 10, 11, 12])
+    clean = k.copy()
+    clean[0, 0, 10] = 0.0
+    ref_dv = reference_attention_backward(q, clean, v, do, causal=True, window=3)[2]
+    ok = ~keys
+    np.testing.assert_allclose(dv[0, 0, ok], ref_dv[0, 0, ok], rtol=1e-4, atol=1e-5)  # the clean keys: untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", _backend_params())
 def test_ring_cache_never_reads_empty_slots(backend, dtype) -> None:  # type: ignore[no-untyped-def]
     """Wraparound, reset() with NaN left in every slot, single-token and multi-token appends."""
     rng = np.random.default_rng(5)

@@ -5,7 +5,9 @@ Front end, one concept per module:
 * :mod:`.api`: ``flash_attention`` / ``attention_reference`` on tensors (and the ``Tensor.flash_attention`` method).
 * :mod:`.functions`: the autodiff Functions (``FlashAttention``, ``FlashAttentionLSE``, ``FlashDMAAttention``).
 * :mod:`.spec`: validation of a call and the ``AttentionSpec`` every engine reads (key source, score modification).
-* :mod:`.masks`: the one visibility rule (and DMA's keep rule), for NumPy, Numba CPU and CUDA.
+* :mod:`.masks`: the one visibility rule (and packed sequences' and DMA's keep rule), for NumPy, Numba CPU and CUDA.
+* :mod:`.mods`, :mod:`.block_mask`: a user's ``mask_mod`` / ``score_mod`` (checks, evaluation) and a ``mask_mod`` as
+  tiles (``block_mask_from``); :mod:`.sinks`: learnable sinks' formulas.
 * :mod:`.tiling`: ``TileType``, ``TileOrder``, ``TileSchedule``: which tiles exist, their type and order.
 * :mod:`.dropout`: the counter-based keep-mask (``dropout_mask``).
 * :mod:`.reference`: the float64 NumPy oracle.
@@ -21,6 +23,7 @@ reached as ``backend.attention``.
 
 from . import kernels  # noqa: F401  (installs the engines on the backends)
 from .api import attention_reference, flash_attention  # noqa: F401
+from .block_mask import BlockMask, block_mask_from  # noqa: F401
 from .dma import flash_dma_attention  # noqa: F401
 from .dropout import dropout_mask  # noqa: F401
 from .functions import FlashAttention, FlashAttentionLSE, FlashDMAAttention  # noqa: F401
@@ -31,6 +34,7 @@ from .reference import (  # noqa: F401
     naive_attention_float32,
     reference_attention,
     reference_attention_backward,
+    reference_attention_grads,
     reference_mask,
     reference_paged_attention,
 )

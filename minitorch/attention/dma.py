@@ -4,11 +4,13 @@ docs/api.md. For ``q (B, H, Nq, D)``, ``k, v (B, Hkv, Nk, D)``, ``dt_proj (Hkv, 
 
     x[b, j]    = concat_heads(v)[b, j] = v[b, :, j, :].reshape(Hkv * D)
     u[b, g, j] = x[b, j] @ dt_proj[g]
-    z[b, g, j] = exp(a_coef[g] * softplus(u[b, g, j]))       (log_space=True: z = a_coef[g] * softplus(u))
+    z[b, g, j] = exp(a_coef[g] * softplus(u[b, g, j]))       importance="exp" (the default)
+    z[b, g, j] = a_coef[g] * softplus(u[b, g, j])            importance="log"
     s[i, j]    = scale * q_i . k_j + z[j]   for the kept keys j of query i, excluded otherwise
 
-``log_space=True`` is the later variant of the paper's importance: the bias is ``a * softplus(...)`` itself (a
-log-domain gate, which can be negative), instead of its exponential.
+``importance="log"`` is the form the reference Doge model code uses: the bias is the log-domain gate ``a *
+softplus(...)`` itself (which can be negative), not its exponential, which overflows for large gates (``log_space=
+True`` is its older name). Both have exact gradients to ``v``, ``dt_proj`` and ``a_coef``.
 
 Query i's *candidates* are the keys it may see: keys that are not padding, and with ``causal=True`` the keys
 ``j <= p_i = Nk - Nq + i`` (bottom-right alignment, exactly as :func:`~minitorch.attention.flash.flash_attention`;
@@ -95,6 +97,7 @@ def flash_dma_attention(
     causal: bool = False, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     return_attn_probs: bool = False, key_padding_mask: Any = None, seed: Optional[int] = None,
     log_space: bool = False, *, block_q: Optional[int] = None, block_k: Optional[int] = None, compact: bool = True,
+    importance: Optional[str] = None,
 ) -> Union["Tensor", Tuple["Tensor", "Tensor"]]:
     """Dynamic mask attention (see the module docstring): each query keeps its ``keep_window_size`` most
     important visible keys and adds their importance ``z`` to the scores.
@@ -109,7 +112,8 @@ def flash_dma_attention(
         return_attn_probs: also return the dense ``(B, H, Nq, Nk)`` probabilities (undropped; zeros for
             excluded keys). ``O(Nq Nk)``: warns above ``PROBS_WARN_ELEMENTS``.
         key_padding_mask: ``(B, Nk)`` booleans, True = padding (never a candidate).
-        log_space: the importance is ``a * softplus(...)`` instead of ``exp(a * softplus(...))``.
+        importance: ``"exp"`` (``z = exp(a * softplus(...))``, the default) or ``"log"`` (``z = a * softplus(...)``,
+            the reference Doge model code's log-domain form); ``log_space=True`` is the older name of ``"log"``.
         block_q, block_k: tile sizes (query rows, keys of the compacted list); the result does not depend on them.
         compact: tile the compacted list of kept keys (default) or, for comparison, the key sequence itself.
 
@@ -123,7 +127,7 @@ def flash_dma_attention(
         dropout_p=dropout_p, softmax_scale=softmax_scale, key_padding_mask=_to_numpy_mask(key_padding_mask),
         seed=seed, log_space=log_space, return_attn_probs=return_attn_probs, block_q=block_q, block_k=block_k,
         default_blocks=engine_of(q.backend).default_blocks(int(q.shape[3])) if len(q.shape) == 4 else None,
-        compact=compact,
+        compact=compact, importance=importance,
     )
     attended = dma_attend(q, k, v, dt_proj, a_coef, spec)
     out = FlashDMAAttention.apply(q, k, v, dt_proj, a_coef, spec, attended)

@@ -13,8 +13,9 @@ Shapes: ``q, out, dout, dq (B, H, Nq, D)``; ``k, v, dk, dv (B, Hkv, Nk, D)``; ``
 the lse output, when it has one (``d lse_i / d s_ij = P_ij``). Flash attention, Dynamic Mask Attention and
 ring-cache decoding are all this one call with different specs (see :mod:`.spec`).
 
-Besides the two kernels an engine provides what the front end needs on its arrays: DMA's importance and top-k
-selection (data-dependent, so computed where the data lives), and a few array helpers for the caches.
+Besides the two kernels an engine provides what the front end needs on its arrays: the gradient of learnable
+sinks (``sinks_backward``), DMA's importance and top-k selection (data-dependent, so computed where the data lives),
+and a few array helpers for the caches.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 import numpy as np
 
 from ..tensor import Tensor
+from .sinks import sinks_backward
 from .tiling import default_block_sizes
 
 if TYPE_CHECKING:
@@ -58,6 +60,12 @@ class AttentionEngine:
     def backward(self, q: Array, k: Array, v: Array, bias: Optional[Array], out: Array, lse: Array, dout: Array,
                  spec: "AttentionSpec", dlse: Optional[Array] = None) -> Tuple[Array, Array, Array, Optional[Array]]:
         raise NotImplementedError
+
+    def sinks_backward(self, out: Array, lse: Array, dout: Optional[Array], dlse: Optional[Array],
+                       spec: "AttentionSpec") -> Array:
+        """The gradient of the call's learnable sinks, ``(H,)``: ``-sum_(b, i) P_sink delta`` (:mod:`.sinks`), from
+        its ``out``, ``lse`` and their incoming gradients (either may be None: zero). Host arrays here."""
+        return sinks_backward(out, lse, dout, dlse, spec.sinks)
 
     # -- Dynamic Mask Attention's data-dependent parts ------------------------------------------------------
     def importance(self, v: Array, dt_proj: Array, a_coef: Array, log_space: bool) -> Tuple[Array, Array]:

@@ -19,6 +19,7 @@ from ..autodiff import Context
 from ..tensor import Tensor
 from ..tensor_functions import Function
 from .engine import Array, engine_of, raw4, wrap
+from .mods import missing_grad_message
 from .spec import AttentionSpec, DMASpec, KeyList, TopK
 
 
@@ -45,8 +46,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], spec: Attent
 
 def _gradients(ctx: Context, dout: Optional[Tensor], dlse: Optional[Tensor]) -> Tuple[Any, ...]:
     """The engine's backward for the saved call, with an incoming gradient on ``out`` and/or ``lse``."""
-    q, k, v, bias, fwd, spec = ctx.saved_values
+    q, k, v, bias, sinks, fwd, spec = ctx.saved_values
     engine = engine_of(q.backend)
+    if spec.score_mod is not None and spec.score_mod.grad is None:
+        raise ValueError(missing_grad_message(spec.score_mod.fn))
     dout_a = raw4(dout) if dout is not None else engine.zeros(tuple(q.shape), q.dtype)
     dlse_a = raw4(dlse) if dlse is not None else None
     dq, dk, dv, dbias = engine.backward(raw4(q), raw4(k), raw4(v), fwd.bias, fwd.out, fwd.lse, dout_a, spec, dlse_a)
@@ -54,21 +57,25 @@ def _gradients(ctx: Context, dout: Optional[Tensor], dlse: Optional[Tensor]) -> 
     db = None
     if bias is not None and dbias is not None:
         db = wrap(dbias.reshape(bias.shape), backend)
-    return wrap(dq, backend), wrap(dk, backend), wrap(dv, backend), db, None, None
+    dsinks = None
+    if sinks is not None:
+        dsinks = wrap(engine.sinks_backward(fwd.out, fwd.lse, dout_a, dlse_a, spec), backend)
+    return wrap(dq, backend), wrap(dk, backend), wrap(dv, backend), db, dsinks, None, None
 
 
 class FlashAttention(Function):
     """Fused attention with recomputation (FlashAttention 1/2), as a differentiable Function: the output.
 
-    ``apply(q, k, v, bias_or_None, spec, attended)`` with ``q (B, H, Nq, D)``, ``k, v (B, Hkv, Nk, D)``, the bias a
-    Tensor broadcastable as ``(B|1, H|Hkv|1, Nq|1, Nk)``, ``spec`` the validated :class:`AttentionSpec` and
-    ``attended`` the :func:`attend` result. Backward recomputes the probabilities tile by tile from ``lse``.
+    ``apply(q, k, v, bias_or_None, sinks_or_None, spec, attended)`` with ``q (B, H, Nq, D)``, ``k, v (B, Hkv, Nk,
+    D)``, the bias a Tensor broadcastable as ``(B|1, H|Hkv|1, Nq|1, Nk)``, the learnable sink logits a Tensor
+    ``(H,)`` (their values are ``spec.sinks``), ``spec`` the validated :class:`AttentionSpec` and ``attended`` the
+    :func:`attend` result. Backward recomputes the probabilities tile by tile from ``lse``.
     """
 
     @staticmethod
-    def forward(ctx: Context, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], spec: AttentionSpec,
-                attended: Attended) -> Tensor:
-        ctx.save_for_backward(q, k, v, bias, attended, spec)
+    def forward(ctx: Context, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], sinks: Optional[Tensor],
+                spec: AttentionSpec, attended: Attended) -> Tensor:
+        ctx.save_for_backward(q, k, v, bias, sinks, attended, spec)
         return wrap(attended.out, q.backend)
 
     @staticmethod
@@ -81,9 +88,9 @@ class FlashAttentionLSE(Function):
     its gradient is the engine's backward with ``dlse`` (and no ``dout``). ``apply`` as :class:`FlashAttention`."""
 
     @staticmethod
-    def forward(ctx: Context, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], spec: AttentionSpec,
-                attended: Attended) -> Tensor:
-        ctx.save_for_backward(q, k, v, bias, attended, spec)
+    def forward(ctx: Context, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], sinks: Optional[Tensor],
+                spec: AttentionSpec, attended: Attended) -> Tensor:
+        ctx.save_for_backward(q, k, v, bias, sinks, attended, spec)
         return wrap(attended.lse, q.backend)
 
     @staticmethod

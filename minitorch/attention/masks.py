@@ -9,7 +9,8 @@ source
 * compiles with ``numba.njit`` (the CPU kernels) and with ``numba.cuda.jit(device=True)`` (the GPU kernels),
 
 the way :func:`~.dropout.build_dropout_hash` is built. No kernel writes the rule again: they call
-:func:`build_visible`'s compiled copy.
+:func:`build_visible`'s compiled copy. Packed sequences add one more rule of the same kind, :func:`same_segment`
+(a query sees a key only within its own segment), on a second per-row / per-key coordinate, the segment id.
 
 The rule depends on a valid pair only through the difference ``d = qp - kp`` and whether the key is a sink
 (``kp < num_sinks``); for either kind of key the set of visible differences is an interval that contains 0
@@ -44,6 +45,13 @@ def visible(qp, kp, causal, window, num_sinks):  # type: ignore[no-untyped-def]
     return ok
 
 
+def same_segment(qs, ks):  # type: ignore[no-untyped-def]
+    """Packed sequences: may a query of segment ``qs`` see a key of segment ``ks``? Only within one segment, and
+    never for padding (segment ``-1``). Ints or broadcasting integer arrays, like :func:`visible`; a pair must pass
+    both rules (and every other mask)."""
+    return (qs >= 0) & (qs == ks)
+
+
 def kept(zj, j, thr_val, thr_idx):  # type: ignore[no-untyped-def]
     """Dynamic Mask Attention's top-k keep rule: does a row with threshold ``(thr_val, thr_idx)`` keep key ``j``
     of importance ``zj``? Keys rank by ``z`` descending, ties by lower index; the threshold is the worst key the
@@ -55,6 +63,11 @@ def build_visible(jit: Callable[[Callable], Callable] = lambda f: f) -> Callable
     """:func:`visible` compiled with ``jit`` (``numba.njit(inline="always")``, ``numba.cuda.jit(device=True)``, or
     the identity for NumPy)."""
     return jit(visible)
+
+
+def build_same_segment(jit: Callable[[Callable], Callable] = lambda f: f) -> Callable:
+    """:func:`same_segment` compiled with ``jit``."""
+    return jit(same_segment)
 
 
 def build_kept(jit: Callable[[Callable], Callable] = lambda f: f) -> Callable:

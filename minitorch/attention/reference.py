@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -65,6 +65,84 @@ def _full_bias(bias: Optional[np.ndarray], B: int, H: int, Nq: int, Nk: int) -> 
     return b
 
 
+_VARIANTS = ("mask_mod", "score_mod", "score_mod_grad", "q_segment_ids", "k_segment_ids", "sinks", "softcap",
+             "alibi_slopes")
+"""The attention variants of :func:`attention_probs` and its callers (keyword arguments, all default None)."""
+
+
+def _positions(Nq: int, Nk: int, q_positions: Any, k_positions: Any) -> Tuple[np.ndarray, np.ndarray]:
+    shift = max(0, Nq - Nk)
+    kp = shift + np.arange(Nk) if k_positions is None else np.asarray(k_positions, dtype=np.int64)
+    qp = shift + np.arange(Nk - Nq, Nk) if q_positions is None else np.asarray(q_positions, dtype=np.int64)
+    return qp.astype(np.int64), kp.astype(np.int64)
+
+
+def _scores(q: np.ndarray, k: np.ndarray, causal: bool = False, scale: Optional[float] = None,
+            window: Optional[int] = None, key_padding_mask: Optional[np.ndarray] = None,
+            attn_bias: Optional[np.ndarray] = None, q_positions: Any = None, k_positions: Any = None,
+            num_sinks: int = 0, mask_mod: Any = None, score_mod: Any = None, score_mod_grad: Any = None,
+            q_segment_ids: Any = None, k_segment_ids: Any = None, softcap: Optional[float] = None,
+            alibi_slopes: Any = None, sinks: Any = None, dtype: Any = np.float64
+            ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """The full score matrix ``s (B, H, Nq, Nk)`` in ``dtype``, the mask, and ``ds/dt``, the derivative of the final
+    score by ``t = scale q.k + bias`` (``None`` when ``s = t``; needs ``score_mod_grad`` with a ``score_mod``).
+
+    In the order of the public API: ``t = scale q.k + bias``, ``score_mod(t, b, h, q_pos, k_pos)``, ``softcap
+    tanh(. / softcap)``, ``- alibi_slopes[h] |q_pos - k_pos|``; the mask ANDs the positions' rule, the padding,
+    the segments (equal ids, ``>= 0``) and ``mask_mod``. The user functions are called on the whole broadcast
+    grid of ``(b, h, q_pos, k_pos)``.
+    """
+    q = np.asarray(q, dtype=dtype)
+    k = _expand_kv(np.asarray(k, dtype=dtype), q.shape[1])
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    scale = dtype(1.0 / math.sqrt(D) if scale is None else scale)
+    mask = reference_mask(B, Nq, Nk, causal, window, q_positions, k_positions, key_padding_mask, num_sinks)[:, None]
+    qp, kp = _positions(Nq, Nk, q_positions, k_positions)
+    b4, h4 = np.arange(B).reshape(B, 1, 1, 1), np.arange(H).reshape(1, H, 1, 1)
+    q4, k4 = qp.reshape(1, 1, Nq, 1), kp.reshape(1, 1, 1, Nk)
+    full = (B, H, Nq, Nk)
+    if q_segment_ids is not None:
+        qs, ks = np.asarray(q_segment_ids), np.asarray(k_segment_ids)
+        mask = mask & ((qs[:, :, None] == ks[:, None, :]) & (qs[:, :, None] >= 0))[:, None]
+    if mask_mod is not None:
+        mask = mask & np.broadcast_to(np.asarray(mask_mod(b4, h4, q4, k4), dtype=bool), full)
+    t = scale * np.matmul(q, np.swapaxes(k, -1, -2)) + _full_bias(attn_bias, B, H, Nq, Nk).astype(dtype)
+    grad = None
+    with np.errstate(all="ignore"):  # masked pairs may overflow or divide by zero: they are replaced below
+        if score_mod is not None:
+            if score_mod_grad is not None:
+                grad = np.broadcast_to(np.asarray(score_mod_grad(t, b4, h4, q4, k4), dtype=dtype), full)
+            t = np.broadcast_to(np.asarray(score_mod(t, b4, h4, q4, k4), dtype=dtype), full)
+        if softcap is not None:
+            th = np.tanh(t / dtype(softcap))
+            t = dtype(softcap) * th
+            grad = (1 - th * th) * (1 if grad is None else grad)
+        if alibi_slopes is not None:
+            t = t - np.asarray(alibi_slopes, dtype=dtype).reshape(1, H, 1, 1) * np.abs(q4 - k4).astype(dtype)
+    return np.broadcast_to(t, full), np.broadcast_to(mask, full), grad
+
+
+def _softmax(s: np.ndarray, mask: np.ndarray, sinks: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(P (B, H, Nq, Nk), lse (B, H, Nq), P_sink (B, H, Nq))`` of the masked scores, in their dtype; with ``sinks
+    (H,)`` every row has one more term ``exp(sinks[h])`` (``P_sink``, no value), else ``P_sink = 0``."""
+    dt = s.dtype.type
+    s = np.where(mask, s, dt(-np.inf))
+    m = s.max(axis=-1, keepdims=True, initial=dt(-np.inf))  # initial: Nk == 0 is legal
+    sink = None if sinks is None else np.asarray(sinks, dtype=s.dtype).reshape(1, -1, 1, 1)
+    if sink is not None:
+        m = np.maximum(m, sink)
+    m_safe = np.where(np.isfinite(m), m, dt(0))
+    e = np.where(mask, np.exp(s - m_safe), dt(0))
+    e_sink = np.zeros_like(m_safe) if sink is None else np.exp(sink - m_safe)
+    l = e.sum(axis=-1, keepdims=True) + e_sink
+    safe = np.where(l != 0, l, dt(1))
+    p = np.where(mask & (l != 0), e / safe, dt(0))  # a masked pair: 0, also in a row that is NaN
+    with np.errstate(divide="ignore"):
+        lse = np.where(l[..., 0] != 0, m_safe[..., 0] + np.log(safe[..., 0]), dt(-np.inf))
+    return p, lse, (e_sink / safe)[..., 0]
+
+
 def attention_probs(
     q: np.ndarray,
     k: np.ndarray,
@@ -76,24 +154,25 @@ def attention_probs(
     q_positions: Optional[np.ndarray] = None,
     k_positions: Optional[np.ndarray] = None,
     num_sinks: int = 0,
+    **variants: Any,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Softmax probabilities ``P (B, H, Nq, Nk)``, ``lse (B, H, Nq)`` and the mask, in float64."""
-    q = np.asarray(q, dtype=np.float64)
-    k = _expand_kv(np.asarray(k, dtype=np.float64), q.shape[1])
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    mask = reference_mask(B, Nq, Nk, causal, window, q_positions, k_positions, key_padding_mask, num_sinks)[:, None]
-    s = scale * np.einsum("bhid,bhjd->bhij", q, k) + _full_bias(attn_bias, B, H, Nq, Nk)
-    s = np.where(mask, s, -np.inf)
-    m = s.max(axis=-1, keepdims=True, initial=-np.inf)  # initial: Nk == 0 is legal
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    e = np.where(mask, np.exp(s - m_safe), 0.0)
-    l = e.sum(axis=-1, keepdims=True)
-    p = np.where(l != 0, e / np.where(l != 0, l, 1.0), 0.0)
-    with np.errstate(divide="ignore"):
-        lse = np.where(l[..., 0] != 0, m_safe[..., 0] + np.log(l[..., 0]), -np.inf)
-    return p, lse, np.broadcast_to(mask, p.shape)
+    """Softmax probabilities ``P (B, H, Nq, Nk)``, ``lse (B, H, Nq)`` and the mask, in float64.
+
+    ``variants``: ``mask_mod``, ``score_mod`` (``score_mod_grad`` is ignored here), ``q_segment_ids``,
+    ``k_segment_ids``, ``sinks`` (then rows of ``P`` sum to ``1 - P_sink``), ``softcap``, ``alibi_slopes``: see
+    ``flash_attention``.
+    """
+    _check_variants(variants)
+    s, mask, _ = _scores(q, k, causal, scale, window, key_padding_mask, attn_bias, q_positions, k_positions,
+                         num_sinks, **{n: x for n, x in variants.items() if n != "sinks"})
+    p, lse, _ = _softmax(s, mask, variants.get("sinks"))
+    return p, lse, mask
+
+
+def _check_variants(variants: Dict[str, Any]) -> None:
+    unknown = sorted(set(variants) - set(_VARIANTS))
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}")
 
 
 def reference_attention(
@@ -110,10 +189,12 @@ def reference_attention(
     q_positions: Optional[np.ndarray] = None,
     k_positions: Optional[np.ndarray] = None,
     num_sinks: int = 0,
+    **variants: Any,
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Standard attention in float64: returns ``(out (B, H, Nq, D), lse (B, H, Nq))``."""
+    """Standard attention in float64: returns ``(out (B, H, Nq, D), lse (B, H, Nq))``; ``variants`` as
+    :func:`attention_probs`."""
     p, lse, _ = attention_probs(
-        q, k, causal, scale, window, key_padding_mask, attn_bias, q_positions, k_positions, num_sinks
+        q, k, causal, scale, window, key_padding_mask, attn_bias, q_positions, k_positions, num_sinks, **variants
     )
     if dropout > 0:
         p = p * dropout_mask(seed, p.shape, dropout) / (1.0 - dropout)
@@ -169,40 +250,65 @@ def _sum_to(x: np.ndarray, shape: Tuple[int, ...], H: int) -> np.ndarray:
     return x.reshape(shape)
 
 
-def reference_attention_backward(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarray, **options: Any
-) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """Gradients ``(dq, dk, dv, dbias)`` of ``sum(out * dout)`` in float64, by the textbook formulas; ``options``
-    are :func:`reference_attention`'s.
+def reference_attention_grads(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: Optional[np.ndarray], dlse: Optional[np.ndarray] = None,
+    dtype: Any = np.float64, **options: Any,
+) -> Dict[str, Any]:
+    """``out``, ``lse`` and every gradient of ``sum(out * dout) + sum(lse * dlse)``, by the textbook formulas: a dict
+    with ``out, lse, dq, dk, dv``, ``dbias`` (None without ``attn_bias``) and ``dsinks`` (None without ``sinks``).
+    ``options`` are :func:`reference_attention`'s; a ``score_mod`` needs its ``score_mod_grad``. In float64; with
+    ``dtype=np.float32`` the same formulas in float32, the baseline of FlashAttention's error rule.
 
-    With ``Z = P * keep / (1 - p)``: ``dV = Z^T dO``, ``dZ = dO V^T``, ``dP = dZ * keep / (1 - p)``,
-    ``dS = P * (dP - rowsum(dP * P))``, ``dQ = scale dS K``, ``dK = scale dS^T Q``, ``dBias = dS`` summed to its shape.
+    With ``Z = P * keep / (1 - p)``: ``dV = Z^T dO``, ``dP = (dO V^T) * keep / (1 - p)``, ``delta = rowsum(dP * P) -
+    dlse``, ``dS = P (dP - delta)`` (the gradient of the final scores), ``dsinks[h] = -sum_(b, i) P_sink delta``,
+    ``dT = dS * ds/dt`` (through softcap and score_mod), ``dQ = scale dT K``, ``dK = scale dT^T Q``, ``dBias = dT``
+    summed to its shape.
     """
-    unknown = sorted(set(options) - set(inspect.signature(reference_attention).parameters))
+    allowed = set(inspect.signature(reference_attention).parameters) - {"q", "k", "v", "variants"}
+    unknown = sorted(set(options) - allowed - set(_VARIANTS))
     if unknown:
         raise TypeError(f"unexpected keyword arguments {unknown}")
-    dropout, seed, attn_bias = options.pop("dropout", 0.0), options.pop("seed", 0), options.get("attn_bias")
-    q64 = np.asarray(q, dtype=np.float64)
-    H, D = q64.shape[1], q64.shape[3]
+    dt = np.dtype(dtype).type
+    dropout, seed = options.pop("dropout", 0.0), options.pop("seed", 0)
+    attn_bias, sinks = options.get("attn_bias"), options.get("sinks")
+    if options.get("score_mod") is not None and options.get("score_mod_grad") is None and dout is not None:
+        raise ValueError("the reference backward through a score_mod needs its score_mod_grad")
+    q_ = np.asarray(q, dtype=dt)
+    H, D = q_.shape[1], q_.shape[3]
     Hkv = k.shape[1]
     scale = options.get("scale")
-    options["scale"] = scale = 1.0 / math.sqrt(D) if scale is None else scale
-    p, _, _ = attention_probs(q, k, **options)
-    do = np.asarray(dout, dtype=np.float64)
-    k64 = _expand_kv(np.asarray(k, dtype=np.float64), H)
-    v64 = _expand_kv(np.asarray(v, dtype=np.float64), H)
-    keep = dropout_mask(seed, p.shape, dropout) / (1.0 - dropout) if dropout > 0 else 1.0
+    options["scale"] = scale = dt(1.0 / math.sqrt(D) if scale is None else scale)
+    s, mask, ds_dt = _scores(q, k, dtype=dt, **options)
+    p, lse, p_sink = _softmax(s, mask, sinks)
+    do = np.zeros(q_.shape, dt) if dout is None else np.asarray(dout, dtype=dt)
+    k_ = _expand_kv(np.asarray(k, dtype=dt), H)
+    v_ = _expand_kv(np.asarray(v, dtype=dt), H)
+    keep = (dropout_mask(seed, p.shape, dropout) / (1.0 - dropout)).astype(dt) if dropout > 0 else dt(1)
     z = p * keep
-    dv_full = np.einsum("bhij,bhid->bhjd", z, do)
-    dp = np.einsum("bhid,bhjd->bhij", do, v64) * keep
-    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
-    dq = scale * np.einsum("bhij,bhjd->bhid", ds, k64)
-    dk_full = scale * np.einsum("bhij,bhid->bhjd", ds, q64)
+    out = np.matmul(z, v_)
+    dv_full = np.matmul(np.swapaxes(z, -1, -2), do)
+    dp = np.matmul(do, np.swapaxes(v_, -1, -2)) * keep
+    delta = (dp * p).sum(axis=-1) - (dt(0) if dlse is None else np.asarray(dlse, dtype=dt))
+    ds = p * (dp - delta[..., None])
+    dsinks = None if sinks is None else -(p_sink * delta).sum(axis=(0, 2))
+    if ds_dt is not None:
+        with np.errstate(invalid="ignore"):
+            ds = np.where(mask, ds * ds_dt, dt(0))
+    dq = scale * np.matmul(ds, k_)
+    dk_full = scale * np.matmul(np.swapaxes(ds, -1, -2), q_)
     B, _, Nk, _ = dk_full.shape
     dk = dk_full.reshape(B, Hkv, H // Hkv, Nk, D).sum(axis=2)
     dv = dv_full.reshape(B, Hkv, H // Hkv, Nk, D).sum(axis=2)
     dbias = None if attn_bias is None else _sum_to(ds, np.shape(attn_bias), H)
-    return dq, dk, dv, dbias
+    return {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv, "dbias": dbias, "dsinks": dsinks}
+
+
+def reference_attention_backward(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarray, **options: Any
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Gradients ``(dq, dk, dv, dbias)`` of ``sum(out * dout)`` in float64 (:func:`reference_attention_grads`)."""
+    g = reference_attention_grads(q, k, v, dout, **options)
+    return g["dq"], g["dk"], g["dv"], g["dbias"]
 
 
 def naive_attention_float32(

@@ -9,9 +9,11 @@ An :class:`AttentionSpec` is a *configuration of the engine's inner step* (docs/
   a :class:`KeyList`, the rows ``kidx[b, g, c]`` of list entries ``c`` in ``[tk Bc, (tk + 1) Bc)`` (Dynamic Mask
   Attention's compacted keys); a key row is stored at ``k[b, g, j]``, or, with :class:`Pages`, in a page pool
   shared by the batch, read through a block table (a paged KV cache, vLLM's PagedAttention);
-* the **score modification**: ``s = scale q.k + bias``, the visibility rule of :mod:`.masks` on the positions
-  (causal, window, sinks, padding, empty slots), optionally a :class:`TopK` keep rule on the bias (DMA's ``z``),
-  and dropout;
+* the **score modification**: ``s = scale q.k + bias``, then a user's ``score_mod``, ``softcap * tanh(s /
+  softcap)`` and ALiBi's ``- slope[h] |q_pos - k_pos|``; the visibility rule of :mod:`.masks` on the positions
+  (causal, window, sinks, padding, empty slots) and on the segment ids (packed sequences), a ``mask_mod``'s
+  :class:`~.block_mask.BlockMask`, optionally a :class:`TopK` keep rule on the bias (DMA's ``z``); dropout; and
+  learnable ``sinks``, one more term of each row's softmax (the online softmax starts from it);
 * the **tiles**: which (query tile, key tile) pairs are SKIP / DENSE / TRIANGLE (:meth:`AttentionSpec.kernel_tiles`),
   from :class:`~.tiling.TileSchedule` or from the key list's selection;
 * ``num_splits``: split-K of the forward (each split of the key tiles gives a partial result, merged by lse).
@@ -26,8 +28,10 @@ from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .block_mask import BlockMask, block_mask_from
 from .dropout import drop_threshold
-from .tiling import TileOrder, TileSchedule, classify_tiles, default_block_sizes
+from .mods import score_mod_of
+from .tiling import TileOrder, TileSchedule, classify_tiles, default_block_sizes, default_positions
 
 Shape4 = Tuple[int, int, int, int]
 MAX_POSITION = 2**62
@@ -113,6 +117,26 @@ class AttentionSpec:
     """The call sees every key of its rows (``out``, ``lse`` given to backward are its own). False when the caller
     runs one part of a larger attention with the whole's ``out`` and ``lse`` (ring attention's blocks): backward
     then keeps ``delta`` as it is instead of refining it by this call's row sums of ``dS``."""
+    q_seg: Optional[np.ndarray] = None
+    """Packed sequences: segment ids ``(B, Nq)`` and ``k_seg (B, Nk)`` int64 (``-1``: padding); a pair is visible
+    only if :func:`~.masks.same_segment`. ``None``: one sequence."""
+    k_seg: Optional[np.ndarray] = None
+    block_mask: Any = None
+    """A ``mask_mod``'s :class:`~.block_mask.BlockMask` (tiles and the bits of its partial tiles), or None."""
+    score_mod: Any = None
+    """A user's :class:`~.mods.ScoreMod` (``s = score_mod(s, b, h, q_pos, k_pos)`` after scale and bias), or None."""
+    softcap: float = 0.0
+    """``s = softcap tanh(s / softcap)`` after ``score_mod`` (Gemma 2); 0: off."""
+    alibi: Optional[np.ndarray] = None
+    """ALiBi slopes ``(H,)`` float64: ``s -= alibi[h] |q_pos - k_pos|`` after the softcap; None: off."""
+    sinks: Any = None
+    """Learnable sink logits ``(H,)`` (an array of the backend, q's dtype): every row's softmax has one more term
+    ``exp(sinks[h])`` with no value (its running max and sum start at ``(sinks[h], 1)``). None: off."""
+
+    @property
+    def has_mods(self) -> bool:
+        """Is the score modified after ``scale q.k + bias`` (score_mod, softcap or ALiBi)?"""
+        return self.score_mod is not None or self.softcap > 0 or self.alibi is not None
 
     @property
     def has_bias(self) -> bool:
@@ -135,10 +159,14 @@ class AttentionSpec:
         return -(-self.Nk // self.block_k)
 
     def kernel_tiles(self) -> Any:
-        """The tile types the kernels read, ``int8 (B, 1 or Hkv, Tr, Tc)``: per batch row from the schedule, or per
-        (batch row, kv head) from a key list."""
+        """The tile types the kernels read, ``int8 (B, Ht, Tr, Tc)``: per batch row from the schedule (``Ht = 1``),
+        per (batch row, query head) when a ``mask_mod`` depends on the head (``Ht = H``), or per (batch row, kv head)
+        from a key list (``Ht = Hkv``). Query head ``h`` reads ``[b, h // (H // Ht)]``."""
         if self.keys is not None:
             return self.keys.tile_types
+        if self.block_mask is not None:
+            head_types = self.schedule.head_types
+            return np.ascontiguousarray(np.broadcast_to(head_types, (self.B,) + head_types.shape[1:]))
         return self.tile_types[:, None]
 
     def replace(self, **changes: Any) -> "AttentionSpec":
@@ -276,12 +304,22 @@ def make_spec(
     default_blocks: Optional[Tuple[int, int]] = None,
     num_sinks: int = 0,
     num_splits: int = 1,
+    mask_mod: Any = None,
+    score_mod: Any = None,
+    score_mod_grad: Any = None,
+    q_segment_ids: Any = None,
+    k_segment_ids: Any = None,
+    sinks: Any = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Any = None,
 ) -> AttentionSpec:
     """Validate every option of an attention call and build its :class:`AttentionSpec`.
 
-    ``key_padding_mask`` is a NumPy array (the caller converts tensors); ``bias_shape`` the shape of ``attn_bias``;
-    ``default_blocks`` the backend's ``(Br, Bc)`` for this head dim (its engine's ``default_blocks(D)``; the CPU's
-    when None). Block sizes larger than the sequence are clamped to it.
+    ``key_padding_mask``, the segment ids and ``alibi_slopes`` are NumPy arrays (the caller converts tensors);
+    ``bias_shape`` the shape of ``attn_bias``; ``sinks`` the backend's array ``(H,)`` (data: the kernels read it);
+    ``mask_mod`` a function or a :class:`~.block_mask.BlockMask`; ``default_blocks`` the backend's ``(Br, Bc)`` for
+    this head dim (its engine's ``default_blocks(D)``; the CPU's when None). Block sizes larger than the sequence
+    are clamped to it.
     """
     B, H, Hkv, Nq, Nk, D = check_qkv(q_shape, k_shape, v_shape)
     causal = check_flag("causal", causal)
@@ -295,6 +333,10 @@ def make_spec(
         order = TileOrder(order)
     except ValueError:
         raise ValueError(f"order must be a TileOrder (q_major or k_major), got {order!r}") from None
+
+    if isinstance(mask_mod, BlockMask):  # a block mask built for this call brings its tiles
+        block_q = mask_mod.block_q if block_q is None else block_q
+        block_k = mask_mod.block_k if block_k is None else block_k
     block_q, block_k = check_blocks(block_q, block_k, default_blocks, D, Nq, Nk)
 
     pad = None
@@ -302,9 +344,21 @@ def make_spec(
         pad = np.asarray(key_padding_mask)
         if pad.shape != (B, Nk):
             raise ValueError(f"key_padding_mask must have shape (B, Nk)=({B}, {Nk}), got {pad.shape}")
+    q_pos, k_pos = default_positions(Nq, Nk, q_positions, k_positions)
+    block_mask = None
+    if isinstance(mask_mod, BlockMask):
+        mask_mod.check_fits(Nq, Nk, block_q, block_k, q_pos, k_pos, B, H)
+        block_mask = mask_mod
+    elif mask_mod is not None:
+        block_mask = block_mask_from(mask_mod, B, H, Nq, Nk, block_q, block_k, q_pos, k_pos)
+    segs = {}
+    for name, ids, n in (("q_segment_ids", q_segment_ids, Nq), ("k_segment_ids", k_segment_ids, Nk)):
+        if ids is not None and np.shape(ids) != (B, n):
+            raise ValueError(f"{name} must have shape (B, {'Nq' if n == Nq else 'Nk'})=({B}, {n}), got {np.shape(ids)}")
+        segs[name] = ids
     schedule = TileSchedule(
-        Nq, Nk, block_q, block_k, causal=causal, window=window, q_positions=q_positions, k_positions=k_positions,
-        order=order, num_sinks=num_sinks, key_padding_mask=pad,
+        Nq, Nk, block_q, block_k, causal=causal, window=window, q_positions=q_pos, k_positions=k_pos,
+        order=order, num_sinks=num_sinks, key_padding_mask=pad, block_mask=block_mask, **segs,
     )
     for name, pos in (("q_positions", schedule.q_pos), ("k_positions", schedule.k_pos)):
         if pos.size and pos.max() >= MAX_POSITION:
@@ -313,6 +367,9 @@ def make_spec(
     bshape = None
     if bias_shape is not None:
         bshape = check_bias_shape(bias_shape, B, H, Hkv, Nq, Nk)
+    if score_mod is None and score_mod_grad is not None:
+        raise ValueError("score_mod_grad was given without a score_mod")
+    mods = score_mod_of(score_mod, score_mod_grad) if score_mod is not None else None
 
     return AttentionSpec(
         B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, scale=scale, causal=causal,
@@ -322,7 +379,9 @@ def make_spec(
         block_q=block_q, block_k=block_k, order=order, schedule=schedule,
         tile_types=np.ascontiguousarray(np.broadcast_to(schedule.batch_types, (B, schedule.Tr, schedule.Tc))),
         dropout=dropout, seed=seed, drop_threshold=drop_threshold(dropout), num_sinks=num_sinks,
-        bias_shape=bshape, num_splits=num_splits,
+        bias_shape=bshape, num_splits=num_splits, q_seg=schedule.q_seg, k_seg=schedule.k_seg,
+        block_mask=block_mask, score_mod=mods, softcap=check_softcap(softcap), alibi=check_per_head(
+            "alibi_slopes", alibi_slopes, H), sinks=check_sinks(sinks, H),
     )
 
 
@@ -427,10 +486,44 @@ def make_paged_spec(
     )
 
 
+def check_per_head(name: str, value: Any, H: int) -> Optional[np.ndarray]:
+    """One finite number per query head, ``(H,)`` float64 (``alibi_slopes``), or None."""
+    if value is None:
+        return None
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be {H} numbers, one per query head, got {type(value).__name__}") from None
+    if arr.shape != (H,):
+        raise ValueError(f"{name} must have shape (H,)=({H},), one per query head, got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be finite, got {arr}")
+    return arr
+
+
+def check_softcap(value: Any) -> float:
+    """``softcap``: None (off) or a finite number > 0."""
+    if value is None:
+        return 0.0
+    if _is_bool(value) or not isinstance(value, (int, float, np.floating, np.integer)) or not (
+            math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"softcap must be a finite number > 0 (or None), got {value!r}")
+    return float(value)
+
+
+def check_sinks(sinks: Any, H: int) -> Any:
+    """``sinks``: an array of the backend with shape ``(H,)``, or None."""
+    if sinks is not None and tuple(getattr(sinks, "shape", np.shape(sinks))) != (H,):
+        raise ValueError(f"sinks must have shape (H,)=({H},), one logit per query head, got "
+                         f"{tuple(getattr(sinks, 'shape', np.shape(sinks)))}")
+    return sinks
+
+
 @dataclass(frozen=True, eq=False)
 class DMASpec:
     """A validated Dynamic Mask Attention call: the flash :class:`AttentionSpec` (shapes, scale, causal, padding,
-    dropout, blocks) plus ``keep`` (keep_window_size), ``log_space``, ``compact`` and ``return_probs``."""
+    dropout, blocks) plus ``keep`` (keep_window_size), ``log_space`` (the importance is ``"log"``: ``z = a
+    softplus(u)``, not ``exp`` of it), ``compact`` and ``return_probs``."""
 
     attn: AttentionSpec
     keep: int
@@ -444,6 +537,11 @@ class DMASpec:
         return getattr(self.attn, name)
 
     @property
+    def importance(self) -> str:
+        """``"exp"`` (``z = exp(a softplus(u))``) or ``"log"`` (``z = a softplus(u)``)."""
+        return "log" if self.log_space else "exp"
+
+    @property
     def off(self) -> int:
         """With causal, row i sees the keys ``j <= off + i`` (``off = Nk - Nq``: bottom-right alignment)."""
         return self.attn.Nk - self.attn.Nq
@@ -455,10 +553,20 @@ def make_dma_spec(
     keep_window_size: int = 1024, causal: bool = False, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     key_padding_mask: Optional[np.ndarray] = None, seed: Optional[int] = None, log_space: bool = False,
     return_attn_probs: bool = False, block_q: Optional[int] = None, block_k: Optional[int] = None,
-    default_blocks: Optional[Tuple[int, int]] = None, compact: bool = True,
+    default_blocks: Optional[Tuple[int, int]] = None, compact: bool = True, importance: Optional[str] = None,
 ) -> DMASpec:
-    """Validate a DMA call (raising ``ValueError``/``TypeError`` naming the argument and the shapes)."""
+    """Validate a DMA call (raising ``ValueError``/``TypeError`` naming the argument and the shapes).
+
+    ``importance`` is ``"exp"`` or ``"log"``; ``log_space=True`` is the older name of ``"log"`` (None: from it).
+    """
     B, H, Hkv, Nq, Nk, D = check_qkv(q_shape, k_shape, v_shape)
+    log_space = check_flag("log_space", log_space)
+    if importance is not None:
+        if importance not in ("exp", "log"):
+            raise ValueError(f'importance must be "exp" or "log", got {importance!r}')
+        if log_space and importance == "exp":
+            raise ValueError('log_space=True means importance="log", but importance="exp" was given')
+        log_space = importance == "log"
     keep = check_int("keep_window_size", keep_window_size, 1)
     if tuple(dt_shape) != (Hkv, Hkv * D):
         raise ValueError(
@@ -473,5 +581,5 @@ def make_dma_spec(
         q_shape, k_shape, v_shape, causal=check_flag("causal", causal), scale=scale, key_padding_mask=key_padding_mask,
         dropout=dropout, seed=seed, block_q=block_q, block_k=block_k, default_blocks=default_blocks,
     )
-    return DMASpec(attn, keep, check_flag("log_space", log_space), check_flag("compact", compact),
+    return DMASpec(attn, keep, log_space, check_flag("compact", compact),
                    check_flag("return_attn_probs", return_attn_probs))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum, IntEnum
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numba
 import numpy as np
@@ -66,6 +66,73 @@ def default_block_sizes(head_dim: int, backend: str = "fast") -> Tuple[int, int]
     if head_dim <= 128:
         return 64, 64
     return 32, 32
+
+
+def default_positions(Nq: int, Nk: int, q_positions: Optional[Sequence[int]] = None,
+                      k_positions: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """``(q_pos, k_pos)``, int64, validated: the given positions, or the defaults, keys ``0..Nk-1`` and queries
+    bottom-right aligned (the last query at the last key), both shifted up by ``max(0, Nq - Nk)`` so that no
+    position is negative (``-1`` means "empty")."""
+    shift = max(0, Nq - Nk)
+    k_pos = _as_positions(k_positions, Nk, shift, "k_positions")
+    q_pos = _as_positions(q_positions, Nq, shift + Nk - Nq, "q_positions")
+    return q_pos, k_pos
+
+
+def combine_types(*types: np.ndarray) -> np.ndarray:
+    """Tile types of several masks that must all let a pair through (AND), broadcast together: SKIP if one
+    skips the tile, DENSE if every one is dense, else TRIANGLE."""
+    out = types[0]
+    for t in types[1:]:
+        out = np.where((out == TileType.SKIP) | (t == TileType.SKIP), TileType.SKIP, np.maximum(out, t))
+    return np.asarray(out, dtype=np.int8)
+
+
+def _segment_bounds(seg: np.ndarray, block: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per tile of ``block`` rows of ``seg (B, N)``: the lowest and highest segment id (``-1`` is padding, not a
+    segment), whether it holds any segment, and whether it holds padding. Arrays ``(B, T)``."""
+    B, N = seg.shape
+    T = -(-N // block)
+    padded = np.full((B, T * block), -1, dtype=np.int64)
+    padded[:, :N] = seg
+    padded = padded.reshape(B, T, block)
+    present = (np.arange(T * block) < N).reshape(T, block)
+    valid = padded >= 0
+    big = np.iinfo(np.int64).max
+    lo = np.where(valid, padded, big).min(axis=2, initial=big)
+    hi = np.where(valid, padded, -1).max(axis=2, initial=-1)
+    return lo, hi, valid.any(axis=2), (present & ~valid).any(axis=2)
+
+
+def classify_segments(q_seg: np.ndarray, k_seg: np.ndarray, Br: int, Bc: int) -> np.ndarray:
+    """Tile types ``int8 (B, Tr, Tc)`` of packed sequences (:func:`~.masks.same_segment`): a query sees a key only
+    if both have the same segment id, ``>= 0``.
+
+    Exact for the *ranges* of ids in a tile, like the positions' classifier: SKIP when the query tile's and the key
+    tile's ranges do not meet (no pair can share an id), DENSE when both tiles hold one and the same id and no
+    padding, else TRIANGLE (tested element by element). Packed sequences have sorted ids, so only the tiles that
+    straddle a boundary between documents are TRIANGLE."""
+    qlo, qhi, q_has, q_pad = _segment_bounds(q_seg, Br)
+    klo, khi, k_has, k_pad = _segment_bounds(k_seg, Bc)
+    some = (q_has[:, :, None] & k_has[:, None, :] & (qlo[:, :, None] <= khi[:, None, :])
+            & (klo[:, None, :] <= qhi[:, :, None]))
+    one_q, one_k = (qlo == qhi) & ~q_pad, (klo == khi) & ~k_pad  # one segment id, no padding
+    every = one_q[:, :, None] & one_k[:, None, :] & (qlo[:, :, None] == klo[:, None, :])
+    return np.where(~some, TileType.SKIP, np.where(every, TileType.DENSE, TileType.TRIANGLE)).astype(np.int8)
+
+
+def _segments(ids: Any, B: Optional[int], n: int, name: str) -> np.ndarray:
+    """``ids`` as an int64 ``(B, n)`` array of segment ids (``-1``: padding), validated."""
+    arr = np.asarray(ids)
+    if arr.ndim != 2 or arr.shape[1] != n or (B is not None and arr.shape[0] != B):
+        want = f"({'B' if B is None else B}, {n})"
+        raise ValueError(f"{name} must have shape {want}, got {arr.shape}")
+    if arr.size and (arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(np.mod(arr, 1) == 0))):
+        raise TypeError(f"{name} must hold integers (segment ids, -1 for padding), got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.size and arr.min() < -1:
+        raise ValueError(f"{name} must be >= 0, or -1 for padding; got min {arr.min()}")
+    return arr
 
 
 def _as_positions(pos: Optional[Sequence[int]], n: int, default_start: int, name: str) -> np.ndarray:
@@ -190,13 +257,21 @@ class TileSchedule:
         order: :class:`TileOrder`.
         num_sinks: keys at positions ``< num_sinks`` are exempt from the window (attention sinks).
         key_padding_mask: optional ``(B, Nk)`` booleans, True where the key is padding in that batch row.
+        q_segment_ids, k_segment_ids: optional ``(B, Nq)``, ``(B, Nk)`` ints, packed sequences: a query sees a key
+            only if their segment ids are equal (``-1``: padding); both or neither.
+        block_mask: optional :class:`~.block_mask.BlockMask` of a ``mask_mod`` (same sizes, blocks and positions),
+            combined with the other masks (AND).
 
     Attributes:
         Tr, Tc: number of query and key tiles.
-        types: ``int8`` array ``(Tr, Tc)`` of :class:`TileType` values (of the positions, without padding).
-        batch_types: ``int8 (B, Tr, Tc)``: the types per batch row with its padding (``B = 1`` without padding);
-            what the kernels read.
+        types: ``int8`` array ``(Tr, Tc)`` of :class:`TileType` values: of the positions (padding aside), the
+            segments of batch row 0 and the block mask of batch row 0, head 0.
+        batch_types: ``int8 (B, Tr, Tc)``: the types per batch row with its padding and segments (``B = 1`` without
+            either).
+        head_types: ``int8 (B, Ht, Tr, Tc)``: every mask, the block mask included (``Ht = H`` when it depends on the
+            head, else 1): what the kernels read.
         q_pos, k_pos: the positions used; ``k_pos_b (B, Nk)``: ``k_pos`` with padded keys set to ``-1``.
+        q_seg, k_seg: the segment ids ``(B, N)`` int64, or None.
     """
 
     def __init__(
@@ -212,6 +287,9 @@ class TileSchedule:
         order: TileOrder = TileOrder.Q_MAJOR,
         num_sinks: int = 0,
         key_padding_mask: Optional[np.ndarray] = None,
+        q_segment_ids: Any = None,
+        k_segment_ids: Any = None,
+        block_mask: Any = None,
     ) -> None:
         for name, val, lo in (("Nq", Nq, 0), ("Nk", Nk, 0), ("block_q", block_q, 1), ("block_k", block_k, 1),
                               ("num_sinks", num_sinks, 0)):
@@ -226,11 +304,7 @@ class TileSchedule:
         self.window = -1 if window is None else int(window)
         self.order = TileOrder(order)
         self.num_sinks = int(num_sinks)
-        # Default positions: keys 0..Nk-1 and queries bottom-right aligned (the last query at the last key).
-        # When Nq > Nk the defaults are shifted up so that no position is negative (-1 means "empty").
-        shift = max(0, self.Nq - self.Nk)
-        self.k_pos = _as_positions(k_positions, self.Nk, shift, "k_positions")
-        self.q_pos = _as_positions(q_positions, self.Nq, shift + self.Nk - self.Nq, "q_positions")
+        self.q_pos, self.k_pos = default_positions(self.Nq, self.Nk, q_positions, k_positions)
         self.Tr = -(-self.Nq // self.block_q)
         self.Tc = -(-self.Nk // self.block_k)
         # k_pos_b (B, Nk): the key positions of every batch row, -1 where the key is padding there
@@ -247,10 +321,33 @@ class TileSchedule:
             self.k_pos_b = np.where(pad, -1, self.k_pos[None, :])
         self.batch_types = self.classify(self.q_pos, self.k_pos_b)
         self._types = self.batch_types[0] if key_padding_mask is None else None
+        self.q_seg = self.k_seg = None
+        if (q_segment_ids is None) != (k_segment_ids is None):
+            raise ValueError("q_segment_ids and k_segment_ids go together: pass both (or neither)")
+        if q_segment_ids is not None:
+            self.q_seg = _segments(q_segment_ids, None, self.Nq, "q_segment_ids")
+            self.k_seg = _segments(k_segment_ids, self.q_seg.shape[0], self.Nk, "k_segment_ids")
+            seg_types = classify_segments(self.q_seg, self.k_seg, self.block_q, self.block_k)
+            self._check_batch(self.batch_types, seg_types, "q_segment_ids")
+            self.batch_types = combine_types(self.batch_types, seg_types)
+            self._types = combine_types(self.types, seg_types[0])
+        self.block_mask = block_mask
+        self.head_types = self.batch_types[:, None]
+        if block_mask is not None:
+            block_mask.check_fits(self.Nq, self.Nk, self.block_q, self.block_k, self.q_pos, self.k_pos)
+            self._check_batch(self.batch_types, block_mask.types, "the block mask")
+            self.head_types = combine_types(self.head_types, block_mask.types)
+            self._types = combine_types(self.types, block_mask.types[0, 0])
+
+    @staticmethod
+    def _check_batch(a: np.ndarray, b: np.ndarray, name: str) -> None:
+        if a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
+            raise ValueError(f"{name} has {b.shape[0]} batch rows where the other masks have {a.shape[0]}")
 
     @property
     def types(self) -> np.ndarray:
-        """``int8 (Tr, Tc)``: the types of the positions, padding aside."""
+        """``int8 (Tr, Tc)``: the types of the positions (padding aside), of batch row 0's segments and of the
+        block mask of batch row 0, head 0."""
         if self._types is None:
             self._types = self.classify(self.q_pos, self.k_pos[None])[0]
         return self._types

@@ -20,7 +20,9 @@ every element with the one visibility rule of :mod:`minitorch.attention.masks`.
 * :func:`_key_rows` and :func:`_gather`: the *key source*, key tile ``tk`` as contiguous rows or read through a
   key list (DMA's compacted keys), each row stored in the batch row's own keys or in a page pool read through a
   block table (a paged KV cache);
-* :func:`_score_tile`: the *score modification*, ``+ bias``, the visibility rule, DMA's top-k keep rule;
+* :func:`_score_tile`: the *score modification*, ``+ bias``, a user's ``score_mod`` (through its row function,
+  :mod:`.mods`), softcap, ALiBi (:func:`_modify_tile`), the visibility rule on positions, segment ids and a
+  ``mask_mod``'s bits, DMA's top-k keep rule;
 * :func:`_fwd_step`: ``S_ij``, online softmax, ``O_i += P_ij V_j`` (FA2 Algorithm 1 lines 8-10);
 * :func:`_bwd_step`: recompute ``P_ij`` and ``dS_ij`` (FA2 Algorithm 2 lines 11-14).
 
@@ -50,11 +52,13 @@ import numba
 import numpy as np
 
 from ...dropout import build_dropout_hash
-from ...masks import build_kept, build_visible
+from ...masks import build_kept, build_same_segment, build_visible
 from ...merge import merge_partials
+from ...sinks import sink_probs
 from ...spec import AttentionSpec, check_backward
 from ...tiling import TileOrder, TileType
 from .launch import FM_REDUCE, as_input, helper, kernel, launch
+from .mods import call_row, row_function
 from .simd import exp, exp_rows, matmul, matmul_visible, rows_max, vwidth
 
 # Tile types as plain ints (Numba freezes module-level ints into the compiled code).
@@ -64,6 +68,7 @@ TRIANGLE = int(TileType.TRIANGLE)
 
 _inline = numba.njit(inline="always")
 _visible = build_visible(_inline)
+_same_segment = build_same_segment(_inline)
 _kept = build_kept(_inline)
 _dropout_hash = build_dropout_hash(_inline)
 
@@ -74,12 +79,18 @@ Config = namedtuple(
     "kidx counts has_list "
     "block_table page_size lengths has_pages "
     "thr_val thr_idx has_topk "
-    "has_dropout seed drop_threshold inv_keep",
+    "has_dropout seed drop_threshold inv_keep "
+    "q_seg k_seg has_segments bm_index bm_bits has_block_mask "
+    "has_mods score_mod has_score_mod softcap alibi has_alibi sinks has_sinks",
 )
 """The spec, as the kernels read it (one typed named tuple; absent features hold small dummy arrays):
 
 * masks: ``q_pos_b (B, Nq)``, ``k_pos_b (B, Nk)`` int64 positions (-1: empty), ``causal``, ``window`` (-1: none),
-  ``num_sinks``;
+  ``num_sinks``; packed sequences: segment ids ``q_seg (B, Nq)``, ``k_seg (B, Nk)``; a ``mask_mod``: tile
+  ``(tq, tk)`` of (b, h) holds its bits at ``bm_bits[bm_index[b % Bm, h % Hm, tq, tk]]`` (``-1``: none to test);
+* the modification after the bias (``has_mods``): ``score_mod``, the address of the user's row function
+  (:mod:`.mods`); ``softcap`` (0: off); ALiBi ``alibi (H,)``;
+* learnable sinks ``sinks (H,)``: the online softmax starts from ``(m, l) = (sinks[h], 1)``;
 * bias: ``bias (Bb, Hb, Nqb, Nk)``; query head ``h`` reads bias head ``h // bias_head_div``;
 * key source: with ``has_list``, key tile entries ``c`` are key rows ``kidx[b, g, c]`` (``counts[b, g]`` of them);
   with ``has_pages``, ``k, v`` are page pools and batch row b's key row ``j < lengths[b]`` is stored in page
@@ -185,31 +196,119 @@ def _gather(src, b, g, jt, n, dst, transposed, cfg):  # type: ignore[no-untyped-
 
 
 @helper()
-def _score_tile(s, vis, nr, nc, qs, b, g, jt, kpt, masked, cfg, bias2):  # type: ignore[no-untyped-def]
-    """The score modification of a ``(query, key)`` tile: ``S += bias``; then, in a TRIANGLE tile, ``S = MASKED``
-    where the pair is not visible (the rule of :mod:`...masks` on the positions ``q_pos`` and ``kpt``; with DMA
-    also the top-k keep rule), and ``vis[i, c]`` records it. ``bias2`` is the bias's ``(Nqb, Nk)`` slab for this
-    (b, h)."""
+def _score_tile(s, vis, dsdt, nr, nc, qs, b, h, g, jt, kpt, masked, want_grad, cfg, bias2):  # type: ignore[no-untyped-def]
+    """The score modification of a ``(query, key)`` tile: ``S += bias``; the modification after it
+    (:func:`_modify_tile`; with ``want_grad`` its derivative into ``dsdt``); then, in a TRIANGLE tile, ``S = MASKED``
+    where the pair is not visible (the rule of :mod:`...masks` on the positions ``q_pos_b`` and ``kpt``; with segment
+    ids or a ``mask_mod``, :func:`_mask_tile`; with DMA also the top-k keep rule), and ``vis[i, c]`` records it.
+    ``bias2`` is the bias's ``(Nqb, Nk)`` slab for this (b, h). (Helpers take ``cfg`` once per tile, not per row:
+    it is a large struct.)"""
     sentinel = _masked_value(s)
     causal, window, num_sinks = cfg.causal, cfg.window, cfg.num_sinks
-    for i in range(nr):
-        if cfg.has_bias:
+    if cfg.has_bias:
+        for i in range(nr):
             brow = qs + i if bias2.shape[0] > 1 else 0
             for c in range(nc):
                 s[i, c] += bias2[brow, jt[c]]
-        if masked:
-            qp = cfg.q_pos_b[b, qs + i]
-            if cfg.has_topk:
-                tv, ti = cfg.thr_val[b, g, qs + i], cfg.thr_idx[b, g, qs + i]
-                for c in range(nc):
-                    ok = _visible(qp, kpt[c], causal, window, num_sinks) & _kept(bias2[0, jt[c]], jt[c], tv, ti)
-                    vis[i, c] = ok
-                    s[i, c] = s[i, c] if ok else sentinel
-            else:
-                for c in range(nc):
-                    ok = _visible(qp, kpt[c], causal, window, num_sinks)
-                    vis[i, c] = ok
-                    s[i, c] = s[i, c] if ok else sentinel
+    if cfg.has_mods:
+        _modify_tile(s, dsdt, nr, nc, qs, b, h, kpt, want_grad, cfg)
+    if not masked:
+        return
+    if cfg.has_segments or cfg.has_block_mask:
+        _mask_tile(s, vis, nr, nc, qs, b, h, jt, kpt, cfg)
+        return
+    for i in range(nr):
+        qp = cfg.q_pos_b[b, qs + i]
+        if cfg.has_topk:
+            tv, ti = cfg.thr_val[b, g, qs + i], cfg.thr_idx[b, g, qs + i]
+            for c in range(nc):
+                ok = _visible(qp, kpt[c], causal, window, num_sinks) & _kept(bias2[0, jt[c]], jt[c], tv, ti)
+                vis[i, c] = ok
+                s[i, c] = s[i, c] if ok else sentinel
+        else:
+            for c in range(nc):
+                ok = _visible(qp, kpt[c], causal, window, num_sinks)
+                vis[i, c] = ok
+                s[i, c] = s[i, c] if ok else sentinel
+
+
+@helper()
+def _modify_tile(s, dsdt, nr, nc, qs, b, h, kpt, want_grad, cfg):  # type: ignore[no-untyped-def]
+    """The score modification after the bias, row by row (query position ``q_pos_b[b, qs + i]``, key positions
+    ``kpt``), in the order of the public API: the user's ``score_mod`` (its compiled row function, called through
+    its address), ``softcap tanh(s / softcap)``, ALiBi's ``- alibi[h] |qp - kp|``. With ``want_grad``, ``dsdt`` gets
+    the derivative of the result by the input (backward chains ``dS`` through it)."""
+    T = s.dtype.type
+    cap = cfg.softcap
+    inv = T(1) / cap if cap > 0 else T(0)
+    slope = cfg.alibi[h] if cfg.has_alibi else T(0)
+    for i in range(nr):
+        qp = cfg.q_pos_b[b, qs + i]
+        if want_grad:
+            for c in range(nc):
+                dsdt[i, c] = T(1)
+        if cfg.has_score_mod:  # s = score_mod(s), and dsdt = score_mod_grad(s) first when want_grad
+            call_row(cfg.score_mod, s[i], dsdt[i], kpt, nc, b, h, qp, want_grad)
+        if cap > 0:
+            for c in range(nc):
+                t = np.tanh(s[i, c] * inv)
+                if want_grad:
+                    dsdt[i, c] *= T(1) - t * t
+                s[i, c] = cap * t
+        if cfg.has_alibi:
+            for c in range(nc):
+                s[i, c] -= slope * T(abs(qp - kpt[c]))
+
+
+@helper()
+def _mask_tile(s, vis, nr, nc, qs, b, h, jt, kpt, cfg):  # type: ignore[no-untyped-def]
+    """The masks of a TRIANGLE tile (query rows ``qs ..``, key rows ``jt`` at positions ``kpt``) when there is more
+    than the positions' rule: packed sequences (:func:`...masks.same_segment`) and a ``mask_mod``'s bits. A block
+    mask's tiles are the kernel's (contiguous keys): row ``i``'s bits are ``bm_bits[slot, (qs + i) % bq, :]`` from
+    the tile's first key on (``slot = -1``: the block mask lets the whole tile through)."""
+    sentinel = _masked_value(s)
+    causal, window, num_sinks = cfg.causal, cfg.window, cfg.num_sinks
+    bq, bk = cfg.bm_bits.shape[1], cfg.bm_bits.shape[2]
+    slot = -1
+    if cfg.has_block_mask:
+        slot = cfg.bm_index[b % cfg.bm_index.shape[0], h % cfg.bm_index.shape[1], qs // bq, jt[0] // bk]
+    c0 = jt[0] % bk
+    segments = cfg.has_segments and not _one_segment(cfg.q_seg[b], cfg.k_seg[b], qs, nr, jt, nc)
+    for i in range(nr):
+        qi = qs + i
+        qp = cfg.q_pos_b[b, qi]
+        bits = cfg.bm_bits[max(slot, 0), qi % bq]
+        if not segments:  # one loop: positions and bits
+            for c in range(nc):
+                ok = _visible(qp, kpt[c], causal, window, num_sinks)
+                if slot >= 0:
+                    ok = ok & (bits[c0 + c] != 0)
+                vis[i, c] = ok
+                s[i, c] = s[i, c] if ok else sentinel
+            continue
+        qsg = cfg.q_seg[b, qi]
+        for c in range(nc):
+            ok = _visible(qp, kpt[c], causal, window, num_sinks) & _same_segment(qsg, cfg.k_seg[b, jt[c]])
+            if slot >= 0:
+                ok = ok & (bits[c0 + c] != 0)
+            vis[i, c] = ok
+            s[i, c] = s[i, c] if ok else sentinel
+
+
+@helper()
+def _one_segment(q_seg, k_seg, qs, nr, jt, nc):  # type: ignore[no-untyped-def]
+    """Do the query rows ``qs ..`` and the key rows ``jt`` all belong to one segment (no padding)? Then the tile
+    needs no segment test (a packed document's causal diagonal tile): ``O(nr + nc)`` to save ``O(nr nc)``."""
+    seg = q_seg[qs]
+    if seg < 0:
+        return False
+    for i in range(nr):
+        if q_seg[qs + i] != seg:
+            return False
+    for c in range(nc):
+        if k_seg[jt[c]] != seg:
+            return False
+    return True
 
 
 @helper()
@@ -239,8 +338,8 @@ def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, 
     sentinel = _masked_value(s)
     # S_ij = Q_i K_j^T (scale already folded into Q_i) + bias, masked
     matmul(qt, kT, s, nr, nc, D, False)
-    if masked or cfg.has_bias:
-        _score_tile(s, vis, nr, nc, qs, b, g, jt, kpt, masked, cfg, bias2)
+    if masked or cfg.has_bias or cfg.has_mods:  # (no derivative wanted: s stands in for dsdt)
+        _score_tile(s, vis, s, nr, nc, qs, b, h, g, jt, kpt, masked, False, cfg, bias2)
     # m_i^new = max(m_i, rowmax(S_ij)); a row that has seen no visible key yet keeps the sentinel, and shifting
     # by +max then makes its P_ij exactly 0 (l_i stays 0, alpha = 1)
     rows_max(s, nr, nc, m, m_new)
@@ -265,6 +364,19 @@ def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, 
         matmul_visible(s, vj, acc, vis, nr, D, nc)
     else:
         matmul(s, vj, acc, nr, D, nc, True)
+
+
+@helper()
+def _start(m, l, h, with_sink, cfg):  # type: ignore[no-untyped-def]
+    """The online softmax's starting point for the rows of ``m, l``: nothing seen (``m = MASKED``, ``l = 0``), or,
+    with learnable sinks (``with_sink``: the first split holds them), the sink's term already folded in: ``m =
+    sinks[h]``, ``l = 1`` (``exp(sinks[h] - m)``), and nothing in ``O`` (a sink has no value)."""
+    if cfg.has_sinks and with_sink:
+        m[:] = cfg.sinks[h]
+        l[:] = 1
+    else:
+        m[:] = _masked_value(m)
+        l[:] = 0
 
 
 @helper()
@@ -318,11 +430,10 @@ def _fwd_q_major(worker, n_workers, q, k, v, out, lse, Br, Bc, n_splits, tile_ty
         # line 4: load Q_i (scale folded in); O_i = 0, l_i = 0, m_i = -inf (a finite sentinel)
         _load_rows(q[b, h], qs, nr, qt, scale)
         acc[:] = 0
-        l[:] = 0
-        m[:] = _masked_value(m)
+        _start(m, l, h, sp == 0, cfg)
         # line 5: for each key tile j of this split (SKIP tiles are never loaded)
         for tk in range(sp * per, min(Tc, (sp + 1) * per)):
-            tile = tile_types[b, g % Gt, tq, tk]
+            tile = tile_types[b, h // (H // Gt), tq, tk]
             if tile == SKIP:
                 continue
             ks = tk * Bc
@@ -355,8 +466,7 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
         bias2 = cfg.bias[b % cfg.bias.shape[0], h // cfg.bias_head_div]
         # line 2: O = 0, l = 0, m = -inf (a finite sentinel), in "HBM"
         out[b, h] = 0
-        l_hbm[b, h] = 0
-        m_hbm[b, h] = _masked_value(m)
+        _start(m_hbm[b, h], l_hbm[b, h], h, True, cfg)
         # line 5: outer loop over key tiles j; line 6: load K_j, V_j once
         Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
         for tk in range(Tc):
@@ -367,7 +477,7 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
             _gather(v, b, g, jt, nc, vj, False, cfg)
             # line 7: inner loop over query tiles i
             for tq in range(Tr):
-                tile = tile_types[b, g % Gt, tq, tk]
+                tile = tile_types[b, h // (H // Gt), tq, tk]
                 if tile == SKIP:
                     continue
                 qs = tq * Br
@@ -423,18 +533,19 @@ def _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, d
 
 
 @helper(fastmath=FM_REDUCE)
-def _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, qs, b, h, g, jt, kpt, masked, cfg, bias2):  # type: ignore[no-untyped-def]
+def _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, dsdt, scratch, nr, nc, D, qs, b, h, g, jt, kpt, masked, cfg, bias2):  # type: ignore[no-untyped-def]
     """Recompute one tile of the backward pass (FA2 Algorithm 2, lines 11-14), for both kernels:
 
     ``s <- P_ij = exp(Q_i K_j^T + bias - lse_i)`` (masked) and ``dp <- dS_ij = P_ij * (dP_ij - delta_i)`` with
     ``dP_ij = (dO_i V_j^T) * Z`` (``Z = keep / (1 - p)`` under dropout, else 1); ``dS`` is exactly 0 where masked.
-    ``qt = scale * Q_i``, ``doi``: ``(R4, >= D)``; ``kT, vT``: ``K_j^T, V_j^T (D, Bcp)``; ``s, dp, vis: (R4, Bcp)``;
-    ``scratch (R4,)``.
+    With a score modification, ``dsdt`` gets its derivative (:func:`_chain` then turns ``dS`` into the gradient of
+    ``Q K^T + bias``). ``qt = scale * Q_i``, ``doi``: ``(R4, >= D)``; ``kT, vT``: ``K_j^T, V_j^T (D, Bcp)``; ``s,
+    dp, vis, dsdt: (R4, Bcp)``; ``scratch (R4,)``.
     """
     # S_ij = Q_i K_j^T (+ bias, masked);  P_ij = exp(S_ij - lse_i)
     matmul(qt, kT, s, nr, nc, D, False)
-    if masked or cfg.has_bias:
-        _score_tile(s, vis, nr, nc, qs, b, g, jt, kpt, masked, cfg, bias2)
+    if masked or cfg.has_bias or cfg.has_mods:
+        _score_tile(s, vis, dsdt, nr, nc, qs, b, h, g, jt, kpt, masked, True, cfg, bias2)
     exp_rows(s, nr, nc, lse_t, scratch)  # (the row sums land in scratch, unused)
     # dP_ij = dO_i V_j^T (times Z);  dS_ij = P_ij * (dP_ij - delta_i)
     matmul(doi, vT, dp, nr, nc, D, False)
@@ -447,7 +558,18 @@ def _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, q
         if masked:
             for c in range(nc):
                 if vis[i, c] == 0:
-                    dp[i, c] = zero  # a masked pair has no gradient, whatever V holds there
+                    dp[i, c] = zero  # a masked pair has no gradient, whatever V holds there,
+                    s[i, c] = zero  # and no probability, whatever the row's lse (NaN for a row that sees a NaN)
+
+
+@helper()
+def _chain(dp, dsdt, vis, nr, nc, masked):  # type: ignore[no-untyped-def]
+    """``dS *= ds/dt``: the gradient of the final scores into the gradient of ``T = scale Q K^T + bias``, through
+    the score modification (0 where masked: the modification of a masked pair may be anything, even NaN)."""
+    zero = dp.dtype.type(0)
+    for i in range(nr):
+        for c in range(nc):
+            dp[i, c] = dp[i, c] * dsdt[i, c] if (not masked or vis[i, c] != 0) else zero
 
 
 @kernel()
@@ -473,6 +595,7 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
     s = np.zeros((R4, Bcp), T)
     dp = np.zeros((R4, Bcp), T)
     vis = np.zeros((R4, Bcp), np.uint8)
+    dsdt = np.zeros((R4, Bcp), T)
     dq_acc = np.zeros((R4, Dp), T)
     rsum = np.zeros(R4, T)
     for prog in range(worker, B * H * Tr, n_workers):
@@ -487,7 +610,7 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
         rsum[:] = 0
         Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
         for tk in range(Tc):
-            tile = tile_types[b, g % Gt, tq, tk]
+            tile = tile_types[b, h // (H // Gt), tq, tk]
             if tile == SKIP:
                 continue
             ks = tk * Bc
@@ -498,12 +621,14 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
             _gather(k, b, g, jt, nc, kj, False, cfg)
             _gather(v, b, g, jt, nc, vT, True, cfg)
             # s = P_ij, dp = dS_ij
-            _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, qs, b, h, g, jt, kpt,
+            _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, dsdt, scratch, nr, nc, D, qs, b, h, g, jt, kpt,
                       tile == TRIANGLE, cfg, bias2)
-            # rs_i += rowsum(dS_ij);  dQ_i += dS_ij K_j   (times scale, below)
+            # rs_i += rowsum(dS_ij);  dQ_i += dT_ij K_j   (times scale, below; dT = dS without a modification)
             for i in range(nr):
                 for c in range(nc):
                     rsum[i] += dp[i, c]
+            if cfg.has_mods:
+                _chain(dp, dsdt, vis, nr, nc, tile == TRIANGLE)
             if tile == TRIANGLE and not _finite(kj, nc, D):
                 matmul_visible(dp, kj, dq_acc, vis, nr, D, nc)
             else:
@@ -526,10 +651,10 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, B
     every sum in a fixed order.
     """
     B, Hkv = k.shape[0], k.shape[1]
-    Nq, D = q.shape[2], q.shape[3]
+    H, Nq, D = q.shape[1], q.shape[2], q.shape[3]
     Nk = k.shape[2]
     T = q.dtype
-    group = q.shape[1] // Hkv
+    group = H // Hkv
     Tr, Gt, Tc_max = tile_types.shape[2], tile_types.shape[1], tile_types.shape[3]
     R4, C4, Bcp, Dp = _tile_shapes(Br, Bc, D, q)
     qt = np.zeros((R4, Dp), T)  # scale * Q_i: A of S = Q K^T, and B of dK = dS^T (scale Q)
@@ -544,6 +669,7 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, B
     s = np.zeros((R4, Bcp), T)
     dp = np.zeros((R4, Bcp), T)
     vis = np.zeros((R4, Bcp), np.uint8)
+    dsdt = np.zeros((R4, Bcp), T)
     dk_acc = np.zeros((C4, Dp), T)
     dv_acc = np.zeros((C4, Dp), T)
     for prog in range(worker, nb * nh * Tc_max, n_workers):
@@ -567,7 +693,7 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, B
                     bias2 = cfg.bias[b % cfg.bias.shape[0], h // cfg.bias_head_div]
                     dbias2 = dbias[b % dbias.shape[0], h // cfg.bias_head_div]
                     for tq in range(Tr):
-                        tile = tile_types[b, g % Gt, tq, tk]
+                        tile = tile_types[b, h // (H // Gt), tq, tk]
                         if tile == SKIP:
                             continue
                         masked = tile == TRIANGLE
@@ -576,9 +702,11 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, B
                         # load Q_i, dO_i, lse_i, delta_i
                         _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, delta_t)
                         # s = P_ij, dp = dS_ij
-                        _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, scratch, nr, nc, D, qs, b, h, g, jt,
-                                  kpt, masked, cfg, bias2)
-                        # dBias += dS_ij, summed over the dims the bias was broadcast along, in this fixed order
+                        _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, dsdt, scratch, nr, nc, D, qs, b, h,
+                                  g, jt, kpt, masked, cfg, bias2)
+                        if cfg.has_mods:  # dp = dT_ij, the gradient of scale Q K^T + bias
+                            _chain(dp, dsdt, vis, nr, nc, masked)
+                        # dBias += dT_ij, summed over the dims the bias was broadcast along, in this fixed order
                         if cfg.has_bias:
                             for i in range(nr):
                                 brow = qs + i if dbias2.shape[0] > 1 else 0
@@ -635,6 +763,13 @@ def _config(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtype) ->
     lengths = as_input(pages.lengths, i64) if pages is not None else np.zeros(1, i64)
     thr_val = as_input(topk.thr_val, dtype) if topk is not None else np.zeros((1, 1, 1), dtype)
     thr_idx = as_input(topk.thr_idx, i64) if topk is not None else np.zeros((1, 1, 1), i64)
+    segs = (spec.q_seg, spec.k_seg) if spec.q_seg is not None else (np.zeros((1, 1), i64),) * 2
+    bm = spec.block_mask
+    bm_index = as_input(bm.index, np.int32) if bm is not None else np.full((1, 1, 1, 1), -1, np.int32)
+    bm_bits = np.zeros((1, 1, 1), np.uint8)  # (its shape gives the block mask's tiles: at least one slot)
+    if bm is not None:
+        bm_bits = as_input(bm.bits, np.uint8) if bm.bits.size else np.zeros((1, bm.block_q, bm.block_k), np.uint8)
+    per_head = lambda x: as_input(x, dtype) if x is not None else np.zeros(1, dtype)  # noqa: E731
     cfg = Config(
         as_input(spec.q_pos_b, i64), as_input(spec.k_pos_b, i64), bool(spec.causal), int(spec.window),
         int(spec.num_sinks),
@@ -643,6 +778,10 @@ def _config(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtype) ->
         block_table, int(pages.page_size) if pages is not None else 1, lengths, pages is not None,
         thr_val, thr_idx, topk is not None,
         spec.dropout > 0, np.uint64(spec.seed), np.uint64(spec.drop_threshold), dtype.type(1.0 / (1.0 - spec.dropout)),
+        as_input(segs[0], i64), as_input(segs[1], i64), spec.q_seg is not None, bm_index, bm_bits, bm is not None,
+        spec.has_mods, row_function(spec.score_mod, dtype) if spec.score_mod is not None else 0,
+        spec.score_mod is not None, dtype.type(spec.softcap), per_head(spec.alibi), spec.alibi is not None,
+        per_head(spec.sinks), spec.sinks is not None,
     )
     return cfg, as_input(spec.kernel_tiles(), np.dtype(np.int8))
 
@@ -704,8 +843,8 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndar
     rs = np.empty((B, H, Nq), dtype)
     launch(_bwd_dq, B * H * Tr, q, k, v, dout, lse, delta, dq, rs, spec.block_q, spec.block_k, tile_types, scale,
            cfg)
-    if spec.rows_complete:  # refined: every row of dS now sums to dlse
-        delta += rs - dlse
+    if spec.rows_complete:  # refined: every row of dS (with the sink's column) now sums to dlse
+        delta = delta * (1 - sink_probs(lse, spec.sinks)) + rs - dlse
     # dK, dV (and dBias). A bias shared across batch rows / heads makes one program own all of them.
     zeros_needed = spec.keys is not None  # a key list leaves the keys nobody keeps untouched: their gradient is 0
     dk = np.zeros_like(k) if zeros_needed else np.empty_like(k)

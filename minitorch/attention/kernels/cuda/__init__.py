@@ -31,6 +31,7 @@ class CudaAttention(AttentionEngine):
 
     forward = staticmethod(launch.forward)
     backward = staticmethod(launch.backward)
+    sinks_backward = staticmethod(launch.sinks_backward)
     importance = staticmethod(select.importance)
     importance_backward = staticmethod(select.importance_backward)
     decode_splits = staticmethod(launch.decode_splits)

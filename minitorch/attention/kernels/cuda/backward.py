@@ -34,7 +34,20 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .tiles import QF_DELTA, QF_LSE, SKIP, TRIANGLE, Flags, TileShape, cached, device, dropout_hash, numba_type, tile_ops
+from .tiles import (
+    QF_DELTA,
+    QF_LSE,
+    SKIP,
+    TRIANGLE,
+    Flags,
+    TileShape,
+    cached,
+    device,
+    dropout_hash,
+    flags_key,
+    numba_type,
+    tile_ops,
+)
 
 _KERNELS: Dict[Tuple[Any, ...], Any] = {}
 
@@ -58,7 +71,7 @@ def dkdv_smem_bytes(shape: TileShape, itemsize: int) -> int:
 
 
 def _key(name: str, shape: Any, dtype: Any, flags: Flags, *extra: Any) -> Tuple[Any, ...]:
-    return (name, shape, np.dtype(dtype).name, tuple(bool(f) for f in flags)) + extra
+    return (name, shape, np.dtype(dtype).name, flags_key(flags)) + extra
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -72,8 +85,10 @@ def make_bwd_step(shape: TileShape, dtype: Any, flags: Flags, key_rows: bool) ->
 
     In: ``s = Q_i K_j^T`` and ``dp = dO_i V_j^T`` (register tiles ``(RM, RN)``; transposed when ``key_rows``: the
     register rows are keys, the dK/dV kernel). The query tile's values are its query table ``qf, qn`` (with
-    ``lse`` and ``delta``), the key tile's rows and positions ``jt, kps``. Out, at the tile's ``(row, col)``: ``dSs = dS_ij``, ``Zs = Z_ij`` (only when
-    ``key_rows``), ``vis`` (TRIANGLE tiles); ``rsum[r] +=`` the sum of the thread's ``dS`` in register row ``r``.
+    ``lse`` and ``delta``), the key tile's rows and positions ``jt, kps``. Out, at the tile's ``(row, col)``:
+    ``dSs = dT_ij`` (``dS_ij`` through the score modification: the gradient of ``scale Q K^T + bias``), ``Zs = Z_ij``
+    (only when ``key_rows``), ``vis`` (TRIANGLE tiles); ``rsum[r] +=`` the sum of the thread's values in register
+    row ``r``: of ``dS`` for query rows (delta's refinement), of ``dT`` for key rows (the bias gradient).
     """
     ops = tile_ops(shape, dtype, flags)
     score = ops.score
@@ -91,7 +106,7 @@ def make_bwd_step(shape: TileShape, dtype: Any, flags: Flags, key_rows: bool) ->
                 i = q0 + qi
                 j = jt[kc]
                 # line 11: S_ij, modified and masked exactly as in the forward; line 12: P_ij = exp(S_ij - lse_i)
-                x, ok = score(s[a, c] * cfg.scale, qi, j, kps[kc], qf, qn, q0, masked, bb, hb, Nq, cfg)
+                x, ok, dsdt = score(s[a, c] * cfg.scale, qi, j, kps[kc], qf, qn, q0, masked, b, h, bb, hb, Nq, cfg)
                 p = math.exp(x - qf[QF_LSE, qi]) if ok else ZERO
                 # line 13: dP_ij (dropout regenerated from the hash); line 14: dS_ij = P_ij (dP_ij - delta_i)
                 z = p
@@ -104,12 +119,13 @@ def make_bwd_step(shape: TileShape, dtype: Any, flags: Flags, key_rows: bool) ->
                         z = ZERO
                         dpv = ZERO
                 ds = p * (dpv - qf[QF_DELTA, qi]) if ok else ZERO  # a masked pair: 0, whatever V holds there
+                dst = ds * dsdt if ok else ZERO  # dT: through score_mod and softcap
                 if KEY_ROWS:
                     Zs[row, col] = z
-                dSs[row, col] = ds
+                dSs[row, col] = dst
                 if masked:
                     vis[row, col] = 1 if ok else 0
-                rsum[a] += ds
+                rsum[a] += dst if KEY_ROWS else ds
 
     return device(bwd_step)
 
@@ -161,7 +177,7 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
         ZERO = np.dtype(dtype).type(0.0)
         R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
         RM, RN, DPT = shape.RM, shape.RN, shape.DPT
-        HAS_BIAS = bool(flags.has_bias)
+        HAS_BIAS, HAS_SINKS = bool(flags.has_bias), bool(flags.has_sinks)
 
         def dq_kernel(q, k, v, dout, lse, delta, dlse, has_dlse, dq, delta_kv, tile_types, block_q, block_k, cfg):  # type: ignore[no-untyped-def]
             # the query tile (fixed for the block), the key tile (streamed), the (query, key) tiles
@@ -205,7 +221,7 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
                     acc[r, e] = ZERO
 
             n = n_keys(b, g, k.shape[2], cfg)
-            gt = g % tile_types.shape[1]
+            gt = h // (H // tile_types.shape[1])  # the tile types of this head
             for tk in range((n + C - 1) // C):  # every key tile this query tile sees
                 c0 = tk * C
                 t = tile_types[b, gt, q0 // block_q, c0 // block_k]
@@ -246,6 +262,8 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
                     for t in range(TX):
                         rs += dSs[row, t]
                     refined = qf[QF_DELTA, row] + rs
+                    if HAS_SINKS:  # the sink's column of dS, -P_sink delta (P_sink = 0 for lse = -inf: MAX)
+                        refined -= qf[QF_DELTA, row] * math.exp(cfg.sinks[h] - qf[QF_LSE, row])
                     if has_dlse:
                         refined -= dlse[b, h, i]
                     delta_kv[b, h, i] = refined
@@ -342,9 +360,9 @@ def make_dkdv(shape: TileShape, dtype: Any, flags: Flags, dbias_mode: int) -> An
                     dk_acc[a, e] = ZERO
                     dv_acc[a, e] = ZERO
 
-            gt = g % tile_types.shape[1]
             for hh in range(group):  # the query heads that read kv head g
                 h = g * group + hh
+                gt = h // (H // tile_types.shape[1])  # the tile types of this head
                 bb = 0
                 hb = 0
                 if HAS_BIAS:
@@ -425,3 +443,31 @@ def make_dbias_reduce(dtype: Any) -> Any:
         return cuda.jit(dbias_reduce)
 
     return cached(_KERNELS, ("dbias_reduce", np.dtype(dtype).name), build)
+
+
+def make_sinks_backward(dtype: Any) -> Any:
+    """``kernel(out, dout, lse, dlse, has_dlse, sinks, dsinks)``, one thread per head ``h``: ``dsinks[h] =
+    -sum_(b, i) exp(sinks[h] - lse[b, h, i]) (rowsum(dO O) - dlse)`` (:mod:`minitorch.attention.sinks`), in a fixed
+    order."""
+
+    def build() -> Any:
+        ZERO = np.dtype(dtype).type(0.0)
+
+        def sinks_backward(out, dout, lse, dlse, has_dlse, sinks, dsinks):  # type: ignore[no-untyped-def]
+            h = cuda.grid(1)
+            B, H, Nq, D = out.shape
+            if h < H:
+                acc = ZERO
+                for b in range(B):
+                    for i in range(Nq):
+                        delta = ZERO
+                        for d in range(D):
+                            delta += dout[b, h, i, d] * out[b, h, i, d]
+                        if has_dlse:
+                            delta -= dlse[b, h, i]
+                        acc += math.exp(sinks[h] - lse[b, h, i]) * delta
+                dsinks[h] = -acc
+
+        return cuda.jit(sinks_backward)
+
+    return cached(_KERNELS, ("sinks_bwd", np.dtype(dtype).name), build)

@@ -41,6 +41,7 @@ from .tiles import (
     cached,
     device,
     dropout_hash,
+    flags_key,
     nan_max,
     numba_type,
     sentinels,
@@ -60,7 +61,7 @@ def forward_smem_bytes(shape: TileShape, itemsize: int) -> int:
 
 
 def _key(name: str, shape: Any, dtype: Any, flags: Flags) -> Tuple[Any, ...]:
-    return (name, shape, np.dtype(dtype).name, tuple(bool(f) for f in flags))
+    return (name, shape, np.dtype(dtype).name, flags_key(flags))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
         gather_rows(KVs, k, b, g, c0, n, D, C, cfg)
         cuda.syncthreads()
 
-        # line 8: S_ij = scale Q_i K_j^T, modified (bias, visibility, top-k); masked pairs hold MIN
+        # line 8: S_ij = scale Q_i K_j^T, modified (bias, score mods, visibility, top-k); masked pairs hold MIN
         s = cuda.local.array((RM, RN), dt)
         dot_tile(s, Qs, KVs)
         for r in range(RM):
@@ -113,7 +114,8 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
             mx = MIN
             for c in range(RN):
                 col = tx + c * TX
-                x, ok = score(s[r, c] * cfg.scale, row, jt[col], kps[col], qf, qn, q0, masked, bb, hb, Nq, cfg)
+                x, ok, _ = score(s[r, c] * cfg.scale, row, jt[col], kps[col], qf, qn, q0, masked, b, h, bb, hb, Nq,
+                                 cfg)
                 if not ok:
                     x = MIN
                 if masked:
@@ -220,9 +222,10 @@ def make_forward_q_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
         n_keys = tile_ops(shape, dtype, flags).n_keys
         dt = numba_type(dtype)
         ft = np.dtype(dtype).type
-        ZERO, NEG_INF = ft(0.0), ft(-np.inf)
+        ZERO, ONE, NEG_INF = ft(0.0), ft(1.0), ft(-np.inf)
         MIN, _ = sentinels(dtype)
         R, C, DP1, TY, RM, DPT = shape.R, shape.C, shape.DP1, shape.TY, shape.RM, shape.DPT
+        HAS_SINKS = bool(flags.has_sinks)
 
         def forward_q_major(q, k, v, out, lse, tile_types, block_q, block_k, S, cfg):  # type: ignore[no-untyped-def]
             Qs = cuda.shared.array((R, DP1), dt)
@@ -240,11 +243,13 @@ def make_forward_q_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
             Nq = q.shape[2]
             q0 = tq * R
 
-            # line 4: load Q_i; O_i = 0, l_i = 0, m_i = MIN (the finite stand-in for -inf)
+            # line 4: load Q_i; O_i = 0, l_i = 0, m_i = MIN (the finite stand-in for -inf); with learnable sinks the
+            # first split starts from the sink's term instead, m_i = sinks[h], l_i = 1 (a sink has no value)
             bb, hb = begin(Qs, qf, qn, q, b, h, g, q0, cfg)
+            with_sink = HAS_SINKS and sp == 0
             for r in range(RM):
-                m_i[r] = MIN
-                l_i[r] = ZERO
+                m_i[r] = cfg.sinks[h] if with_sink else MIN
+                l_i[r] = ONE if with_sink else ZERO
                 for e in range(DPT):
                     o[r, e] = ZERO
 
@@ -252,7 +257,7 @@ def make_forward_q_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
             n = n_keys(b, g, k.shape[2], cfg)
             Tc = (n + C - 1) // C
             per = (Tc + S - 1) // S
-            gt = g % tile_types.shape[1]
+            gt = h // (H // tile_types.shape[1])  # the tile types of this head (per batch row, kv head or head)
             for tk in range(sp * per, min(Tc, (sp + 1) * per)):
                 c0 = tk * C
                 t = tile_types[b, gt, q0 // block_q, c0 // block_k]
@@ -300,7 +305,7 @@ def make_forward_k_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
             n = n_keys(b, g, k.shape[2], cfg)
             if c0 >= n:  # uniform over the block: this (b, g) has fewer key tiles
                 return
-            t = tile_types[b, g % tile_types.shape[1], q0 // block_q, c0 // block_k]
+            t = tile_types[b, h // (H // tile_types.shape[1]), q0 // block_q, c0 // block_k]
             if t == SKIP:  # uniform over the block: the tile is never loaded
                 return
             Qs = cuda.shared.array((R, DP1), dt)
@@ -339,22 +344,22 @@ def make_forward_k_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
 
 
 def make_k_major_init(dtype: Any) -> Any:
-    """``kernel(out, m_buf, l_buf)``, one thread per query row: ``O = 0``, ``m = MIN``, ``l = 0`` (Algorithm 1,
-    line 2)."""
+    """``kernel(out, m_buf, l_buf, sinks, has_sinks)``, one thread per query row: ``O = 0``, ``m = MIN``, ``l = 0``
+    (Algorithm 1, line 2), or with learnable sinks ``m = sinks[h]``, ``l = 1``."""
 
     def build() -> Any:
-        ZERO = np.dtype(dtype).type(0.0)
+        ZERO, ONE = np.dtype(dtype).type(0.0), np.dtype(dtype).type(1.0)
         MIN, _ = sentinels(dtype)
 
-        def k_major_init(out, m_buf, l_buf):  # type: ignore[no-untyped-def]
+        def k_major_init(out, m_buf, l_buf, sinks, has_sinks):  # type: ignore[no-untyped-def]
             row = cuda.grid(1)
             B, H, Nq, D = out.shape
             if row < B * H * Nq:
                 b = row // (H * Nq)
                 h = (row // Nq) % H
                 i = row % Nq
-                m_buf[b, h, i] = MIN
-                l_buf[b, h, i] = ZERO
+                m_buf[b, h, i] = sinks[h] if has_sinks else MIN
+                l_buf[b, h, i] = ONE if has_sinks else ZERO
                 for d in range(D):
                     out[b, h, i, d] = ZERO
 

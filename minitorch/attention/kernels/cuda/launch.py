@@ -28,11 +28,13 @@ Determinism: no float atomics anywhere; every sum runs in a fixed order.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 from numba import cuda
 
+from ...mods import describe
 from ...spec import AttentionSpec, check_backward
 from ...tiling import TileOrder, default_block_sizes
 from .backward import (
@@ -45,6 +47,7 @@ from .backward import (
     make_dkdv,
     make_dq,
     make_preprocess,
+    make_sinks_backward,
 )
 from .forward import (
     forward_smem_bytes,
@@ -172,6 +175,13 @@ def _metadata(spec: AttentionSpec) -> Dict[str, DeviceArray]:
         if spec.topk is not None:
             meta["thr_idx"] = on_device(spec.topk.thr_idx, i64)
             meta["thr_val"] = spec.topk.thr_val  # converted with the kernel's dtype in make_config
+        if spec.q_seg is not None:
+            meta["q_seg"] = on_device(spec.q_seg, i64)
+            meta["k_seg"] = on_device(spec.k_seg, i64)
+        if spec.block_mask is not None:
+            meta["bm_index"] = on_device(spec.block_mask.index, np.int32)
+            bm = spec.block_mask  # (the bits' shape gives the block mask's tiles: at least one slot)
+            meta["bm_bits"] = on_device(bm.bits if bm.bits.size else np.zeros((1, bm.block_q, bm.block_k)), np.uint8)
         memo["meta"] = meta
     return memo["meta"]
 
@@ -190,7 +200,9 @@ def make_config(spec: AttentionSpec, bias: Optional[DeviceArray], dtype: np.dtyp
     has_pages = spec.pages is not None
     if has_topk and not has_bias:
         raise ValueError("CUDA attention: a top-k keep rule needs its importance as the bias (B, Hkv, 1, Nk)")
-    flags = Flags(has_bias, has_list, has_pages, has_topk, spec.dropout > 0)
+    has_seg, has_bm = spec.q_seg is not None, spec.block_mask is not None
+    flags = Flags(has_bias, has_list, has_pages, has_topk, spec.dropout > 0, has_seg, has_bm, spec.sinks is not None,
+                  spec.softcap > 0, spec.alibi is not None, spec.score_mod)
     cfg = Config(
         meta["q_pos_b"], meta["k_pos_b"], bool(spec.causal), np.int64(spec.window), np.int64(spec.num_sinks),
         bias if has_bias else _dummy(dtype, 4),
@@ -200,6 +212,10 @@ def make_config(spec: AttentionSpec, bias: Optional[DeviceArray], dtype: np.dtyp
         on_device(meta["thr_val"], dtype) if has_topk else _dummy(dtype, 3),
         meta["thr_idx"] if has_topk else _dummy(np.int64, 3),
         np.uint64(spec.seed), np.uint64(spec.drop_threshold), ft(1.0 / (1.0 - spec.dropout)), ft(spec.scale),
+        meta["q_seg"] if has_seg else _dummy(np.int64, 2), meta["k_seg"] if has_seg else _dummy(np.int64, 2),
+        meta["bm_index"] if has_bm else _dummy(np.int32, 4), meta["bm_bits"] if has_bm else _dummy(np.uint8, 3),
+        on_device(spec.sinks, dtype) if spec.sinks is not None else _dummy(dtype, 1),
+        on_device(spec.alibi, dtype) if spec.alibi is not None else _dummy(dtype, 1), ft(spec.softcap),
     )
     return flags, cfg, meta["tile_types"]
 
@@ -243,8 +259,39 @@ def _grid1(n: int) -> Tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _user_functions(spec: AttentionSpec) -> Iterator[None]:
+    """A user's ``score_mod`` is compiled into the kernels at their first launch (on a GPU) or run in them (the
+    simulator): if that fails, a ``TypeError`` that names the function, not an error from deep in a kernel."""
+    if spec.score_mod is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as e:  # the user's code: a Numba typing error on a GPU, any Python error in the simulator
+        mod = spec.score_mod
+        names = f"score_mod {describe(mod.fn)}" + (f" (or score_mod_grad {describe(mod.grad)})" if mod.grad else "")
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise TypeError(f"{names} failed in the CUDA kernels: {type(e).__name__}: {first}") from e
+
+
 def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[DeviceArray],
             spec: AttentionSpec) -> Tuple[DeviceArray, DeviceArray]:
+    """Flash attention forward on the GPU (:func:`_forward`); a user's ``score_mod`` that fails names itself."""
+    with _user_functions(spec):
+        return _forward(q, k, v, bias, spec)
+
+
+def backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[DeviceArray], out: DeviceArray,
+             lse: DeviceArray, dout: DeviceArray, spec: AttentionSpec, dlse: Optional[DeviceArray] = None
+             ) -> Tuple[DeviceArray, DeviceArray, DeviceArray, Optional[DeviceArray]]:
+    """Flash attention backward on the GPU (:func:`_backward`); a user's ``score_mod`` that fails names itself."""
+    with _user_functions(spec):
+        return _backward(q, k, v, bias, out, lse, dout, spec, dlse)
+
+
+def _forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[DeviceArray],
+             spec: AttentionSpec) -> Tuple[DeviceArray, DeviceArray]:
     """Flash attention forward on the GPU: ``(out (B, H, Nq, D), lse (B, H, Nq))``.
 
     ``spec.order`` picks Q-major (FlashAttention-2; with ``spec.num_splits > 1`` split-K, merged by lse) or K-major
@@ -264,7 +311,7 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Devic
         m_buf = cuda.device_array((B, H, Nq), dtype=dtype)
         l_buf = cuda.device_array((B, H, Nq), dtype=dtype)
         rows = _grid1(B * H * Nq)
-        make_k_major_init(dtype)[rows](out, m_buf, l_buf)
+        make_k_major_init(dtype)[rows](out, m_buf, l_buf, cfg.sinks, flags.has_sinks)
         kernel = make_forward_k_major(shape, dtype, flags)
         for tk in range(-(-_key_entries(spec) // shape.C)):  # FA1's outer loop over key tiles: launches in order
             kernel[(Tr, B * H), threads](q, k, v, out, m_buf, l_buf, tiles, *blocks, np.int64(tk), cfg)
@@ -283,9 +330,9 @@ def forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Devic
     return out, lse
 
 
-def backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[DeviceArray], out: DeviceArray,
-             lse: DeviceArray, dout: DeviceArray, spec: AttentionSpec, dlse: Optional[DeviceArray] = None
-             ) -> Tuple[DeviceArray, DeviceArray, DeviceArray, Optional[DeviceArray]]:
+def _backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[DeviceArray], out: DeviceArray,
+              lse: DeviceArray, dout: DeviceArray, spec: AttentionSpec, dlse: Optional[DeviceArray] = None
+              ) -> Tuple[DeviceArray, DeviceArray, DeviceArray, Optional[DeviceArray]]:
     """Flash attention backward on the GPU: ``(dq, dk, dv, dbias)`` (``dbias`` None without a bias).
 
     Preprocess (``delta = rowsum(dO O) - dlse``), the dQ kernel (which also refines delta by the row sums of dS),
@@ -341,6 +388,19 @@ def backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Devi
             if dbias.size > 0:
                 make_dbias_reduce(dtype)[_grid1(dbias.size)](dbi, dbias)
     return dq, dk, dv, dbias
+
+
+def sinks_backward(out: DeviceArray, lse: DeviceArray, dout: Optional[DeviceArray], dlse: Optional[DeviceArray],
+                   spec: AttentionSpec) -> DeviceArray:
+    """The gradient of the learnable sinks ``(H,)`` on the device (:func:`.backward.make_sinks_backward`)."""
+    dtype = np.dtype(out.dtype)
+    dsinks = cuda.device_array((spec.H,), dtype=dtype)
+    dout_ = on_device(dout, dtype) if dout is not None else zeros(tuple(out.shape), dtype)
+    dlse_ = on_device(dlse, dtype) if dlse is not None else _dummy(dtype, 3)
+    if spec.H > 0:
+        make_sinks_backward(dtype)[_grid1(spec.H)](out, dout_, lse, dlse_, dlse is not None,
+                                                  on_device(spec.sinks, dtype), dsinks)
+    return dsinks
 
 
 def decode_splits(n_tiles: int) -> int:

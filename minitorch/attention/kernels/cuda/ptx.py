@@ -35,6 +35,7 @@ import numba
 import numpy as np
 from numba import cuda
 
+from ...mods import score_mod_of
 from ...tiling import default_block_sizes
 from . import backward as bwd
 from . import forward as fwd
@@ -50,8 +51,20 @@ def _typeof_config(dtype: Any) -> Any:
     i64, ft = np.int64, np.dtype(dtype).type
     cfg = Config(np.zeros((1, 1), i64), np.zeros((1, 1), i64), True, i64(-1), i64(0), np.zeros((1, 1, 1, 1), ft),
                  np.zeros((1, 1, 1), i64), np.zeros((1, 1), i64), np.zeros((1, 1), i64), i64(1), np.zeros(1, i64),
-                 np.zeros((1, 1, 1), ft), np.zeros((1, 1, 1), i64), np.uint64(0), np.uint64(0), ft(1), ft(1))
+                 np.zeros((1, 1, 1), ft), np.zeros((1, 1, 1), i64), np.uint64(0), np.uint64(0), ft(1), ft(1),
+                 np.zeros((1, 1), i64), np.zeros((1, 1), i64), np.zeros((1, 1, 1, 1), np.int32),
+                 np.zeros((1, 1, 1), np.uint8), np.zeros(1, ft), np.zeros(1, ft), ft(1))
     return numba.typeof(cfg)
+
+
+def _sample_mod(s, b, h, q_pos, k_pos):  # type: ignore[no-untyped-def]
+    """A ``score_mod`` to lower the kernels with one (it stays in the score's dtype: float32 kernels must do no
+    float64 arithmetic, and Numba computes ``float32 op int`` in float64)."""
+    return s + s
+
+
+def _sample_mod_grad(s, b, h, q_pos, k_pos):  # type: ignore[no-untyped-def]
+    return s / s + s / s  # 2, in the score's dtype
 
 
 def _arr(dtype: Any, ndim: int) -> Any:
@@ -63,9 +76,14 @@ def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ..
     i64, b1 = numba.int64, numba.boolean
     dtypes = [np.float32, np.float64] if full else [np.float32]
     dims = [64, 128] if full else [64]
+    # the key source and the original features (bias, list, pages, top-k, dropout): every combination
     all_flags = [Flags(*f) for f in itertools.product([False, True], repeat=5) if f[0] or not f[3]]  # top-k: bias
     off, on = Flags(*[False] * 5), Flags(*[True] * 5)
-    flag_sets = all_flags if full else [off, on._replace(has_pages=False), on]  # (paged: forward only)
+    # the attention variants (segments, block mask, sinks, softcap, ALiBi, a score_mod): all off, or all on
+    variants_on = Flags(True, False, False, False, True, True, True, True, True, True,
+                        score_mod_of(_sample_mod, _sample_mod_grad))
+    all_flags.append(variants_on)
+    flag_sets = all_flags if full else [off, on._replace(has_pages=False), on, variants_on]  # (paged: forward only)
     for dtype, D in itertools.product(dtypes, dims):
         x4, x5, x3, x1, t8 = _arr(dtype, 4), _arr(dtype, 5), _arr(dtype, 3), _arr(dtype, 1), _arr(np.int8, 4)
         cfg = _typeof_config(dtype)
@@ -76,7 +94,7 @@ def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ..
                                              "dkdv": (*_blocks(D)[::-1], bwd.dkdv_smem_bytes)}.items()}
         tag = f"{np.dtype(dtype).name} D={D}"
         for f in flag_sets:
-            ftag = "".join(n[4] if v else "-" for n, v in zip(Flags._fields, f))  # b/l/p/t/d
+            ftag = "".join(c if v else "-" for c, v in zip("blptdgmsca", f)) + ("e" if f.score_mod else "-")
             yield (f"fwd_q {tag} {ftag} {_sh(shapes['forward'])}",
                    lambda f=f, s=shapes["forward"], dt=dtype: fwd.make_forward_q_major(s, dt, f),
                    (x4, x4, x4, x5, x4, t8, i64, i64, i64, cfg), dtype)
@@ -95,7 +113,8 @@ def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ..
                        (x4, x4, x4, x4, x3, x3, x4, x4, x4, t8, i64, i64, cfg), dtype)
         if D != dims[0]:
             continue
-        yield f"k_major_init {tag}", lambda dt=dtype: fwd.make_k_major_init(dt), (x4, x3, x3), dtype
+        yield f"k_major_init {tag}", lambda dt=dtype: fwd.make_k_major_init(dt), (x4, x3, x3, x1, b1), dtype
+        yield f"sinks_backward {tag}", lambda dt=dtype: bwd.make_sinks_backward(dt), (x4, x4, x3, x3, b1, x1, x1), dtype
         yield f"k_major_finish {tag}", lambda dt=dtype: fwd.make_k_major_finish(dt), (x3, x3, x3), dtype
         yield f"merge {tag}", lambda dt=dtype: fwd.make_merge(dt), (x5, x4, x4, x3), dtype
         yield f"preprocess {tag}", lambda dt=dtype: bwd.make_preprocess(dt), (x4, x4, x3, b1, x3), dtype

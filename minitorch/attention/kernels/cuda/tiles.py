@@ -9,9 +9,10 @@ different rows hit different banks).
 
 What the kernels are configured by comes in two kinds:
 
-* compile-time :class:`Flags` (bias, key list, pages, top-k rule, dropout) and the :class:`TileShape`: every factory of
-  this package caches its kernels per ``(TileShape, dtype, Flags)``, so shapes of shared and local arrays and
-  every branch on a flag are constants of the compiled code;
+* compile-time :class:`Flags` (bias, key list, pages, top-k rule, dropout, segments, a block mask, sinks, softcap,
+  ALiBi, a user's ``score_mod``) and the :class:`TileShape`: every factory of this package caches its kernels per
+  ``(TileShape, dtype, Flags)``, so shapes of shared and local arrays and every branch on a flag are constants of
+  the compiled code, and a ``score_mod`` is a device function inlined into them (one compilation per function);
 * the run-time :class:`Config`: positions, mask parameters, the bias, the key list, the block table, the
   thresholds, the dropout seed, typed by the launcher (:func:`~.launch.make_config`) so that no kernel mixes
   float64 into float32 math.
@@ -23,6 +24,7 @@ sub-tiles, :func:`~.launch.fit_shape`). In Numba's simulator (the tests) thread 
 
 from __future__ import annotations
 
+import math
 from collections import namedtuple
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Tuple
@@ -32,7 +34,8 @@ import numpy as np
 from numba import cuda
 
 from ...dropout import build_dropout_hash
-from ...masks import build_kept, build_visible
+from ...masks import build_kept, build_same_segment, build_visible
+from ...mods import ScoreMod
 from ...tiling import TileType
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
@@ -56,7 +59,12 @@ QN_POS, QN_BIAS_ROW, QN_THR = 0, 1, 2
 ``lse`` (``MAX`` for ``-inf``), ``delta``, the top-k threshold value) and ``qn`` (int64: the position, -1 past
 ``Nq``; the bias row; the top-k threshold index). Loaded by ``TileOps.load_queries``, read by ``TileOps.score``."""
 
-Flags = namedtuple("Flags", "has_bias has_list has_pages has_topk has_dropout")
+Flags = namedtuple(
+    "Flags",
+    "has_bias has_list has_pages has_topk has_dropout has_segments has_block_mask has_sinks has_softcap has_alibi "
+    "score_mod",
+    defaults=(False, False, False, False, False, None),
+)
 """The compile-time configuration of a kernel: which parts of the score modification and key source exist.
 
 * ``has_bias``: ``S += bias`` (``Config.bias`` is ``(Bb, Hb, Nqb, Nk)``);
@@ -64,13 +72,23 @@ Flags = namedtuple("Flags", "has_bias has_list has_pages has_topk has_dropout")
 * ``has_pages``: ``k, v`` are page pools, key rows read through ``Config.block_table``
   (:class:`~minitorch.attention.spec.Pages`);
 * ``has_topk``: DMA's keep rule on the bias value (:func:`~minitorch.attention.masks.kept`) in TRIANGLE tiles;
-* ``has_dropout``: the counter-based dropout of :mod:`minitorch.attention.dropout`.
+* ``has_dropout``: the counter-based dropout of :mod:`minitorch.attention.dropout`;
+* ``has_segments``, ``has_block_mask``: packed sequences and a ``mask_mod``'s bits, tested in TRIANGLE tiles;
+* ``has_sinks``: the online softmax starts from the learnable sinks;
+* ``has_softcap``, ``has_alibi``, ``score_mod`` (a :class:`~minitorch.attention.mods.ScoreMod` or None): the
+  modification of the score after the bias.
 """
+
+
+def flags_key(flags: Flags) -> Tuple[Any, ...]:
+    """``flags`` as a cache key: booleans, and a ``score_mod`` by identity (one compilation per function)."""
+    return tuple(f if f is None or isinstance(f, ScoreMod) else bool(f) for f in flags)
+
 
 Config = namedtuple(
     "Config",
     "q_pos_b k_pos_b causal window num_sinks bias kidx counts block_table page_size lengths thr_val thr_idx seed "
-    "drop_threshold inv_keep scale",
+    "drop_threshold inv_keep scale q_seg k_seg bm_index bm_bits sinks alibi softcap",
 )
 """The run-time configuration every attention kernel reads (absent features hold tiny dummy arrays):
 
@@ -82,7 +100,11 @@ Config = namedtuple(
   at offset ``j % page_size`` of the pools ``k, v``;
 * DMA's top-k: row ``i`` keeps key ``j`` iff ``kept(bias[b, g, 0, j], j, thr_val[b, g, i], thr_idx[b, g, i])``;
 * dropout: keep iff ``dropout_hash(seed, b, h, i, j) >= drop_threshold``; kept probabilities times ``inv_keep``;
-* ``scale``: of the scores, in the kernel's dtype.
+* ``scale``: of the scores, in the kernel's dtype;
+* segment ids ``q_seg (B, Nq)``, ``k_seg (B, Nk)``; a ``mask_mod``'s tiles: tile ``(i // bq, j // bk)`` of (b, h)
+  holds its bits at ``bm_bits[bm_index[b % Bm, h % Hm, i // bq, j // bk]]`` (``-1``: none), ``(bq, bk) =
+  bm_bits.shape[1:]``;
+* ``sinks (H,)``, ``alibi (H,)``, ``softcap`` (kernel dtype).
 """
 
 _DEVICE_OPTS: Dict[str, Any] = {} if SIMULATOR else {"forceinline": True}
@@ -97,6 +119,8 @@ visible = build_visible(device)
 """The one visibility rule (:func:`minitorch.attention.masks.visible`), compiled for the GPU."""
 kept = build_kept(device)
 """DMA's top-k keep rule (:func:`minitorch.attention.masks.kept`), compiled for the GPU."""
+same_segment = build_same_segment(device)
+"""Packed sequences' rule (:func:`minitorch.attention.masks.same_segment`), compiled for the GPU."""
 dropout_hash = build_dropout_hash(device)
 """The counter-based dropout hash, bit-identical to :func:`minitorch.attention.dropout.dropout_mask`."""
 
@@ -206,9 +230,11 @@ class TileOps:
       of ``src`` (at ``src[b, g, j]``, or in a paged batch in its page of the pool ``src``);
     * ``load_queries(qf, qn, b, h, g, q0, rows, Nq, lse, delta, cfg, stats)``: the query table of the rows
       ``q0 ..`` (:data:`QF_LSE` ...; ``lse`` and ``delta`` only with ``stats``, the backward), cooperative;
-    * ``score(x, qi, j, kp, qf, qn, q0, masked, bb, hb, Nq, cfg) -> (s, ok)``: the score modification of the pair
-      (query ``qi`` of the tile, key row ``j`` at position ``kp``): ``s = x + bias``; ``ok``: both exist and, in a
-      TRIANGLE tile (``masked``), the pair is visible (and kept, with DMA's top-k);
+    * ``score(x, qi, j, kp, qf, qn, q0, masked, b, h, bb, hb, Nq, cfg) -> (s, ok, dsdt)``: the score modification
+      of the pair (query ``qi`` of the tile, key row ``j`` at position ``kp``): ``s = modify(x + bias)`` (the
+      user's ``score_mod``, softcap, ALiBi) and ``dsdt`` its derivative (1 without a modification); ``ok``: both
+      exist and, in a TRIANGLE tile (``masked``), the pair is visible (positions, segment ids, the block mask's
+      bits; kept, with DMA's top-k);
     * ``dot_tile(s, A, Bm)``: ``s[r, c] = sum_d A[row r, d] Bm[col c, d]`` (``A Bm^T`` into the register tile);
     * ``acc_tile(acc, P, V, vis, careful)``: ``acc[r, e] += sum_{j < C} P[row r, j] V[j, col e]``; ``careful`` leaves
       out the pairs with ``vis == 0`` (a TRIANGLE tile whose ``V`` holds NaN or Inf: ``0 * NaN`` is NaN).
@@ -220,12 +246,19 @@ class TileOps:
     def __init__(self, shape: TileShape, dtype: Any, flags: Flags) -> None:
         dt = numba_type(dtype)
         ft = np.dtype(dtype).type
-        ZERO, NEG_INF = ft(0.0), ft(-np.inf)
+        ZERO, ONE, NEG_INF = ft(0.0), ft(1.0), ft(-np.inf)
         _, MAX = sentinels(dtype)
         C, DP, TY, TX = shape.C, shape.DP, shape.TY, shape.TX
         RM, RN, DPT, NT = shape.RM, shape.RN, shape.DPT, shape.threads
         HAS_BIAS, HAS_LIST, HAS_TOPK = bool(flags.has_bias), bool(flags.has_list), bool(flags.has_topk)
         HAS_PAGES = bool(flags.has_pages)
+        HAS_SEG, HAS_BM = bool(flags.has_segments), bool(flags.has_block_mask)
+        HAS_SOFTCAP, HAS_ALIBI = bool(flags.has_softcap), bool(flags.has_alibi)
+        mod = flags.score_mod
+        HAS_MOD, HAS_GRAD = mod is not None, mod is not None and mod.grad is not None
+        score_mod = device(mod.fn) if HAS_MOD else None
+        score_mod_grad = device(mod.grad) if HAS_GRAD else None
+        HAS_MODS = HAS_MOD or HAS_SOFTCAP or HAS_ALIBI
 
         def load_rows(dst, src, b, h, start, n, D, rows):  # type: ignore[no-untyped-def]
             tid = cuda.threadIdx.y * TX + cuda.threadIdx.x
@@ -297,16 +330,37 @@ class TileOps:
                     qf[QF_LSE, c] = MAX if x == NEG_INF else x
                     qf[QF_DELTA, c] = delta[b, h, ic]
 
-        def score(x, qi, j, kp, qf, qn, q0, masked, bb, hb, Nq, cfg):  # type: ignore[no-untyped-def]
+        def score(x, qi, j, kp, qf, qn, q0, masked, b, h, bb, hb, Nq, cfg):  # type: ignore[no-untyped-def]
             ok = j >= 0 and q0 + qi < Nq
             if HAS_BIAS and ok:
                 z = cfg.bias[bb, hb, qn[QN_BIAS_ROW, qi], j]
                 x += z
                 if HAS_TOPK and masked:  # DMA: the bias is the importance z, and the row keeps the top-k of it
                     ok = kept(z, j, qf[QF_THR, qi], qn[QN_THR, qi])
+            dsdt = ONE
+            if HAS_MODS and ok:  # in the order of the public API: score_mod, softcap, ALiBi
+                qp = qn[QN_POS, qi]
+                if HAS_GRAD:
+                    dsdt = ft(score_mod_grad(x, b, h, qp, kp))
+                if HAS_MOD:
+                    x = ft(score_mod(x, b, h, qp, kp))
+                if HAS_SOFTCAP:
+                    t = math.tanh(x / cfg.softcap)
+                    dsdt *= ONE - t * t
+                    x = cfg.softcap * t
+                if HAS_ALIBI:
+                    x -= cfg.alibi[h] * ft(abs(qp - kp))
             if masked and ok:
                 ok = visible(qn[QN_POS, qi], kp, cfg.causal, cfg.window, cfg.num_sinks)
-            return x, ok
+                if HAS_SEG and ok:  # packed sequences: only within one segment
+                    ok = same_segment(cfg.q_seg[b, q0 + qi], cfg.k_seg[b, j])
+                if HAS_BM and ok:  # a mask_mod: its bits, in the tiles it masks in part
+                    i = q0 + qi
+                    bq, bk = cfg.bm_bits.shape[1], cfg.bm_bits.shape[2]
+                    slot = cfg.bm_index[b % cfg.bm_index.shape[0], h % cfg.bm_index.shape[1], i // bq, j // bk]
+                    if slot >= 0:
+                        ok = cfg.bm_bits[slot, i % bq, j % bk] != 0
+            return x, ok, dsdt
 
         def dot_tile(s, A, Bm):  # type: ignore[no-untyped-def]
             ty = cuda.threadIdx.y
@@ -358,7 +412,7 @@ class TileOps:
 
 def tile_ops(shape: TileShape, dtype: Any, flags: Flags) -> TileOps:
     """Cached :class:`TileOps` for ``(shape, dtype, flags)``."""
-    key = (shape, np.dtype(dtype).name, tuple(bool(f) for f in flags))
+    key = (shape, np.dtype(dtype).name, flags_key(flags))
     if key not in _TILE_OPS:
         _TILE_OPS[key] = TileOps(shape, dtype, Flags(*key[2]))
     return _TILE_OPS[key]

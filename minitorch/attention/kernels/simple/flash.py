@@ -16,7 +16,9 @@ Everything is built from two steps, used by every loop of this module:
 
 and one way to get a tile, :meth:`_Head.scores`, configured by the :class:`~minitorch.attention.spec.AttentionSpec`:
 the *key source* (a contiguous key tile, or keys read through an index list, :meth:`_Head.key_rows`) and the *score
-modification* (bias, the visibility rule of :mod:`minitorch.attention.masks`, DMA's top-k keep rule, dropout).
+modification* (bias; a user's ``score_mod``, softcap, ALiBi (:meth:`_Head.modify`); the visibility rule of
+:mod:`minitorch.attention.masks` on positions and segment ids, a ``mask_mod``, DMA's top-k keep rule; dropout).
+Learnable sinks are the online softmax's starting point: ``(m, l) = (sinks[h], 1)`` instead of ``(-inf, 0)``.
 
 Forward, two loop orders over the same tiles (``spec.order``), same result:
 
@@ -44,13 +46,16 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 
 from ...dropout import build_dropout_hash
-from ...masks import build_kept, build_visible
+from ...masks import build_kept, build_same_segment, build_visible
 from ...merge import merge_partials
+from ...mods import evaluate_mask
+from ...sinks import sink_probs
 from ...spec import AttentionSpec, check_backward
 from ...tiling import TileOrder, TileType
 
 dropout_hash = build_dropout_hash()  # the NumPy versions: the same bits and rule as the compiled kernels
 visible = build_visible()
+same_segment = build_same_segment()
 kept = build_kept()
 
 
@@ -96,27 +101,53 @@ class _Head:
         line = self.types[tq] if tq is not None else self.types[:, tk]
         return np.nonzero(line != TileType.SKIP)[0]
 
-    def scores(self, tq: int, tk: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """``S_ij = scale Q_i K_j^T + bias_ij`` of shape ``(Br, Bc)``, and the visibility of its pairs.
+    def scores(self, tq: int, tk: int) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+        """``S_ij = modify(scale Q_i K_j^T + bias_ij)`` of shape ``(Br, Bc)``, the visibility of its pairs, and
+        ``dS/dT``, the derivative of the modification (``None`` when there is none; see :meth:`modify`).
 
-        In a TRIANGLE tile every pair is tested (positions; with a :class:`~minitorch.attention.spec.TopK`, also the
-        keep rule) and masked pairs score ``-inf``; ``vis`` is the boolean tile. A DENSE tile needs no test
-        (``vis = None``: every pair is visible).
+        In a TRIANGLE tile every pair is tested (positions, segment ids, the ``mask_mod``; with a
+        :class:`~minitorch.attention.spec.TopK`, also the keep rule) and masked pairs score ``-inf``; ``vis`` is the
+        boolean tile. A DENSE tile needs no test (``vis = None``: every pair is visible).
         """
-        spec = self.spec
+        spec, b = self.spec, self.b
         i, j = self.query_rows(tq), self.key_rows(tk)
         s = spec.scale * (self.q[i] @ self.k[j].T)
         if self.bias is not None:
             s = s + self.bias[i if self.bias.shape[0] > 1 else [0]][:, j]  # a (1, Nk) bias broadcasts over rows
+        s, ds_dt = self.modify(s, spec.q_pos_b[b, i][:, None], spec.k_pos[j][None, :])
         vis = None
         if self.types[tq, tk] == TileType.TRIANGLE:
-            vis = visible(spec.q_pos_b[self.b, i][:, None], spec.k_pos_b[self.b, j][None, :], spec.causal,
-                          spec.window, spec.num_sinks)
+            vis = visible(spec.q_pos_b[b, i][:, None], spec.k_pos_b[b, j][None, :], spec.causal, spec.window,
+                          spec.num_sinks)
+            if spec.q_seg is not None:  # packed sequences: only within one segment
+                vis &= same_segment(spec.q_seg[b, i][:, None], spec.k_seg[b, j][None, :])
+            if spec.block_mask is not None:  # the user's mask_mod, on this tile's positions
+                vis &= evaluate_mask(spec.block_mask.mask_mod, b, self.h, spec.q_pos_b[b, i][:, None],
+                                     spec.k_pos[j][None, :])
             if spec.topk is not None:  # Dynamic Mask Attention: does row i keep key j? (the bias is its z)
-                thr_val, thr_idx = spec.topk.thr_val[self.b, self.g, i], spec.topk.thr_idx[self.b, self.g, i]
+                thr_val, thr_idx = spec.topk.thr_val[b, self.g, i], spec.topk.thr_idx[b, self.g, i]
                 vis &= kept(self.bias[0, j][None, :], j[None, :], thr_val[:, None], thr_idx[:, None])
             s = np.where(vis, s, -np.inf)
-        return s.astype(self.q.dtype, copy=False), vis
+        return s.astype(self.q.dtype, copy=False), vis, ds_dt
+
+    def modify(self, t: np.ndarray, q_pos: np.ndarray, k_pos: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """The score modification after ``t = scale q.k + bias``, in the order of the public API: the user's
+        ``score_mod``, ``softcap tanh(. / softcap)``, ALiBi's ``- slope[h] |q_pos - k_pos|``. Returns ``(s, ds/dt)``
+        (``ds/dt`` None when nothing depends on ``t``): backward chains ``dS`` through it."""
+        spec, dtype = self.spec, self.q.dtype
+        ds_dt = None
+        with np.errstate(all="ignore"):  # masked pairs may overflow: they are replaced by the masks
+            if spec.score_mod is not None:
+                if spec.score_mod.grad is not None:
+                    ds_dt = spec.score_mod.derivative(t, self.b, self.h, q_pos, k_pos)
+                t = spec.score_mod.apply(t, self.b, self.h, q_pos, k_pos)
+            if spec.softcap > 0:
+                th = np.tanh(t / dtype.type(spec.softcap))
+                t = dtype.type(spec.softcap) * th
+                ds_dt = (1 - th * th) * (1 if ds_dt is None else ds_dt)
+            if spec.alibi is not None:
+                t = t - dtype.type(spec.alibi[self.h]) * np.abs(q_pos - k_pos).astype(dtype)
+        return t, ds_dt
 
     def dropout_scale(self, tq: int, tk: int) -> Optional[np.ndarray]:
         """``(Br, Bc)``: ``1 / (1 - p)`` where the element is kept, ``0`` where dropped; ``None`` without dropout.
@@ -155,13 +186,13 @@ def _head(q, k, v, bias, spec: AttentionSpec, b: int, h: int) -> _Head:  # type:
         Bb, Hb = bias.shape[0], bias.shape[1]
         hb = h if Hb == spec.H else (g if Hb == spec.Hkv else 0)  # a kv-head bias is shared by its group
         bias_bh = bias[b if Bb == spec.B else 0, hb]
-    types = spec.kernel_tiles()
+    types = spec.kernel_tiles()  # (B, Ht, Tr, Tc): per batch row, per kv head (a key list) or per head (mask_mod)
     if spec.pages is None:  # where the key source's rows are stored: this batch row's own rows ...
         kb, vb = k[b, g], v[b, g]
     else:  # ... or a paged sequence's pages in the shared pool
         table, ps = spec.pages.block_table[b], spec.pages.page_size
         kb, vb = _PagedRows(k, table, ps, g), _PagedRows(v, table, ps, g)
-    return _Head(spec, b, h, g, q[b, h], kb, vb, bias_bh, types[b, g % types.shape[1]])
+    return _Head(spec, b, h, g, q[b, h], kb, vb, bias_bh, types[b, h // (spec.H // types.shape[1])])
 
 
 def _heads(q, k, v, bias, spec: AttentionSpec) -> Iterator[_Head]:  # type: ignore[no-untyped-def]
@@ -235,15 +266,26 @@ def forward(
     return out, lse
 
 
-def _attend(head: _Head, tq: int, key_tiles: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """FA2 Algorithm 1, lines 4-13, for query tile ``tq`` over ``key_tiles``: the normalized ``(O_i, lse_i)``."""
+def _start(head: _Head, n: int, with_sink: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """The online softmax's starting ``(m, l)`` for ``n`` rows: nothing seen, ``(-inf, 0)``; or, with learnable
+    sinks, the sink's term already folded in, ``(sinks[h], 1)``: ``exp(sinks[h] - m) = 1`` is its share of ``l``,
+    and it adds nothing to ``O`` (a sink has no value). A row that sees no key ends with ``O = 0``, ``lse =
+    sinks[h]``."""
+    dtype = head.q.dtype
+    if with_sink and head.spec.sinks is not None:
+        return np.full(n, head.spec.sinks[head.h], dtype=dtype), np.ones(n, dtype=dtype)
+    return np.full(n, -np.inf, dtype=dtype), np.zeros(n, dtype=dtype)
+
+
+def _attend(head: _Head, tq: int, key_tiles: np.ndarray, with_sink: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """FA2 Algorithm 1, lines 4-13, for query tile ``tq`` over ``key_tiles``: the normalized ``(O_i, lse_i)``
+    (the sink folded in when ``with_sink``: one split of split-K holds it)."""
     n = len(head.query_rows(tq))
     dtype = head.q.dtype
     O_i = np.zeros((n, head.spec.D), dtype=dtype)  # line 5: on-chip accumulators of this query tile
-    l_i = np.zeros(n, dtype=dtype)
-    m_i = np.full(n, -np.inf, dtype=dtype)
+    m_i, l_i = _start(head, n, with_sink)
     for tk in key_tiles:  # lines 6-7: for each key tile, load K_j, V_j
-        S_ij, vis = head.scores(tq, tk)  # line 8
+        S_ij, vis, _ = head.scores(tq, tk)  # line 8
         m_i, l_i, O_i = _online_softmax_step(S_ij, head.v[head.key_rows(tk)], vis, head.dropout_scale(tq, tk),
                                              m_i, l_i, O_i)
     return _finish(m_i, l_i, O_i)  # lines 12-13
@@ -257,7 +299,7 @@ def _forward_q_major(head: _Head, out: np.ndarray, lse: np.ndarray) -> None:
     """
     for tq in range(head.spec.Tr):  # line 3: for each query tile Q_i (one thread block on a GPU)
         splits: List[np.ndarray] = np.array_split(head.visited(tq=tq), head.spec.num_splits)
-        parts = [_attend(head, tq, tiles) for tiles in splits]
+        parts = [_attend(head, tq, tiles, with_sink=n == 0) for n, tiles in enumerate(splits)]
         rows = head.query_rows(tq)
         out[rows], lse[rows] = merge_partials(np.stack([o for o, _ in parts], axis=1),
                                               np.stack([x for _, x in parts], axis=1))
@@ -269,15 +311,14 @@ def _forward_k_major(head: _Head, out: np.ndarray, lse: np.ndarray) -> None:
     ``O`` stays normalized after every step (as in the paper), ``l`` and ``m`` are full ``(Nq,)`` arrays. Each
     step un-normalizes ``O_i`` (``l_i O_i``), runs the same online-softmax step as Q-major, and normalizes back.
     """
-    spec, dtype = head.spec, head.q.dtype
-    O = out  # line 2: O = 0, l = 0, m = -inf in HBM
-    l = np.zeros(spec.Nq, dtype=dtype)
-    m = np.full(spec.Nq, -np.inf, dtype=dtype)
+    spec = head.spec
+    O = out  # line 2: O = 0, l = 0, m = -inf in HBM (or the sink's term)
+    m, l = _start(head, spec.Nq, True)
     for tk in range(spec.Tc):  # line 5: for each key tile
         V_j = head.v[head.key_rows(tk)]  # line 6: load K_j, V_j
         for tq in head.visited(tk=tk):  # line 7: for each query tile that sees this key tile
             rows = head.query_rows(tq)  # line 8: load Q_i, O_i, l_i, m_i
-            S_ij, vis = head.scores(tq, tk)  # line 9
+            S_ij, vis, _ = head.scores(tq, tk)  # line 9
             acc = np.where(l[rows, None] != 0, l[rows, None] * O[rows], 0)  # diag(l_i) O_i
             # lines 10-11: the online-softmax step; line 12: O_i = diag(l_i^new)^-1 (...), written back
             m[rows], l[rows], acc = _online_softmax_step(S_ij, V_j, vis, head.dropout_scale(tq, tk), m[rows],
@@ -306,7 +347,10 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndar
     (preprocess, FA2 Algorithm 2 line 4: ``d lse / d S = P`` folds into delta). Exactly, ``sum_j dS_ij = dlse_i``;
     in floating point ``delta`` comes from ``O`` and the sum is off by rounding, which matters where ``dS`` is
     summed over a whole row (a bias broadcast over the keys' rows, DMA's ``z``). The dQ pass therefore also sums
-    each row of ``dS`` (``rs``) and the dK/dV pass uses ``delta + rs - dlse``, whose rows sum as they should.
+    each row of ``dS`` (``rs``) and the dK/dV pass uses ``delta + rs - dlse``, whose rows sum as they should. With
+    learnable sinks a row has one more column, the sink's, with ``dS = -P_sink delta`` (its ``dP`` is 0: it has no
+    value), so the refined delta is ``delta (1 - P_sink) + rs - dlse``. ``dS`` is of the final scores; dQ, dK and
+    dBias take it through the score modification (``dT = dS ds/dt``, :meth:`_Head.modify`).
     """
     check_backward(spec)
     dtype = q.dtype
@@ -323,8 +367,8 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndar
     for head in _heads(q, k, v, bias, spec):
         b, h = head.b, head.h
         _backward_dq(head, dout[b, h], lse_safe[b, h], delta[b, h], dq[b, h], rs[b, h])
-    if spec.rows_complete:
-        delta = delta + rs - dlse  # refined: every row of dS now sums to dlse
+    if spec.rows_complete:  # refined: every row of dS (with the sink's column) now sums to dlse
+        delta = delta * (1 - sink_probs(lse, spec.sinks)) + rs - dlse
     for b in range(spec.B):
         for g in range(spec.Hkv):
             heads = [_head(q, k, v, bias, spec, b, h) for h in range(g * spec.group, (g + 1) * spec.group)]
@@ -333,12 +377,14 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndar
 
 
 def _tile_grads(head: _Head, tq: int, tk: int, dO_i: np.ndarray, lse_i: np.ndarray, delta_i: np.ndarray):
-    """Recompute one tile (FA2 Algorithm 2, lines 11-14): returns ``(Z_ij, dS_ij, vis)``.
+    """Recompute one tile (FA2 Algorithm 2, lines 11-14): returns ``(Z_ij, dS_ij, dT_ij, vis)``.
 
     ``P_ij = exp(S_ij - lse_i)`` (softmax, recomputed), ``Z_ij`` the probabilities after dropout (what multiplied
-    V), ``dS_ij = P_ij * (dP_ij - delta_i)`` with ``dP_ij = (dO_i V_j^T) * dropout``, exactly 0 where masked.
+    V), ``dS_ij = P_ij * (dP_ij - delta_i)`` with ``dP_ij = (dO_i V_j^T) * dropout``, and ``dT_ij = dS_ij dS/dT``,
+    the gradient of ``T = scale Q K^T + bias`` (through score_mod and softcap; ``dS_ij`` itself without them), both
+    exactly 0 where masked.
     """
-    S_ij, vis = head.scores(tq, tk)
+    S_ij, vis, ds_dt = head.scores(tq, tk)
     P_ij = np.exp(S_ij - lse_i[:, None])
     drop = head.dropout_scale(tq, tk)
     with np.errstate(invalid="ignore"):  # NaN in a masked V_j: its dS entries are replaced by 0 below
@@ -348,9 +394,11 @@ def _tile_grads(head: _Head, tq: int, tk: int, dO_i: np.ndarray, lse_i: np.ndarr
             Z_ij = P_ij * drop
             dP_ij = dP_ij * drop
         dS_ij = P_ij * (dP_ij - delta_i[:, None])
-    if vis is not None:
-        dS_ij = np.where(vis, dS_ij, 0)  # a masked pair has no gradient, whatever V holds there
-    return Z_ij, dS_ij, vis
+        dT_ij = dS_ij if ds_dt is None else dS_ij * ds_dt
+    if vis is not None:  # a masked pair has no gradient, whatever V (or the modification) gives there, and no
+        # probability, whatever the row's lse (NaN for a row that sees a NaN: it must not reach dV of other keys)
+        Z_ij, dS_ij, dT_ij = np.where(vis, Z_ij, 0), np.where(vis, dS_ij, 0), np.where(vis, dT_ij, 0)
+    return Z_ij, dS_ij, dT_ij, vis
 
 
 def _backward_dq(head: _Head, dout_bh, lse_bh, delta_bh, dq_bh, rs_bh) -> None:  # type: ignore[no-untyped-def]
@@ -360,8 +408,8 @@ def _backward_dq(head: _Head, dout_bh, lse_bh, delta_bh, dq_bh, rs_bh) -> None: 
         rows = head.query_rows(tq)
         dQ_i = np.zeros((len(rows), spec.D), dtype=dq_bh.dtype)
         for tk in head.visited(tq=tq):  # every key tile this query tile sees
-            _, dS_ij, vis = _tile_grads(head, tq, tk, dout_bh[rows], lse_bh[rows], delta_bh[rows])
-            dQ_i += _product(dS_ij, head.k[head.key_rows(tk)], vis)  # line 15: dQ_i += dS_ij K_j
+            _, dS_ij, dT_ij, vis = _tile_grads(head, tq, tk, dout_bh[rows], lse_bh[rows], delta_bh[rows])
+            dQ_i += _product(dT_ij, head.k[head.key_rows(tk)], vis)  # line 15: dQ_i += dS_ij K_j
             rs_bh[rows] += dS_ij.sum(axis=1)
         dq_bh[rows] = spec.scale * dQ_i
 
@@ -381,18 +429,18 @@ def _backward_dk_dv(heads: List[_Head], dout_b, lse_b, delta_b, dk_g, dv_g, dbia
             for tq in head.visited(tk=tk):  # line 8: for each query tile that sees K_j
                 rows = head.query_rows(tq)
                 dO_i = dout_b[head.h, rows]
-                Z_ij, dS_ij, vis = _tile_grads(head, tq, tk, dO_i, lse_b[head.h, rows], delta_b[head.h, rows])
+                Z_ij, _, dT_ij, vis = _tile_grads(head, tq, tk, dO_i, lse_b[head.h, rows], delta_b[head.h, rows])
                 vis_t = None if vis is None else vis.T
                 dV_j += _product(Z_ij.T, dO_i, vis_t)  # line 12: dV_j += P_ij^T dO_i (with dropout)
-                dK_j += _product(dS_ij.T, head.q[rows], vis_t)  # line 16 (scale applied once below)
-                if dbias is not None:  # dBias = dS, summed over the dims the bias was broadcast along
+                dK_j += _product(dT_ij.T, head.q[rows], vis_t)  # line 16 (scale applied once below)
+                if dbias is not None:  # dBias = dT, summed over the dims the bias was broadcast along
                     Bb, Hb = dbias.shape[0], dbias.shape[1]
                     bb = head.b if Bb == spec.B else 0
                     hb = head.h if Hb == spec.H else (head.g if Hb == spec.Hkv else 0)
                     if dbias.shape[2] == 1:
-                        dbias[bb, hb, 0, j] += dS_ij.sum(axis=0)
+                        dbias[bb, hb, 0, j] += dT_ij.sum(axis=0)
                     else:
-                        dbias[bb, hb, rows[:, None], j[None, :]] += dS_ij
+                        dbias[bb, hb, rows[:, None], j[None, :]] += dT_ij
         dk_g[j] = spec.scale * dK_j  # line 18: write dK_j, dV_j
         dv_g[j] = dV_j
 
