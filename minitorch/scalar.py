@@ -151,12 +151,15 @@ class Scalar:
         return self.history.inputs
 
     def chain_rule(self, d_output: Any) -> Iterable[Tuple[Variable, Any]]:
-        """Derivatives for the inputs of ``last_fn``, given the derivative ``d_output`` of this Scalar."""
+        """One pair ``(input, d_output * d self / d input)`` for every input of ``last_fn``, in argument order.
+
+        Constant inputs (plain numbers given to a function) get their pair too; ``backpropagate`` skips them.
+        """
         h = self.history
         assert h is not None and h.last_fn is not None and h.ctx is not None
         derivs = h.last_fn._backward(h.ctx, d_output)
         assert len(derivs) == len(h.inputs), f"{h.last_fn.__name__}.backward returned {len(derivs)} derivatives"
-        return [(inp, d) for inp, d in zip(h.inputs, derivs) if not inp.is_constant()]
+        return list(zip(h.inputs, derivs))
 
     def backward(self, d_output: Optional[float] = None) -> None:
         """Backpropagate from this Scalar (``d_output`` defaults to 1.0) and fill in the leaves' ``derivative``."""

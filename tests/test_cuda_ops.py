@@ -382,6 +382,24 @@ def test_storage_stays_on_device(dtype: type) -> None:
 
 @pytest.mark.task3_3
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_host_tensor_data_moves_to_device(dtype: type) -> None:
+    """Course code builds ``Tensor(TensorData(values, shape, strides), backend=CudaBackend)`` from host values: the
+    storage is copied to the device once, with its layout; the caller's TensorData stays on the host."""
+    x = rand((2, 3), dtype, seed=21)
+    td = TensorData(np.ascontiguousarray(x.T).reshape(-1), (2, 3), (1, 2), dtype=dtype)  # a transposed layout
+    t = Tensor(td, backend=CudaBackend)
+    assert t.is_cuda and is_cuda_storage(t._tensor._storage) and t.dtype == dtype
+    assert t._tensor.strides == (1, 2)
+    assert not td.is_cuda and isinstance(td._storage, np.ndarray)
+    check(t, x, dtype)
+    check(t * t + t, x * x + x, dtype)
+    device_td = t._tensor
+    with pytest.raises(ValueError, match="SimpleOps"):
+        Tensor(device_td)  # device storage for the host backend is an error, not a silent copy
+
+
+@pytest.mark.task3_3
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_zeros_storage_and_fill(dtype: type) -> None:
     z = CudaOps.zeros_storage(7, dtype)
     assert is_cuda_storage(z) and z.dtype == dtype
