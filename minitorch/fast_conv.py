@@ -61,10 +61,12 @@ def _contract(xs: np.ndarray, wk: np.ndarray) -> np.ndarray:
 def _conv1d_forward(x: np.ndarray, w: np.ndarray, reverse: bool) -> np.ndarray:
     """x ``(B, C, W)``, w ``(O, C, K)`` -> ``(B, O, W)``: one shifted copy of x per kernel offset k, its channels
     mixed by ``w[:, :, k]``, summed over k."""
+    # BEGIN SOLUTION task4_1: sum over offsets k of _contract(x shifted by k, w[:, :, k])
     out = np.zeros((x.shape[0], w.shape[0], x.shape[2]), dtype=x.dtype)
     for k in range(w.shape[2]):
         out += _contract(_shift(x, (k,), reverse), w[:, :, k])
     return out
+    # END SOLUTION
 
 
 def _conv1d_backward(x: np.ndarray, w: np.ndarray, g: np.ndarray, reverse: bool) -> Tuple[np.ndarray, np.ndarray]:
@@ -72,25 +74,30 @@ def _conv1d_backward(x: np.ndarray, w: np.ndarray, g: np.ndarray, reverse: bool)
 
     Offset k's term is linear in x through "shift by k": its adjoint shifts the other way (``not reverse``).
     """
+    # BEGIN SOLUTION task4_1: per offset k, the adjoint of its forward term: for x (shift back) and w[:, :, k]
     gx = np.zeros_like(x)
     gw = np.zeros_like(w)
     for k in range(w.shape[2]):
         gx += _shift(_contract(g, w[:, :, k].T), (k,), not reverse)
         gw[:, :, k] = np.tensordot(g, _shift(x, (k,), reverse), axes=([0, 2], [0, 2]))
     return gx, gw
+    # END SOLUTION
 
 
 def _conv2d_forward(x: np.ndarray, w: np.ndarray, reverse: bool) -> np.ndarray:
     """x ``(B, C, H, W)``, w ``(O, C, KH, KW)`` -> ``(B, O, H, W)``: as `_conv1d_forward`, over offsets (i, j)."""
+    # BEGIN SOLUTION task4_2: sum over offsets (i, j) of _contract(x shifted by (i, j), w[:, :, i, j])
     out = np.zeros((x.shape[0], w.shape[0]) + x.shape[2:], dtype=x.dtype)
     for i in range(w.shape[2]):
         for j in range(w.shape[3]):
             out += _contract(_shift(x, (i, j), reverse), w[:, :, i, j])
     return out
+    # END SOLUTION
 
 
 def _conv2d_backward(x: np.ndarray, w: np.ndarray, g: np.ndarray, reverse: bool) -> Tuple[np.ndarray, np.ndarray]:
     """Gradients for x ``(B, C, H, W)`` and w ``(O, C, KH, KW)`` from g ``(B, O, H, W)`` (see `_conv1d_backward`)."""
+    # BEGIN SOLUTION task4_2: as _conv1d_backward, for every offset (i, j)
     gx = np.zeros_like(x)
     gw = np.zeros_like(w)
     for i in range(w.shape[2]):
@@ -98,6 +105,7 @@ def _conv2d_backward(x: np.ndarray, w: np.ndarray, g: np.ndarray, reverse: bool)
             gx += _shift(_contract(g, w[:, :, i, j].T), (i, j), not reverse)
             gw[:, :, i, j] = np.tensordot(g, _shift(x, (i, j), reverse), axes=([0, 2, 3], [0, 2, 3]))
     return gx, gw
+    # END SOLUTION
 
 
 class _ConvFun(Function):
