@@ -63,6 +63,9 @@ BEGIN_RE = re.compile(r"^# BEGIN SOLUTION (?P<task>task\d+_\d+): (?P<hint>\S.*?)
 END_RE = re.compile(r"^# END SOLUTION\s*$")
 TASK_RE = re.compile(r"^task(\d+)_(\d+)$")
 
+STUB_LINE_LENGTH = 120
+"""A stub's ``raise`` longer than this is written over three lines."""
+
 TEACHER_ONLY = ("tests/test_course.py",)
 """Files left out of the student tree (the generator's own test needs the solution markers)."""
 
@@ -200,8 +203,12 @@ def stub_source(source: str, path: str, tasks: Set[str], known: Optional[Set[str
         out.extend(lines[pos : r.begin])
         if r.task in tasks:
             title = task_title(r.task)
+            message = _string_literal(f"{title}: {r.hint}")
             out.append(f"{r.indent}# TODO: {title}\n")
-            out.append(f"{r.indent}raise NotImplementedError({_string_literal(f'{title}: {r.hint}')})\n")
+            raise_line = f"{r.indent}raise NotImplementedError({message})\n"
+            if len(raise_line) > STUB_LINE_LENGTH:
+                raise_line = f"{r.indent}raise NotImplementedError(\n{r.indent}    {message}\n{r.indent})\n"
+            out.append(raise_line)
             stubbed += 1
         else:
             out.extend(lines[r.begin + 1 : r.end])

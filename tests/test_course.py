@@ -37,6 +37,7 @@ from minitorch.course import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+STUB = re.compile(r'raise NotImplementedError\(\s*"Task \d+\.\d+: ')
 
 STUBBED_MODULES = (0, 1, 2, 3, 4)
 """Modules whose every task must have a solution region (module 5's regions are placed with the attention code)."""
@@ -134,8 +135,7 @@ def test_markers_are_comments_only(rel: str) -> None:
     assert n == 0
     assert kept.splitlines() == [ln for i, ln in enumerate(source.splitlines()) if i not in marker_lines]
     stubbed, n = stub_source(source, rel, {r.task for r in regions})
-    stub = 'raise NotImplementedError("Task '
-    assert n == len(regions) == stubbed.count(stub) - source.count(stub)
+    assert n == len(regions) == len(STUB.findall(stubbed)) - len(STUB.findall(source))
 
 
 def test_every_task_of_the_stubbed_modules_has_a_region() -> None:
@@ -224,11 +224,12 @@ def student_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_student_tree_has_stubs_and_no_solutions(student_tree: Path) -> None:
     regions = all_regions(ROOT)
     stubs = 0
-    stub = re.compile(r'raise NotImplementedError\("Task \d+\.\d+: ')
     for rel in {r.path for r in regions}:
-        text = (student_tree / rel).read_text(encoding="utf-8")
+        text, solution = (student_tree / rel).read_text(encoding="utf-8"), (ROOT / rel).read_text(encoding="utf-8")
         assert find_regions(text, rel) == [], f"{rel} still has solution markers"
-        stubs += len(stub.findall(text)) - len(stub.findall((ROOT / rel).read_text(encoding="utf-8")))
+        new_lines = set(text.splitlines()) - set(solution.splitlines())
+        assert all(len(line) <= 120 for line in new_lines), f"{rel}: a stub line is longer than 120 characters"
+        stubs += len(STUB.findall(text)) - len(STUB.findall(solution))
     assert stubs == len(regions)
     for rel in TEACHER_ONLY:
         assert not (student_tree / rel).exists()
