@@ -29,11 +29,13 @@ def central_difference(f: Any, *vals: Any, arg: int = 0, epsilon: float = 1e-6) 
     Returns:
         An approximation of $f'_i(x_0, \ldots, x_{n-1})$ (of the type ``f`` returns).
     """
+    # BEGIN SOLUTION task1_1: (f at x_arg + epsilon minus f at x_arg - epsilon) / (2 epsilon)
     upper = list(vals)
     lower = list(vals)
     upper[arg] = upper[arg] + epsilon
     lower[arg] = lower[arg] - epsilon
     return (f(*upper) - f(*lower)) / (2.0 * epsilon)
+    # END SOLUTION
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -84,6 +86,7 @@ def topological_sort(variable: Variable) -> Iterable[Variable]:
     Returns:
         Non-constant variables, each once, in reverse topological order.
     """
+    # BEGIN SOLUTION task1_4: every non-constant node once, each before its parents (depth-first, no recursion)
     if variable.is_constant():
         return []
     finished: List[Variable] = []  # post-order: a node is added after all its parents
@@ -102,6 +105,7 @@ def topological_sort(variable: Variable) -> Iterable[Variable]:
             finished.append(node)
     finished.reverse()
     return finished
+    # END SOLUTION
 
 
 def backpropagate(variable: Variable, deriv: Any) -> None:
@@ -114,6 +118,7 @@ def backpropagate(variable: Variable, deriv: Any) -> None:
         variable: the right-most variable.
         deriv: the derivative of the final output with respect to ``variable`` (``1.0`` for a scalar loss).
     """
+    # BEGIN SOLUTION task1_4: visit nodes in topological order, sum derivatives per node, chain_rule to parents
     pending: Dict[int, Any] = {variable.unique_id: deriv}
     for node in topological_sort(variable):
         d = pending.pop(node.unique_id, None)
@@ -130,6 +135,7 @@ def backpropagate(variable: Variable, deriv: Any) -> None:
                 pending[key] = pending[key] + d_parent
             else:
                 pending[key] = d_parent
+    # END SOLUTION
 
 
 @dataclass

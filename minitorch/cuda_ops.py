@@ -102,6 +102,7 @@ def tensor_map(fn: Callable[[float], float]) -> Any:
         in_strides: Any,
         aligned: bool,
     ) -> None:
+        # BEGIN SOLUTION task3_3: thread i < out_size writes out at i's position: fn of the broadcast input element
         i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         if i < out_size:
             if aligned:
@@ -114,6 +115,7 @@ def tensor_map(fn: Callable[[float], float]) -> Any:
                 o = _index_to_position(out_index, out_strides)
                 j = _index_to_position(in_index, in_strides)
                 out[o] = fn(in_storage[j])
+        # END SOLUTION
 
     return jit(_map)
 
@@ -139,6 +141,7 @@ def tensor_zip(fn: Callable[[float, float], float]) -> Any:
         b_strides: Any,
         aligned: bool,
     ) -> None:
+        # BEGIN SOLUTION task3_3: thread i < out_size writes out at i's position: fn of the two broadcast inputs
         i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         if i < out_size:
             if aligned:
@@ -154,6 +157,7 @@ def tensor_zip(fn: Callable[[float, float], float]) -> Any:
                 _broadcast_index(out_index, out_shape, b_shape, b_index)
                 k = _index_to_position(b_index, b_strides)
                 out[o] = fn(a_storage[j], b_storage[k])
+        # END SOLUTION
 
     return jit(_zip)
 
@@ -190,6 +194,7 @@ def tensor_reduce(fn: Callable[[float, float], float], block: int = REDUCE_BLOCK
         reduce_dim: int,
         start: Any,
     ) -> None:
+        # BEGIN SOLUTION task3_3: block = one output: each thread folds a strided slice, then a shared-memory tree
         cache = cuda.shared.array(block, nb_dtype)
         out_index = cuda.local.array(MAX_DIMS, numba.int32)
         out_pos = cuda.blockIdx.x
@@ -215,6 +220,7 @@ def tensor_reduce(fn: Callable[[float, float], float], block: int = REDUCE_BLOCK
                 half //= 2
             if pos == 0:
                 out[o] = cache[0]
+        # END SOLUTION
 
     return jit(_reduce)
 
@@ -252,6 +258,7 @@ def tensor_matrix_multiply(tile: int = TILE, dtype: Any = np.float64) -> Any:
         b_s1: int,
         b_s2: int,
     ) -> None:
+        # BEGIN SOLUTION task3_4: tile x tile threads per output tile: stage tiles of a and b in shared memory
         a_shared = cuda.shared.array((tile, tile), nb_dtype)
         b_shared = cuda.shared.array((tile, tile), nb_dtype)
         tx = cuda.threadIdx.x
@@ -280,6 +287,7 @@ def tensor_matrix_multiply(tile: int = TILE, dtype: Any = np.float64) -> Any:
             cuda.syncthreads()
         if row < n and col < p:
             out[(batch * n + row) * p + col] = acc
+        # END SOLUTION
 
     return jit(_mm)
 
@@ -305,6 +313,7 @@ def _sum_practice(out: Any, a: Any, size: int) -> None:
     Each of the 32 threads loads one element into shared memory (0 past the end), then a tree reduction halves the
     number of active threads each step. Launch with blocks of ``BLOCK_DIM`` threads.
     """
+    # BEGIN SOLUTION task3_3: each block sums its 32 elements: load into shared memory, then a tree reduction
     cache = cuda.shared.array(BLOCK_DIM, numba.float64)
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     pos = cuda.threadIdx.x
@@ -321,6 +330,7 @@ def _sum_practice(out: Any, a: Any, size: int) -> None:
         half //= 2
     if pos == 0:
         out[cuda.blockIdx.x] = cache[0]
+    # END SOLUTION
 
 
 jit_sum_practice = jit(_sum_practice)
@@ -347,6 +357,7 @@ def _mm_practice(out: Any, a: Any, b: Any, size: int) -> None:
     Each thread copies one element of ``a`` and of ``b`` into shared memory, then computes one output element
     reading only shared memory (one global read and one global write per thread).
     """
+    # BEGIN SOLUTION task3_4: one block: copy a and b to shared memory, then each thread computes one output
     a_shared = cuda.shared.array((BLOCK_DIM, BLOCK_DIM), numba.float64)
     b_shared = cuda.shared.array((BLOCK_DIM, BLOCK_DIM), numba.float64)
     row = cuda.threadIdx.y
@@ -360,6 +371,7 @@ def _mm_practice(out: Any, a: Any, b: Any, size: int) -> None:
         for k in range(size):
             acc += a_shared[row, k] * b_shared[k, col]
         out[row * size + col] = acc
+    # END SOLUTION
 
 
 jit_mm_practice = jit(_mm_practice)

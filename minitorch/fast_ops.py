@@ -217,6 +217,7 @@ def tensor_map(fn: Callable[[float], float], parallel: bool = True) -> Callable[
         in_strides: Strides,
     ) -> None:
         version  # noqa: B018 - a closure cell, so that it is part of Numba's cache key
+        # BEGIN SOLUTION task3_1: prange over chunks of outputs: a contiguous loop when aligned, else step indices
         size = _size(out_shape)
         n_chunks = (size + CHUNK - 1) // CHUNK
         if _same_dense(out_shape, out_strides, in_shape, in_strides):
@@ -243,6 +244,7 @@ def tensor_map(fn: Callable[[float], float], parallel: bool = True) -> Callable[
                 d = _next_index(index, out_shape)
                 o += out_delta[d]
                 j += in_delta[d]
+        # END SOLUTION
 
     return njit(parallel=parallel, cache=True)(_map)
 
@@ -268,6 +270,7 @@ def tensor_zip(fn: Callable[[float, float], float], parallel: bool = True) -> Ca
         b_strides: Strides,
     ) -> None:
         version  # noqa: B018 - a closure cell, so that it is part of Numba's cache key
+        # BEGIN SOLUTION task3_1: like _map with two broadcast inputs: out[o] = f(a[j], b[k])
         size = _size(out_shape)
         n_chunks = (size + CHUNK - 1) // CHUNK
         if _same_dense(out_shape, out_strides, a_shape, a_strides) and _same_dense(
@@ -301,6 +304,7 @@ def tensor_zip(fn: Callable[[float, float], float], parallel: bool = True) -> Ca
                 o += out_delta[d]
                 j += a_delta[d]
                 k += b_delta[d]
+        # END SOLUTION
 
     return njit(parallel=parallel, cache=True)(_zip)
 
@@ -326,6 +330,7 @@ def tensor_reduce(fn: Callable[[float, float], float], parallel: bool = True) ->
         reduce_dim: int,
     ) -> None:
         version  # noqa: B018 - a closure cell, so that it is part of Numba's cache key
+        # BEGIN SOLUTION task3_1: prange over outputs; fold f over the reduced dim with its stride, from out[o]
         size = _size(out_shape)
         n = a_shape[reduce_dim]
         step = a_strides[reduce_dim]
@@ -377,6 +382,7 @@ def tensor_reduce(fn: Callable[[float, float], float], parallel: bool = True) ->
                 d = _next_index(index, out_shape)
                 o += out_delta[d]
                 j += a_delta[d]
+        # END SOLUTION
 
     return njit(parallel=parallel, cache=True, fastmath=_FASTMATH_REDUCE)(_reduce)
 
@@ -524,6 +530,7 @@ def _make_matrix_multiply(parallel: bool) -> Callable[..., None]:
         Shapes: a ``(Ba, n, m)``, b ``(Bb, m, p)``, out ``(max(Ba, Bb), n, p)``.
         """
         variant  # noqa: B018 - a closure cell, so that it is part of Numba's cache key
+        # BEGIN SOLUTION task3_2: prange over (batch, row, column) work; out[n, i, j] = dot(row i of a, column j of b)
         n_batch = out_shape[0]
         n = out_shape[1]
         p = out_shape[2]
@@ -586,6 +593,7 @@ def _make_matrix_multiply(parallel: bool) -> Callable[..., None]:
                     out[o_base + ii * o_row + jj * o_col] = _dot(
                         a, a_base + ii * a_row, bt, b_base + jj * b_row, m, zero
                     )
+        # END SOLUTION
 
     return njit(parallel=parallel, cache=True, fastmath=_FASTMATH_MM)(_tensor_matrix_multiply)
 

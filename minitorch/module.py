@@ -28,7 +28,9 @@ class Module:
 
     def modules(self) -> Sequence["Module"]:
         """The direct child modules."""
+        # BEGIN SOLUTION task0_4: return the direct child modules (registered in _modules)
         return list(self.__dict__["_modules"].values())
+        # END SOLUTION
 
     def children(self) -> Sequence["Module"]:
         """The direct child modules (same as ``modules()``, the PyTorch name)."""
@@ -36,26 +38,34 @@ class Module:
 
     def train(self) -> None:
         """Set this module and all its descendants to training mode."""
+        # BEGIN SOLUTION task0_4: set training = True on this module and every descendant
         self.__dict__["training"] = True
         for m in self.modules():
             m.train()
+        # END SOLUTION
 
     def eval(self) -> None:
         """Set this module and all its descendants to evaluation mode."""
+        # BEGIN SOLUTION task0_4: set training = False on this module and every descendant
         self.__dict__["training"] = False
         for m in self.modules():
             m.eval()
+        # END SOLUTION
 
     def named_parameters(self) -> Sequence[Tuple[str, "Parameter"]]:
         """All parameters of this module and its descendants, named by dotted path (e.g. ``"layer1.weights"``)."""
+        # BEGIN SOLUTION task0_4: this module's parameters, then each child's, named by dotted path (child.name)
         out: List[Tuple[str, Parameter]] = list(self.__dict__["_parameters"].items())
         for child_name, child in self.__dict__["_modules"].items():
             out.extend((f"{child_name}.{name}", p) for name, p in child.named_parameters())
         return out
+        # END SOLUTION
 
     def parameters(self) -> Sequence["Parameter"]:
         """All parameters of this module and its descendants."""
+        # BEGIN SOLUTION task0_4: every parameter of this module and its descendants
         return [p for _, p in self.named_parameters()]
+        # END SOLUTION
 
     def add_parameter(self, k: str, v: Any) -> "Parameter":
         """Register ``v`` as a parameter named ``k`` (wrapping it in a ``Parameter``) and return the Parameter."""

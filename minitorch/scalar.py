@@ -67,16 +67,24 @@ class Scalar:
 
     # Arithmetic: each operator is one ScalarFunction (or a composition of them).
     def __add__(self, b: ScalarLike) -> Scalar:
+        # BEGIN SOLUTION task1_2: self + b with the Add function
         return Add.apply(self, b)
+        # END SOLUTION
 
     def __radd__(self, b: ScalarLike) -> Scalar:
+        # BEGIN SOLUTION task1_2: b + self with the Add function
         return Add.apply(b, self)
+        # END SOLUTION
 
     def __sub__(self, b: ScalarLike) -> Scalar:
+        # BEGIN SOLUTION task1_2: self - b from Add and Neg
         return Add.apply(self, Neg.apply(b))
+        # END SOLUTION
 
     def __rsub__(self, b: ScalarLike) -> Scalar:
+        # BEGIN SOLUTION task1_2: b - self from Add and Neg
         return Add.apply(b, Neg.apply(self))
+        # END SOLUTION
 
     def __mul__(self, b: ScalarLike) -> Scalar:
         return Mul.apply(self, b)
@@ -91,16 +99,24 @@ class Scalar:
         return Mul.apply(b, Inv.apply(self))
 
     def __neg__(self) -> Scalar:
+        # BEGIN SOLUTION task1_2: -self with the Neg function
         return Neg.apply(self)
+        # END SOLUTION
 
     def __lt__(self, b: ScalarLike) -> Scalar:
+        # BEGIN SOLUTION task1_2: self < b with the LT function
         return LT.apply(self, b)
+        # END SOLUTION
 
     def __gt__(self, b: ScalarLike) -> Scalar:
+        # BEGIN SOLUTION task1_2: self > b with the LT function
         return LT.apply(b, self)
+        # END SOLUTION
 
     def __eq__(self, b: ScalarLike) -> Scalar:  # type: ignore[override]
+        # BEGIN SOLUTION task1_2: self == b with the EQ function
         return EQ.apply(self, b)
+        # END SOLUTION
 
     # ``__eq__`` builds a Scalar, so hashing goes by identity (Scalars can still be dict keys / set members).
     def __hash__(self) -> int:
@@ -114,19 +130,27 @@ class Scalar:
 
     def sigmoid(self) -> Scalar:
         """Sigmoid of this Scalar."""
+        # BEGIN SOLUTION task1_2: apply the Sigmoid function
         return Sigmoid.apply(self)
+        # END SOLUTION
 
     def relu(self) -> Scalar:
         """ReLU of this Scalar."""
+        # BEGIN SOLUTION task1_2: apply the ReLU function
         return ReLU.apply(self)
+        # END SOLUTION
 
     def log(self) -> Scalar:
         """Natural log of this Scalar."""
+        # BEGIN SOLUTION task1_2: apply the Log function
         return Log.apply(self)
+        # END SOLUTION
 
     def exp(self) -> Scalar:
         """Exponential of this Scalar."""
+        # BEGIN SOLUTION task1_2: apply the Exp function
         return Exp.apply(self)
+        # END SOLUTION
 
     # Variable protocol (see autodiff.py).
     def accumulate_derivative(self, x: Any) -> None:
@@ -151,12 +175,17 @@ class Scalar:
         return self.history.inputs
 
     def chain_rule(self, d_output: Any) -> Iterable[Tuple[Variable, Any]]:
-        """Derivatives for the inputs of ``last_fn``, given the derivative ``d_output`` of this Scalar."""
+        """One pair ``(input, d_output * d self / d input)`` for every input of ``last_fn``, in argument order.
+
+        Constant inputs (plain numbers given to a function) get their pair too; ``backpropagate`` skips them.
+        """
         h = self.history
         assert h is not None and h.last_fn is not None and h.ctx is not None
+        # BEGIN SOLUTION task1_3: call last_fn's backward with d_output and pair each input with its derivative
         derivs = h.last_fn._backward(h.ctx, d_output)
         assert len(derivs) == len(h.inputs), f"{h.last_fn.__name__}.backward returned {len(derivs)} derivatives"
-        return [(inp, d) for inp, d in zip(h.inputs, derivs) if not inp.is_constant()]
+        return list(zip(h.inputs, derivs))
+        # END SOLUTION
 
     def backward(self, d_output: Optional[float] = None) -> None:
         """Backpropagate from this Scalar (``d_output`` defaults to 1.0) and fill in the leaves' ``derivative``."""

@@ -82,13 +82,17 @@ class Mul(ScalarFunction):
 
     @staticmethod
     def forward(ctx: Context, a: float, b: float) -> float:
+        # BEGIN SOLUTION task1_2: a * b (save what backward needs)
         ctx.save_for_backward(a, b)
         return operators.mul(a, b)
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, d_output: float) -> Tuple[float, ...]:
+        # BEGIN SOLUTION task1_4: the derivatives for a and for b, each times d_output
         a, b = ctx.saved_values
         return operators.mul(b, d_output), operators.mul(a, d_output)
+        # END SOLUTION
 
 
 class Inv(ScalarFunction):
@@ -96,13 +100,17 @@ class Inv(ScalarFunction):
 
     @staticmethod
     def forward(ctx: Context, a: float) -> float:
+        # BEGIN SOLUTION task1_2: 1 / a (save what backward needs)
         ctx.save_for_backward(a)
         return operators.inv(a)
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, d_output: float) -> float:
+        # BEGIN SOLUTION task1_4: d_output times the derivative of 1/a at a
         (a,) = ctx.saved_values
         return operators.inv_back(a, d_output)
+        # END SOLUTION
 
 
 class Neg(ScalarFunction):
@@ -110,11 +118,15 @@ class Neg(ScalarFunction):
 
     @staticmethod
     def forward(ctx: Context, a: float) -> float:
+        # BEGIN SOLUTION task1_2: return -a
         return operators.neg(a)
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, d_output: float) -> float:
+        # BEGIN SOLUTION task1_4: d_output times the derivative of -a
         return operators.neg(d_output)
+        # END SOLUTION
 
 
 class Sigmoid(ScalarFunction):
@@ -122,14 +134,18 @@ class Sigmoid(ScalarFunction):
 
     @staticmethod
     def forward(ctx: Context, a: float) -> float:
+        # BEGIN SOLUTION task1_2: sigmoid(a) (save what backward needs)
         out = operators.sigmoid(a)
         ctx.save_for_backward(out)
         return out
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, d_output: float) -> float:
+        # BEGIN SOLUTION task1_4: d_output * s * (1 - s) with the saved s = sigmoid(a)
         (out,) = ctx.saved_values
         return d_output * out * (1.0 - out)
+        # END SOLUTION
 
 
 class ReLU(ScalarFunction):
@@ -137,13 +153,17 @@ class ReLU(ScalarFunction):
 
     @staticmethod
     def forward(ctx: Context, a: float) -> float:
+        # BEGIN SOLUTION task1_2: relu(a) (save what backward needs)
         ctx.save_for_backward(a)
         return operators.relu(a)
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, d_output: float) -> float:
+        # BEGIN SOLUTION task1_4: d_output times the derivative of relu at a
         (a,) = ctx.saved_values
         return operators.relu_back(a, d_output)
+        # END SOLUTION
 
 
 class Exp(ScalarFunction):
@@ -151,14 +171,18 @@ class Exp(ScalarFunction):
 
     @staticmethod
     def forward(ctx: Context, a: float) -> float:
+        # BEGIN SOLUTION task1_2: exp(a) (save what backward needs)
         out = operators.exp(a)
         ctx.save_for_backward(out)
         return out
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, d_output: float) -> float:
+        # BEGIN SOLUTION task1_4: d_output times the derivative of exp at a
         (out,) = ctx.saved_values
         return operators.mul(out, d_output)
+        # END SOLUTION
 
 
 class LT(ScalarFunction):
@@ -166,11 +190,15 @@ class LT(ScalarFunction):
 
     @staticmethod
     def forward(ctx: Context, a: float, b: float) -> float:
+        # BEGIN SOLUTION task1_2: 1.0 if a < b else 0.0
         return operators.lt(a, b)
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, d_output: float) -> Tuple[float, ...]:
+        # BEGIN SOLUTION task1_4: the derivatives of a comparison (zero almost everywhere), one per input
         return 0.0, 0.0
+        # END SOLUTION
 
 
 class EQ(ScalarFunction):
@@ -178,8 +206,12 @@ class EQ(ScalarFunction):
 
     @staticmethod
     def forward(ctx: Context, a: float, b: float) -> float:
+        # BEGIN SOLUTION task1_2: 1.0 if a == b else 0.0
         return operators.eq(a, b)
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, d_output: float) -> Tuple[float, ...]:
+        # BEGIN SOLUTION task1_4: the derivatives of a comparison (zero almost everywhere), one per input
         return 0.0, 0.0
+        # END SOLUTION

@@ -45,7 +45,7 @@ class Tensor:
     """A multi-dimensional array of floats (float64 or float32) with reverse-mode autodiff.
 
     Args:
-        v: the `TensorData` (storage, shape, strides).
+        v: the `TensorData` (storage, shape, strides); a host one given with a CUDA backend is copied to the device.
         back: the `History`, or None for a constant.
         name: a name for debugging / graph drawing.
         backend: the `TensorBackend` that runs its operations.
@@ -75,9 +75,15 @@ class Tensor:
             raise TypeError(f"Tensor needs a TensorData, got {type(v).__name__}.")
         if backend is None:
             backend = SimpleBackend
-        if v.is_cuda != bool(backend.cuda):
-            where = "device" if v.is_cuda else "host"
-            raise ValueError(f"{where} storage does not match backend {backend.name}.")
+        if backend.cuda and not v.is_cuda:
+            # A host TensorData for a CUDA tensor (course code builds tensors this way): copy its storage to the
+            # device once, here, with the same shape and strides; the given TensorData stays on the host.
+            v = TensorData(backend.ops.to_storage(v._storage), v.shape, v.strides)
+        elif v.is_cuda and not backend.cuda:
+            raise ValueError(
+                f"device storage does not match the host backend {backend.name}; "
+                "copy the tensor to it with .to(backend)."
+            )
         self._tensor = v
         self.history = back
         self.backend = backend

@@ -63,10 +63,12 @@ def index_to_position(index: Index, strides: Strides) -> int:
     Returns:
         ``sum(index[i] * strides[i])``.
     """
+    # BEGIN SOLUTION task2_1: the storage position sum(index[i] * strides[i]) over the dims of strides
     position = 0
     for i in range(len(strides)):
         position += index[i] * strides[i]
     return position
+    # END SOLUTION
 
 
 def to_index(ordinal: int, shape: Shape, out_index: OutIndex) -> None:
@@ -74,11 +76,13 @@ def to_index(ordinal: int, shape: Shape, out_index: OutIndex) -> None:
 
     Writes the result into the first ``len(shape)`` entries of `out_index`.
     """
+    # BEGIN SOLUTION task2_1: write the row-major index of ordinal into out_index (last dim fastest)
     cur = ordinal
     for i in range(len(shape) - 1, -1, -1):
         size = shape[i]
         out_index[i] = cur % size
         cur = cur // size
+    # END SOLUTION
 
 
 def broadcast_index(big_index: Index, big_shape: Shape, shape: Shape, out_index: OutIndex) -> None:
@@ -87,12 +91,14 @@ def broadcast_index(big_index: Index, big_shape: Shape, shape: Shape, out_index:
     Dims of size 1 in `shape` always read index 0; missing leading dims are dropped. Writes the first
     ``len(shape)`` entries of `out_index`.
     """
+    # BEGIN SOLUTION task2_2: index of the smaller shape: size-1 dims read 0, missing leading dims are dropped
     offset = len(big_shape) - len(shape)
     for i in range(len(shape)):
         if shape[i] > 1:
             out_index[i] = big_index[i + offset]
         else:
             out_index[i] = 0
+    # END SOLUTION
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,6 +112,7 @@ def shape_broadcast(shape1: UserShape, shape2: UserShape) -> UserShape:
     Raises:
         IndexingError: naming both shapes when they do not broadcast.
     """
+    # BEGIN SOLUTION task2_2: the NumPy broadcast of two shapes (right-aligned, size 1 stretches) or IndexingError
     s1, s2 = tuple(int(s) for s in shape1), tuple(int(s) for s in shape2)
     n = max(len(s1), len(s2))
     p1 = (1,) * (n - len(s1)) + s1
@@ -119,10 +126,12 @@ def shape_broadcast(shape1: UserShape, shape2: UserShape) -> UserShape:
         else:
             raise IndexingError(f"Cannot broadcast shapes {s1} and {s2}.")
     return tuple(out)
+    # END SOLUTION
 
 
 def strides_from_shape(shape: UserShape) -> UserStrides:
     """Row-major (contiguous) strides for `shape`, e.g. ``(2, 3, 4) -> (12, 4, 1)``."""
+    # BEGIN SOLUTION task2_1: row-major strides: the last dim has stride 1, each earlier one the product after it
     strides = []
     step = 1
     for s in reversed(tuple(shape)):
@@ -130,6 +139,7 @@ def strides_from_shape(shape: UserShape) -> UserStrides:
         step *= int(s)
     strides.reverse()
     return tuple(strides)
+    # END SOLUTION
 
 
 def is_cuda_storage(storage: Any) -> bool:
@@ -258,6 +268,7 @@ class TensorData:
         Raises:
             IndexingError: when `order` is not a permutation of ``range(dims)``.
         """
+        # BEGIN SOLUTION task2_1: check order is a permutation of the dims, then reorder shape and strides (no copy)
         if len(order) == 1 and isinstance(order[0], (tuple, list)):
             order = tuple(order[0])
         order = tuple(int(o) for o in order)
@@ -268,6 +279,7 @@ class TensorData:
             tuple(self.shape[o] for o in order),
             tuple(self.strides[o] for o in order),
         )
+        # END SOLUTION
 
     # ------------------------------------------------------------------ element access
     def index(self, index: Union[int, UserIndex, Index]) -> int:

@@ -186,66 +186,86 @@ class Add(Function):
 class Mul(Function):
     @staticmethod
     def forward(ctx: Context, a: Tensor, b: Tensor) -> Tensor:
+        # BEGIN SOLUTION task2_3: elementwise a * b with the backend's mul_zip (save what backward needs)
         ctx.save_for_backward(a, b)
         return a.f.mul_zip(a, b)
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, grad_output: Tensor) -> Tuple[Tensor, Tensor]:
+        # BEGIN SOLUTION task2_4: the gradients for a and b: grad_output times the other input
         a, b = ctx.saved_values
         f = grad_output.f
         return f.mul_zip(grad_output, b), f.mul_zip(grad_output, a)
+        # END SOLUTION
 
 
 class Sigmoid(Function):
     @staticmethod
     def forward(ctx: Context, t1: Tensor) -> Tensor:
+        # BEGIN SOLUTION task2_3: elementwise sigmoid with the backend's sigmoid_map (save what backward needs)
         out = t1.f.sigmoid_map(t1)
         ctx.save_for_backward(out)
         return out
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, grad_output: Tensor) -> Tensor:
+        # BEGIN SOLUTION task2_4: grad_output * s * (1 - s) from the saved s, with backend ops
         (s,) = ctx.saved_values
         f = grad_output.f
         ds = f.add_zip(s, f.neg_map(f.mul_zip(s, s)))  # s - s^2 = s (1 - s)
         return f.mul_zip(grad_output, ds)
+        # END SOLUTION
 
 
 class ReLU(Function):
     @staticmethod
     def forward(ctx: Context, t1: Tensor) -> Tensor:
+        # BEGIN SOLUTION task2_3: elementwise relu with the backend's relu_map (save what backward needs)
         ctx.save_for_backward(t1)
         return t1.f.relu_map(t1)
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, grad_output: Tensor) -> Tensor:
+        # BEGIN SOLUTION task2_4: grad_output where the input was positive, else 0 (relu_back_zip)
         (t1,) = ctx.saved_values
         return grad_output.f.relu_back_zip(t1, grad_output)
+        # END SOLUTION
 
 
 class Log(Function):
     @staticmethod
     def forward(ctx: Context, t1: Tensor) -> Tensor:
+        # BEGIN SOLUTION task2_3: elementwise log with the backend's log_map (save what backward needs)
         ctx.save_for_backward(t1)
         return t1.f.log_map(t1)
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, grad_output: Tensor) -> Tensor:
+        # BEGIN SOLUTION task2_4: grad_output / input (log_back_zip)
         (t1,) = ctx.saved_values
         return grad_output.f.log_back_zip(t1, grad_output)
+        # END SOLUTION
 
 
 class Exp(Function):
     @staticmethod
     def forward(ctx: Context, t1: Tensor) -> Tensor:
+        # BEGIN SOLUTION task2_3: elementwise exp with the backend's exp_map (save what backward needs)
         out = t1.f.exp_map(t1)
         ctx.save_for_backward(out)
         return out
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, grad_output: Tensor) -> Tensor:
+        # BEGIN SOLUTION task2_4: grad_output times the saved exp(input)
         (out,) = ctx.saved_values
         return grad_output.f.mul_zip(grad_output, out)
+        # END SOLUTION
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -258,14 +278,18 @@ class Sum(Function):
 
     @staticmethod
     def forward(ctx: Context, a: Tensor, dim: Optional[int] = None) -> Tensor:
+        # BEGIN SOLUTION task2_3: add_reduce over dim, or over every element (shape (1,)) when dim is None
         if dim is None:
             return _reduce_all(a, a.f.add_reduce)
         return a.f.add_reduce(a, int(dim))
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, grad_output: Tensor) -> Tensor:
+        # BEGIN SOLUTION task2_4: the gradient of a sum: grad_output for every element (expand broadcasts it back)
         # d(sum)/da = 1 everywhere: the size-1 (or (1,)) gradient is broadcast back to a's shape by Tensor.expand.
         return grad_output
+        # END SOLUTION
 
 
 class All(Function):
@@ -287,25 +311,33 @@ class _Comparison(Function):
 
     @staticmethod
     def backward(ctx: Context, grad_output: Tensor) -> Tuple[None, None]:
+        # BEGIN SOLUTION task2_4: the gradients of a 0/1 comparison (None means zero), one per input
         return None, None
+        # END SOLUTION
 
 
 class LT(_Comparison):
     @staticmethod
     def forward(ctx: Context, a: Tensor, b: Tensor) -> Tensor:
+        # BEGIN SOLUTION task2_3: elementwise a < b (1.0 / 0.0) with the backend's lt_zip
         return a.f.lt_zip(a, b)
+        # END SOLUTION
 
 
 class EQ(_Comparison):
     @staticmethod
     def forward(ctx: Context, a: Tensor, b: Tensor) -> Tensor:
+        # BEGIN SOLUTION task2_3: elementwise a == b (1.0 / 0.0) with the backend's eq_zip
         return a.f.eq_zip(a, b)
+        # END SOLUTION
 
 
 class IsClose(_Comparison):
     @staticmethod
     def forward(ctx: Context, a: Tensor, b: Tensor) -> Tensor:
+        # BEGIN SOLUTION task2_3: elementwise is_close with the backend's is_close_zip
         return a.f.is_close_zip(a, b)
+        # END SOLUTION
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -318,17 +350,21 @@ class Permute(Function):
 
     @staticmethod
     def forward(ctx: Context, a: Tensor, order: Any) -> Tensor:
+        # BEGIN SOLUTION task2_3: a view of a with its dims reordered (TensorData.permute); save the order
         order = _to_ints(order)
         ctx.save_for_backward(order)
         return a._new(a._tensor.permute(*order))
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx: Context, grad_output: Tensor) -> Tensor:
+        # BEGIN SOLUTION task2_4: permute grad_output back with the inverse of the saved order
         (order,) = ctx.saved_values
         inverse = [0] * len(order)
         for i, o in enumerate(order):
             inverse[o] = i
         return grad_output._new(grad_output._tensor.permute(*inverse))
+        # END SOLUTION
 
 
 class View(Function):

@@ -251,6 +251,7 @@ def tensor_map(fn: Callable[[float], float]) -> Callable[..., None]:
         in_shape: Shape,
         in_strides: Strides,
     ) -> None:
+        # BEGIN SOLUTION task2_3: for every output ordinal: its index, the broadcast input index, out[o] = fn(in[j])
         # Python lists instead of int32 arrays: same index helpers, much faster element access in pure Python.
         out_shape_l, out_strides_l = out_shape.tolist(), out_strides.tolist()
         in_shape_l, in_strides_l = in_shape.tolist(), in_strides.tolist()
@@ -262,6 +263,7 @@ def tensor_map(fn: Callable[[float], float]) -> Callable[..., None]:
             o = index_to_position(out_index, out_strides_l)
             j = index_to_position(in_index, in_strides_l)
             out[o] = fn(in_storage[j])
+        # END SOLUTION
 
     return _map
 
@@ -280,6 +282,7 @@ def tensor_zip(fn: Callable[[float, float], float]) -> Callable[..., None]:
         b_shape: Shape,
         b_strides: Strides,
     ) -> None:
+        # BEGIN SOLUTION task2_3: for every output ordinal: broadcast a and b indices, out[o] = fn(a[j], b[k])
         out_shape_l, out_strides_l = out_shape.tolist(), out_strides.tolist()
         a_shape_l, a_strides_l = a_shape.tolist(), a_strides.tolist()
         b_shape_l, b_strides_l = b_shape.tolist(), b_strides.tolist()
@@ -294,6 +297,7 @@ def tensor_zip(fn: Callable[[float, float], float]) -> Callable[..., None]:
             j = index_to_position(a_index, a_strides_l)
             k = index_to_position(b_index, b_strides_l)
             out[o] = fn(a_storage[j], b_storage[k])
+        # END SOLUTION
 
     return _zip
 
@@ -310,6 +314,7 @@ def tensor_reduce(fn: Callable[[float, float], float]) -> Callable[..., None]:
         a_strides: Strides,
         reduce_dim: int,
     ) -> None:
+        # BEGIN SOLUTION task2_3: for every output element: fold fn over the reduced dim, starting from out[o]
         out_shape_l, out_strides_l, a_strides_l = out_shape.tolist(), out_strides.tolist(), a_strides.tolist()
         out_index = [0] * MAX_DIMS
         n = int(a_shape[reduce_dim])
@@ -321,6 +326,7 @@ def tensor_reduce(fn: Callable[[float, float], float]) -> Callable[..., None]:
                 out_index[reduce_dim] = s
                 acc = fn(acc, a_storage[index_to_position(out_index, a_strides_l)])
             out[o] = acc
+        # END SOLUTION
 
     return _reduce
 
@@ -337,6 +343,7 @@ def _simple_matmul(
     b_strides: Strides,
 ) -> None:
     """Triple loop matmul of 3-D strided operands; a batch dim of size 1 is read with stride 0."""
+    # BEGIN SOLUTION task2_3: out[n, i, j] = sum_k a[n, i, k] * b[n, k, j] (a batch dim of size 1 broadcasts)
     a_strides, b_strides, out_strides = a_strides.tolist(), b_strides.tolist(), out_strides.tolist()
     a_batch = a_strides[0] if a_shape[0] > 1 else 0
     b_batch = b_strides[0] if b_shape[0] > 1 else 0
@@ -352,6 +359,7 @@ def _simple_matmul(
                     a_pos += a_strides[2]
                     b_pos += b_strides[1]
                 out[n * out_strides[0] + i * out_strides[1] + j * out_strides[2]] = acc
+    # END SOLUTION
 
 
 SimpleBackend = TensorBackend(SimpleOps)

@@ -372,12 +372,30 @@ def test_to_numpy_round_trip_keeps_dtype(dtype: type) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_storage_stays_on_device(dtype: type) -> None:
     a = cu(rand((2, 3), dtype, seed=17))
-    outs = [a + a, -a, a.sum(1), a @ a.permute(1, 0), a.zeros(), a.permute(1, 0).contiguous()]
+    outs = [a + a, -a, a.sum(1), a.zeros(), a.permute(1, 0).contiguous()]  # matmul: `check` in the task3_4 tests
     for o in outs:
         s = o._tensor._storage
         assert is_cuda_storage(s) and not isinstance(s, np.ndarray)
         assert s.dtype == dtype
         assert o.dtype == dtype
+
+
+@pytest.mark.task3_3
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_host_tensor_data_moves_to_device(dtype: type) -> None:
+    """Course code builds ``Tensor(TensorData(values, shape, strides), backend=CudaBackend)`` from host values: the
+    storage is copied to the device once, with its layout; the caller's TensorData stays on the host."""
+    x = rand((2, 3), dtype, seed=21)
+    td = TensorData(np.ascontiguousarray(x.T).reshape(-1), (2, 3), (1, 2), dtype=dtype)  # a transposed layout
+    t = Tensor(td, backend=CudaBackend)
+    assert t.is_cuda and is_cuda_storage(t._tensor._storage) and t.dtype == dtype
+    assert t._tensor.strides == (1, 2)
+    assert not td.is_cuda and isinstance(td._storage, np.ndarray)
+    check(t, x, dtype)
+    check(t * t + t, x * x + x, dtype)
+    device_td = t._tensor
+    with pytest.raises(ValueError, match="SimpleOps"):
+        Tensor(device_td)  # device storage for the host backend is an error, not a silent copy
 
 
 @pytest.mark.task3_3

@@ -150,6 +150,7 @@ def test_backs_match_central_difference(a: float, d: float) -> None:
 @given(small_floats)
 def test_sigmoid(a: float) -> None:
     """Sigmoid lies in [0, 1], 1 - sigmoid(a) == sigmoid(-a), sigmoid(0) == 0.5, and it is increasing."""
+    # BEGIN SOLUTION task0_2: property test: sigmoid in [0, 1], sigmoid(-a) == 1 - sigmoid(a), increasing
     s = sigmoid(a)
     assert 0.0 <= s <= 1.0
     assert_close(1.0 - s, sigmoid(-a))
@@ -157,40 +158,49 @@ def test_sigmoid(a: float) -> None:
     assert sigmoid(a + 1.0) >= s
     if abs(a) < 30:  # away from saturation, strictly increasing
         assert sigmoid(a + 1.0) > s
+    # END SOLUTION
 
 
 @pytest.mark.task0_2
 @given(small_floats, small_floats, small_floats)
 def test_transitive(a: float, b: float, c: float) -> None:
     """lt is transitive."""
+    # BEGIN SOLUTION task0_2: property test: lt is transitive
     if lt(a, b) and lt(b, c):
         assert lt(a, c)
+    # END SOLUTION
 
 
 @pytest.mark.task0_2
 @given(small_floats, small_floats)
 def test_symmetric(a: float, b: float) -> None:
     """mul and add are symmetric."""
+    # BEGIN SOLUTION task0_2: property test: mul and add are symmetric
     assert mul(a, b) == mul(b, a)
     assert add(a, b) == add(b, a)
+    # END SOLUTION
 
 
 @pytest.mark.task0_2
 @given(small_floats, small_floats, small_floats)
 def test_distribute(x: float, y: float, z: float) -> None:
     r"""$z \times (x + y) = z \times x + z \times y$"""
+    # BEGIN SOLUTION task0_2: property test: z * (x + y) == z * x + z * y
     assert_close(mul(z, add(x, y)), add(mul(z, x), mul(z, y)))
+    # END SOLUTION
 
 
 @pytest.mark.task0_2
 @given(small_floats)
 def test_other(a: float) -> None:
     """exp and log are inverses; neg and inv are involutions."""
+    # BEGIN SOLUTION task0_2: property test of your choice (e.g. exp/log inverses, neg/inv involutions)
     assert_close(log(exp(a / 10)), a / 10)
     assert neg(neg(a)) == a
     assume(abs(a) > 1e-3)
     assert_close(inv(inv(a)), a)
     assert_close(exp(log(abs(a))), abs(a))
+    # END SOLUTION
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -189,16 +189,34 @@ def test_chain_rule2() -> None:
 
 @pytest.mark.task1_3
 def test_chain_rule3() -> None:
-    """Check that constants are ignored and variables get derivatives."""
+    """A constant input gets its pair too (the course API: one pair per input, in argument order)."""
     constant = 10
     var = Scalar(5)
 
     y = Function2.apply(constant, var)
     back = list(y.chain_rule(d_output=5))
-    assert len(back) == 1
-    variable, deriv = back[0]
+    assert len(back) == 2
+    (const_in, d_const), (variable, deriv) = back
+    assert const_in.is_constant() and const_in.data == 10.0
+    assert d_const == 5 * (5 + 1)
     assert variable.unique_id == var.unique_id
     assert deriv == 5 * 10
+
+
+@pytest.mark.task1_3
+@given(small_floats, small_floats, st.booleans())
+def test_chain_rule_pairs_every_input_constants_included(a: float, b: float, const_first: bool) -> None:
+    """chain_rule pairs every input with its derivative, in argument order, constants included."""
+    var = Scalar(b)
+    args = (a, var) if const_first else (var, a)
+    y = Function2.apply(*args)
+    back = list(y.chain_rule(d_output=2.0))
+    x_val, y_val = (float(a), b) if const_first else (b, float(a))
+    assert [inp.data for inp, _ in back] == [x_val, y_val]
+    expected = [2.0 * (y_val + 1), 2.0 * x_val]  # Function2: d/dx (x y + x) = y + 1, d/dy = x
+    assert [d for _, d in back] == pytest.approx(expected)
+    var_pos = 1 if const_first else 0
+    assert back[var_pos][0] is var and back[1 - var_pos][0].is_constant()
 
 
 @pytest.mark.task1_3
@@ -265,6 +283,19 @@ def test_deep_graph_no_recursion_limit() -> None:
     y.backward()
     assert x.derivative == 1.0
     assert len(list(topological_sort(y))) == depth + 1
+
+
+@pytest.mark.task1_4
+@given(small_floats, small_floats, st.booleans())
+def test_backprop_skips_constant_inputs(a: float, b: float, const_first: bool) -> None:
+    """chain_rule gives constants a pair too; backpropagate gives them no derivative."""
+    var = Scalar(b)
+    y = Function2.apply(*((a, var) if const_first else (var, a)))
+    const_in = next(inp for inp in y.parents if inp is not var)
+    backpropagate(y, 2.0)
+    # Function2: f(x, y) = x y + x, so df/dx = y + 1 and df/dy = x
+    assert var.derivative == pytest.approx(2.0 * a if const_first else 2.0 * (a + 1))
+    assert const_in.is_constant() and const_in.derivative is None
 
 
 @pytest.mark.task1_4
