@@ -45,6 +45,7 @@ def test_clear_errors(call: Callable[[], Any], error: type, match: str) -> None:
         call()
 
 
+@pytest.mark.task5_5  # the ring-buffer cache
 def test_cache_input_errors_leave_it_as_it_was() -> None:
     cache = minitorch.RingBufferKVCache(1, 1, 3, 4)
     with pytest.raises(TypeError, match=r"append: k must be a Tensor or an array"):
@@ -83,6 +84,7 @@ def test_edge_values_give_correct_answers() -> None:
         assert np.all(out.to_numpy() == 0) and np.all(np.isneginf(lse.to_numpy()))
 
 
+@pytest.mark.task5_5  # the ring-buffer cache
 def test_cache_takes_backend_and_dtype_from_what_is_appended() -> None:
     cache = minitorch.RingBufferKVCache(1, 1, 3, 4)
     with pytest.raises(ValueError, match="no storage yet"):
@@ -93,6 +95,7 @@ def test_cache_takes_backend_and_dtype_from_what_is_appended() -> None:
     assert cache.keys.dtype == np.float32 and cache.keys.backend is minitorch.FastTensorBackend
 
 
+@pytest.mark.task5_5  # the ring-buffer cache
 def test_ring_buffer_attention_clear_calls() -> None:
     """A decoder step needs a state; a prefill cannot return weights; a decoder step whose every slot is masked
     outputs zeros (as everywhere else), not the mean of the values."""

@@ -459,6 +459,7 @@ def test_split_k_decode_over_slots_matches_reference() -> None:
         np.testing.assert_allclose(lse.copy_to_host(), ref_lse, atol=1e-12)
 
 
+@pytest.mark.task5_5  # the ring-buffer cache, on the GPU
 def test_ring_cache_decodes_after_wraparound_and_reset() -> None:
     """RingBufferKVCache on CudaBackend: decoding past the wrap boundary equals windowed causal attention with the
     sinks, and after reset() the stale (NaN) slots are never read, also on the multi-token path."""

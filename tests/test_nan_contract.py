@@ -179,6 +179,7 @@ def test_a_nan_row_reaches_only_the_gradients_of_the_keys_it_sees(backend, dtype
     np.testing.assert_allclose(dv[0, 0, ok], ref_dv[0, 0, ok], rtol=1e-4, atol=1e-5)  # the clean keys: untouched
 
 
+@pytest.mark.task5_5  # the ring-buffer cache
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", _backend_params())
 def test_ring_cache_never_reads_empty_slots(backend, dtype) -> None:  # type: ignore[no-untyped-def]

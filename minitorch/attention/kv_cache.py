@@ -52,10 +52,12 @@ ArrayLike = Any
 def slot_of(position: Union[int, np.ndarray], capacity: int, num_sinks: int = 0) -> Union[int, np.ndarray]:
     """Slot of absolute position(s) ``position``: ``p % capacity``, or with sinks ``p`` if ``p < s`` else
     ``s + (p - s) % (capacity - s)``. Works on ints and integer arrays."""
+    # BEGIN SOLUTION task5_5: p % capacity; with s sinks: p if p < s else s + (p - s) % (capacity - s)
     p = np.asarray(position, dtype=np.int64)
     ring = capacity - num_sinks
     slot = np.where(p < num_sinks, p, num_sinks + (p - num_sinks) % ring)
     return int(slot) if slot.ndim == 0 else slot
+    # END SOLUTION
 
 
 def held_positions(seen: int, capacity: int, num_sinks: int = 0) -> np.ndarray:

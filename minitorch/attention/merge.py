@@ -22,6 +22,7 @@ def merge_partials(out_parts: np.ndarray, lse_parts: np.ndarray) -> Tuple[np.nda
 
     The parts are combined in index order (deterministic); dtype of ``out_parts``.
     """
+    # BEGIN SOLUTION task5_5: w_s = exp(lse_s - max); out = sum w_s out_s / sum w_s; lse = max + log sum w_s
     dt = out_parts.dtype
     M = lse_parts.max(axis=-1, initial=-np.inf)  # NaN if a part is NaN: the row stays NaN
     empty = M == -np.inf
@@ -35,3 +36,4 @@ def merge_partials(out_parts: np.ndarray, lse_parts: np.ndarray) -> Tuple[np.nda
     with np.errstate(divide="ignore"):
         lse = np.where(empty, -np.inf, M_safe + np.log(np.where(empty, 1, den))).astype(dt)
     return out, lse
+    # END SOLUTION

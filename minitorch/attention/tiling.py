@@ -206,6 +206,7 @@ def build_tile_classifier(jit: Callable[[Callable], Callable] = lambda f: f) -> 
                 ks, ke = tk * Bc, min(Nk, (tk + 1) * Bc)
                 bounds_j(kp, ks, ke, 0, num_sinks, kb[0], tk)
                 bounds_j(kp, ks, ke, num_sinks, big, kb[1], tk)
+            # BEGIN SOLUTION task5_1: SKIP (0) if no pair is visible, DENSE (1) if every pair is, else TRIANGLE (2)
             for tq in range(Tr):
                 qlo, qhi, q_has, q_empty = qb[0, tq], qb[1, tq], qb[2, tq], qb[3, tq]
                 for tk in range(Tc):
@@ -228,6 +229,7 @@ def build_tile_classifier(jit: Callable[[Callable], Callable] = lambda f: f) -> 
                         if vis(qs, ks_, causal, window, num_sinks):
                             some = True
                     types[b, tq, tk] = 0 if not some else (1 if every else 2)  # SKIP : DENSE : TRIANGLE
+            # END SOLUTION
 
     return jit(classify_tiles)
 

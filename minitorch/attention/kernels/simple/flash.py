@@ -226,6 +226,7 @@ def _online_softmax_step(
     ``O_i`` is the *unnormalized* accumulator ``sum_j exp(S_ij - m_i) V_j``; when the running max grows from
     ``m_old`` to ``m_new`` everything accumulated so far is rescaled by ``exp(m_old - m_new)``.
     """
+    # BEGIN SOLUTION task5_2: new row max; rescale l_i, O_i by exp(m_old - m_new); add P_ij = exp(S_ij - m_new)
     m_new = np.maximum(m_i, S_ij.max(axis=1))
     m_safe = np.where(m_new == -np.inf, 0, m_new)  # a row masked so far: exp(-inf - 0) = 0, never NaN
     alpha = np.exp(m_i - m_safe)  # rescale factor exp(m_old - m_new) (0 while nothing was seen)
@@ -235,15 +236,18 @@ def _online_softmax_step(
         P_ij = P_ij * drop  # dropout acts on the probabilities that multiply V
     O_new = alpha[:, None] * O_i + _product(P_ij, V_j, vis)
     return m_new, l_new, O_new
+    # END SOLUTION
 
 
 def _finish(m: np.ndarray, l: np.ndarray, O: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """FA2 Algorithm 1 lines 12-13: ``O / l`` and ``lse = m + log(l)``; a row that saw no key: 0 and ``-inf``."""
+    # BEGIN SOLUTION task5_2: out = O / l, lse = m + log(l); a row with l == 0 saw no key: out 0, lse -inf
     seen = l != 0  # (NaN counts as seen: it propagates)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.where(seen[:, None], O / np.where(seen, l, 1)[:, None], 0)
         lse = np.where(seen, m + np.log(np.where(seen, l, 1)), -np.inf)
     return out, lse
+    # END SOLUTION
 
 
 def forward(
@@ -298,9 +302,12 @@ def _forward_q_major(head: _Head, out: np.ndarray, lse: np.ndarray) -> None:
     attended on its own (on a GPU, by its own block) and merged by their log-sum-exp.
     """
     for tq in range(head.spec.Tr):  # line 3: for each query tile Q_i (one thread block on a GPU)
+        rows = head.query_rows(tq)
+        if head.spec.num_splits == 1:
+            out[rows], lse[rows] = _attend(head, tq, head.visited(tq=tq))
+            continue
         splits: List[np.ndarray] = np.array_split(head.visited(tq=tq), head.spec.num_splits)
         parts = [_attend(head, tq, tiles, with_sink=n == 0) for n, tiles in enumerate(splits)]
-        rows = head.query_rows(tq)
         out[rows], lse[rows] = merge_partials(np.stack([o for o, _ in parts], axis=1),
                                               np.stack([x for _, x in parts], axis=1))
 
@@ -384,6 +391,7 @@ def _tile_grads(head: _Head, tq: int, tk: int, dO_i: np.ndarray, lse_i: np.ndarr
     the gradient of ``T = scale Q K^T + bias`` (through score_mod and softcap; ``dS_ij`` itself without them), both
     exactly 0 where masked.
     """
+    # BEGIN SOLUTION task5_3: P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), dT = dS ds/dt; 0 where masked
     S_ij, vis, ds_dt = head.scores(tq, tk)
     P_ij = np.exp(S_ij - lse_i[:, None])
     drop = head.dropout_scale(tq, tk)
@@ -399,6 +407,7 @@ def _tile_grads(head: _Head, tq: int, tk: int, dO_i: np.ndarray, lse_i: np.ndarr
         # probability, whatever the row's lse (NaN for a row that sees a NaN: it must not reach dV of other keys)
         Z_ij, dS_ij, dT_ij = np.where(vis, Z_ij, 0), np.where(vis, dS_ij, 0), np.where(vis, dT_ij, 0)
     return Z_ij, dS_ij, dT_ij, vis
+    # END SOLUTION
 
 
 def _backward_dq(head: _Head, dout_bh, lse_bh, delta_bh, dq_bh, rs_bh) -> None:  # type: ignore[no-untyped-def]
