@@ -478,7 +478,11 @@ _CACHE_PROBE = textwrap.dedent(
         for order in ("q_major", "k_major"):
             spec = make_spec(q.shape, k.shape, k.shape, causal=True, block_q=2, block_k=4, order=order)
             out, lse = cpu.forward(q, k, k, None, spec)
-        cpu.backward(q, k, k, None, out, lse, out, spec)
+        cpu.backward(q, k, k, None, out, lse, out, spec)  # the fused backward
+        bias = np.ones((1, 1, 1, 6), dt)  # broadcast over the query rows: the two-pass backward (refined delta)
+        spec = make_spec(q.shape, k.shape, k.shape, bias_shape=bias.shape, block_q=2, block_k=4)
+        out, lse = cpu.forward(q, k, k, bias, spec)
+        cpu.backward(q, k, k, bias, out, lse, out, spec)
     kernels = [cpu._fwd_q_major, cpu._fwd_k_major, cpu._bwd_preprocess, cpu._bwd_dkdv, cpu._bwd_dq]
     print(json.dumps({
         "seconds": time.perf_counter() - t0,

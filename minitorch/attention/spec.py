@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
 
@@ -141,6 +143,15 @@ class AttentionSpec:
     @property
     def has_bias(self) -> bool:
         return self.bias_shape is not None
+
+    @property
+    def refine_delta(self) -> bool:
+        """Does backward refine ``delta`` by the row sums of ``dS`` (docs/internals.md)? Where ``dS`` is summed over
+        whole columns, a bias broadcast over the query rows (DMA's ``z``), the rounding of ``delta`` would cancel
+        catastrophically; elsewhere ``delta = rowsum(dO * O) - dlse`` is as exact as any one entry of ``dS`` needs,
+        and the engines may run dQ in the same pass as dK/dV. Never for a call that sees part of its rows' keys
+        (``rows_complete=False``)."""
+        return self.rows_complete and self.bias_shape is not None and self.bias_shape[2] == 1 and self.Nq > 1
 
     @property
     def group(self) -> int:
@@ -383,6 +394,47 @@ def make_spec(
         block_mask=block_mask, score_mod=mods, softcap=check_softcap(softcap), alibi=check_per_head(
             "alibi_slopes", alibi_slopes, H), sinks=check_sinks(sinks, H),
     )
+
+
+SPEC_CACHE_SIZE = 128
+"""How many validated specs :func:`cached_spec` keeps (least recently used first out)."""
+_SPEC_CACHE: "OrderedDict[Tuple[Any, ...], AttentionSpec]" = OrderedDict()
+_SPEC_LOCK = threading.Lock()
+_PLAIN_TYPES = (type(None), bool, int, float, str, np.bool_, np.integer, np.floating, TileOrder)
+
+
+def _plain(value: Any) -> bool:
+    """A value that a cache key may hold: a number, a flag, a string, None, or a tuple of those (a shape)."""
+    if isinstance(value, tuple):
+        return all(isinstance(x, _PLAIN_TYPES) for x in value)
+    return isinstance(value, _PLAIN_TYPES)
+
+
+def cached_spec(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int], **options: Any
+                ) -> AttentionSpec:
+    """:func:`make_spec`, memoized for calls whose options are all plain values (shapes, flags, numbers, None).
+
+    A training loop calls attention with the same shapes and options at every step: validating them again, and
+    classifying the tiles again, would cost more than the attention of a small model. A call with an array or a
+    function among its options (positions, a padding mask, a mask_mod, sinks) is validated every time, and so is
+    dropout without a seed (each call draws a new one). The key holds each value's type too, so that ``causal=1``
+    is refused as it would be the first time. Specs are immutable: sharing one between calls is safe.
+    """
+    if not all(_plain(v) for v in options.values()) or (options.get("dropout") and options.get("seed") is None):
+        return make_spec(q_shape, k_shape, v_shape, **options)
+    key = (tuple(q_shape), tuple(k_shape), tuple(v_shape)) + tuple(
+        (name, type(value), value) for name, value in sorted(options.items()))
+    with _SPEC_LOCK:
+        spec = _SPEC_CACHE.get(key)
+        if spec is not None:
+            _SPEC_CACHE.move_to_end(key)
+            return spec
+    spec = make_spec(q_shape, k_shape, v_shape, **options)  # (raises for bad input: nothing is cached then)
+    with _SPEC_LOCK:
+        _SPEC_CACHE[key] = spec
+        if len(_SPEC_CACHE) > SPEC_CACHE_SIZE:
+            _SPEC_CACHE.popitem(last=False)
+    return spec
 
 
 def check_backward(spec: AttentionSpec) -> None:

@@ -45,8 +45,9 @@ the masked pairs (:func:`~.simd.matmul_visible`).
 
 from __future__ import annotations
 
+import weakref
 from collections import namedtuple
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numba
 import numpy as np
@@ -640,15 +641,20 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
 
 
 @kernel()
-def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, Bc, nb, nh, tile_types, scale, cfg):  # type: ignore[no-untyped-def]
-    """dK, dV (and dBias), FA2 Algorithm 2's outer loop over key tiles. Grid: (batch, kv head, key tile).
+def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, dq_parts, with_dq, n_chunks, Br, Bc, nb, nh, tile_types, scale, cfg):  # type: ignore[no-untyped-def]
+    """dK, dV (and dBias), FA2 Algorithm 2's outer loop over key tiles; with ``with_dq`` also dQ (the fused
+    backward: one pass, 5 tile products per tile pair instead of 8). Grid: (chunk, batch, kv head).
 
-    A program loops over the ``group`` query heads that read its kv head and over their query tiles, accumulating
-    ``dK_j, dV_j`` in local buffers, and adds ``dS_ij`` into ``dbias``. A bias broadcast over the batch (or the heads)
-    is shared by several (batch, kv head) pairs: then the caller passes ``nb = 1`` (or ``nh = 1``) and one program
-    runs all batch rows (kv heads) of its key tile one after the other, so that it is the only writer of its
-    ``dbias`` columns. A key appears once per key tile of (b, g) (a key list holds it at most once). No races, and
-    every sum in a fixed order.
+    Chunk ``c`` of ``n_chunks`` runs the key tiles ``c, c + n_chunks, ...`` (interleaved, so that causal chunks
+    balance). For each key tile the program loops over the ``group`` query heads that read its kv head and over
+    their query tiles, accumulating ``dK_j, dV_j`` in local buffers, and adds ``dS_ij`` into ``dbias``. With
+    ``with_dq`` it also adds ``dT_ij K_j`` into its chunk's own partial ``dq_parts[c] (B, H, Nq, D)`` (unscaled; the
+    caller sums the chunks in order and scales): no two programs write one partial row, and every row of it is
+    summed over the key tiles in increasing order. A bias broadcast over the batch (or the heads) is shared by
+    several (batch, kv head) pairs: then the caller passes ``nb = 1`` (or ``nh = 1``) and one program runs all
+    batch rows (kv heads) of its key tiles one after the other, so that it is the only writer of its ``dbias``
+    columns. A key appears once per key tile of (b, g) (a key list holds it at most once). No races, and every sum
+    in a fixed order that does not depend on the number of threads.
     """
     B, Hkv = k.shape[0], k.shape[1]
     H, Nq, D = q.shape[1], q.shape[2], q.shape[3]
@@ -664,6 +670,7 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, B
     scratch = np.zeros(R4, T)
     kT = np.zeros((D, Bcp), T)
     vT = np.zeros((D, Bcp), T)
+    kj = np.zeros((C4, Dp), T)  # K_j by rows: B of dQ = dS K
     jt = np.zeros(Bcp, np.int64)
     kpt = np.zeros(Bcp, np.int64)
     s = np.zeros((R4, Bcp), T)
@@ -672,65 +679,93 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, B
     dsdt = np.zeros((R4, Bcp), T)
     dk_acc = np.zeros((C4, Dp), T)
     dv_acc = np.zeros((C4, Dp), T)
-    for prog in range(worker, nb * nh * Tc_max, n_workers):
-        pb, ph, tk = prog // (nh * Tc_max), (prog // Tc_max) % nh, prog % Tc_max
+    dq_t = np.zeros((R4, Dp), T)
+    for prog in range(worker, n_chunks * nb * nh, n_workers):
+        chunk, pb, ph = prog // (nb * nh), (prog // nh) % nb, prog % nh
         b_lo, b_hi = (pb, pb + 1) if nb == B else (0, B)
         h_lo, h_hi = (ph, ph + 1) if nh == Hkv else (0, Hkv)
-        for b in range(b_lo, b_hi):
-            for g in range(h_lo, h_hi):
-                Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
-                if tk >= Tc:
-                    continue
-                ks = tk * Bc
-                nc = min(Bc, n_keys - ks)
-                # load K_j, V_j (transposed, for the products with Q_i and dO_i); dK_j = dV_j = 0
-                _key_rows(cfg, b, g, ks, nc, jt, kpt)
-                _gather(k, b, g, jt, nc, kT, True, cfg)
-                _gather(v, b, g, jt, nc, vT, True, cfg)
-                dk_acc[:] = 0
-                dv_acc[:] = 0
-                for h in range(g * group, (g + 1) * group):  # the query heads that read kv head g
-                    bias2 = cfg.bias[b % cfg.bias.shape[0], h // cfg.bias_head_div]
-                    dbias2 = dbias[b % dbias.shape[0], h // cfg.bias_head_div]
-                    for tq in range(Tr):
-                        tile = tile_types[b, h // (H // Gt), tq, tk]
-                        if tile == SKIP:
-                            continue
-                        masked = tile == TRIANGLE
-                        qs = tq * Br
-                        nr = min(Br, Nq - qs)
-                        # load Q_i, dO_i, lse_i, delta_i
-                        _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, delta_t)
-                        # s = P_ij, dp = dS_ij
-                        _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, dsdt, scratch, nr, nc, D, qs, b, h,
-                                  g, jt, kpt, masked, cfg, bias2)
-                        if cfg.has_mods:  # dp = dT_ij, the gradient of scale Q K^T + bias
-                            _chain(dp, dsdt, vis, nr, nc, masked)
-                        # dBias += dT_ij, summed over the dims the bias was broadcast along, in this fixed order
-                        if cfg.has_bias:
-                            for i in range(nr):
-                                brow = qs + i if dbias2.shape[0] > 1 else 0
-                                for c in range(nc):
-                                    dbias2[brow, jt[c]] += dp[i, c]
-                        # dV_j += (P_ij * Z)^T dO_i   (``s.T`` is a transposed view: no copy)
-                        if cfg.has_dropout:
-                            for i in range(nr):
-                                _dropout_row(s, i, nc, b, h, qs + i, jt, cfg)
-                        if masked and not _finite(doi, nr, D):
-                            matmul_visible(s.T, doi, dv_acc, vis.T, nc, D, nr)
-                        else:
-                            matmul(s.T, doi, dv_acc, nc, D, nr, True)
-                        # dK_j += dS_ij^T (scale Q_i)
-                        if masked and not _finite(qt, nr, D):
-                            matmul_visible(dp.T, qt, dk_acc, vis.T, nc, D, nr)
-                        else:
-                            matmul(dp.T, qt, dk_acc, nc, D, nr, True)
-                # write dK_j, dV_j
+        for tk in range(chunk, Tc_max, n_chunks):
+            for b in range(b_lo, b_hi):
+                for g in range(h_lo, h_hi):
+                    Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
+                    if tk >= Tc:
+                        continue
+                    ks = tk * Bc
+                    nc = min(Bc, n_keys - ks)
+                    # load K_j, V_j (transposed, for the products with Q_i and dO_i; K_j by rows for dQ)
+                    _key_rows(cfg, b, g, ks, nc, jt, kpt)
+                    _gather(k, b, g, jt, nc, kT, True, cfg)
+                    _gather(v, b, g, jt, nc, vT, True, cfg)
+                    k_finite = True
+                    if with_dq:
+                        _gather(k, b, g, jt, nc, kj, False, cfg)
+                        k_finite = _finite(kj, nc, D)
+                    dk_acc[:] = 0
+                    dv_acc[:] = 0
+                    for h in range(g * group, (g + 1) * group):  # the query heads that read kv head g
+                        dq2 = dq_parts[chunk % dq_parts.shape[0], b % dq_parts.shape[1], h % dq_parts.shape[2]]
+                        _bwd_key_tile(q, dout, lse, delta, dbias, dq2, with_dq, k_finite, Br, b,
+                                      h, g, tk, nc, Tr, Gt, tile_types, scale, cfg, qt, doi, lse_t, delta_t, scratch,
+                                      kT, vT, kj, jt, kpt, s, dp, vis, dsdt, dk_acc, dv_acc, dq_t)
+                    # write dK_j, dV_j
+                    for c in range(nc):
+                        j = jt[c]
+                        for d in range(D):
+                            dk[b, g, j, d] = dk_acc[c, d]
+                            dv[b, g, j, d] = dv_acc[c, d]
+
+
+@helper(fastmath=FM_REDUCE)
+def _bwd_key_tile(q, dout, lse, delta, dbias, dq2, with_dq, k_finite, Br, b, h, g, tk, nc, Tr, Gt, tile_types, scale, cfg, qt, doi, lse_t, delta_t, scratch, kT, vT, kj, jt, kpt, s, dp, vis, dsdt, dk_acc, dv_acc, dq_t):  # type: ignore[no-untyped-def]
+    """One query head's part of a key tile's backward: for every query tile ``i`` that sees key tile ``j``, the
+    backward step and its products ``dV_j += Z_ij^T dO_i``, ``dK_j += dT_ij^T (scale Q_i)``, ``dBias += dT_ij``
+    and, with ``with_dq``, ``dq2[rows of i] += dT_ij K_j`` (``dq2 (Nq, D)``: this program's partial dQ of (b, h))."""
+    H, Nq, D = q.shape[1], q.shape[2], q.shape[3]
+    bias2 = cfg.bias[b % cfg.bias.shape[0], h // cfg.bias_head_div]
+    dbias2 = dbias[b % dbias.shape[0], h // cfg.bias_head_div]
+    for tq in range(Tr):
+        tile = tile_types[b, h // (H // Gt), tq, tk]
+        if tile == SKIP:
+            continue
+        masked = tile == TRIANGLE
+        qs = tq * Br
+        nr = min(Br, Nq - qs)
+        # load Q_i, dO_i, lse_i, delta_i
+        _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, delta_t)
+        # s = P_ij, dp = dS_ij
+        _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, dsdt, scratch, nr, nc, D, qs, b, h, g, jt, kpt,
+                  masked, cfg, bias2)
+        if cfg.has_mods:  # dp = dT_ij, the gradient of scale Q K^T + bias
+            _chain(dp, dsdt, vis, nr, nc, masked)
+        # dBias += dT_ij, summed over the dims the bias was broadcast along, in this fixed order
+        if cfg.has_bias:
+            for i in range(nr):
+                brow = qs + i if dbias2.shape[0] > 1 else 0
                 for c in range(nc):
-                    j = jt[c]
-                    for d in range(D):
-                        dk[b, g, j, d] = dk_acc[c, d]
-                        dv[b, g, j, d] = dv_acc[c, d]
+                    dbias2[brow, jt[c]] += dp[i, c]
+        # dQ_i += dT_ij K_j   (times scale, by the caller)
+        if with_dq:
+            if masked and not k_finite:
+                dq_t[:] = 0
+                matmul_visible(dp, kj, dq_t, vis, nr, D, nc)
+            else:
+                matmul(dp, kj, dq_t, nr, D, nc, False)
+            for i in range(nr):
+                for d in range(D):
+                    dq2[qs + i, d] += dq_t[i, d]
+        # dV_j += (P_ij * Z)^T dO_i   (``s.T`` is a transposed view: no copy)
+        if cfg.has_dropout:
+            for i in range(nr):
+                _dropout_row(s, i, nc, b, h, qs + i, jt, cfg)
+        if masked and not _finite(doi, nr, D):
+            matmul_visible(s.T, doi, dv_acc, vis.T, nc, D, nr)
+        else:
+            matmul(s.T, doi, dv_acc, nc, D, nr, True)
+        # dK_j += dS_ij^T (scale Q_i)
+        if masked and not _finite(qt, nr, D):
+            matmul_visible(dp.T, qt, dk_acc, vis.T, nc, D, nr)
+        else:
+            matmul(dp.T, qt, dk_acc, nc, D, nr, True)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -745,17 +780,36 @@ def _check_dtype(q: np.ndarray) -> np.dtype:
     return dtype
 
 
+_CONFIGS: "weakref.WeakKeyDictionary[AttentionSpec, Dict[np.dtype, Tuple[Config, np.ndarray]]]" = (
+    weakref.WeakKeyDictionary())
+"""The Config and tile types of each live spec and dtype: a spec reused from call to call (a training loop's, see
+:func:`...spec.cached_spec`) is converted once."""
+
+
 def _config(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtype) -> Tuple[Config, np.ndarray]:
     """The spec as a :class:`Config` (dummy arrays for absent features, so that one compiled kernel serves all
-    configurations), and the kernels' tile types ``(B, 1 or Hkv, Tr, Tc)``."""
-    i64 = np.dtype(np.int64)
-    if bias is None:
-        bias_arr, head_div = np.zeros((1, 1, 1, 1), dtype), 1
-    else:
+    configurations), and the kernels' tile types ``(B, 1 or Hkv, Tr, Tc)``. The bias is the call's data: it goes
+    into a copy of the spec's cached Config."""
+    per_dtype = _CONFIGS.get(spec)
+    if per_dtype is None:
+        per_dtype = _CONFIGS.setdefault(spec, {})
+    entry = per_dtype.get(dtype)
+    if entry is None:
+        entry = per_dtype[dtype] = _spec_config(spec, dtype)
+    cfg, tile_types = entry
+    if bias is not None:
         shape = spec.bias_shape if spec.bias_shape is not None else np.shape(bias)
         bias_arr = as_input(np.reshape(bias, shape), dtype)
         Hb = bias_arr.shape[1]
         head_div = 1 if Hb == spec.H else (spec.group if Hb == spec.Hkv else spec.H)
+        cfg = cfg._replace(bias=bias_arr, has_bias=True, bias_head_div=int(head_div))
+    return cfg, tile_types
+
+
+def _spec_config(spec: AttentionSpec, dtype: np.dtype) -> Tuple[Config, np.ndarray]:
+    """:func:`_config` without a bias."""
+    i64 = np.dtype(np.int64)
+    bias_arr, head_div = np.zeros((1, 1, 1, 1), dtype), 1
     keys, pages, topk = spec.keys, spec.pages, spec.topk
     kidx = as_input(keys.kidx, i64) if keys is not None else np.zeros((1, 1, 1), i64)
     counts = as_input(keys.counts, i64) if keys is not None else np.zeros((1, 1), i64)
@@ -773,7 +827,7 @@ def _config(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtype) ->
     cfg = Config(
         as_input(spec.q_pos_b, i64), as_input(spec.k_pos_b, i64), bool(spec.causal), int(spec.window),
         int(spec.num_sinks),
-        bias_arr, bias is not None, int(head_div),
+        bias_arr, False, int(head_div),
         kidx, counts, keys is not None,
         block_table, int(pages.page_size) if pages is not None else 1, lengths, pages is not None,
         thr_val, thr_idx, topk is not None,
@@ -838,21 +892,46 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndar
     # preprocess: delta = rowsum(dO * O) - dlse
     delta = np.empty((B, H, Nq), dtype)
     launch(_bwd_preprocess, B * H, out, dout, dlse, delta)
-    # dQ, and the row sums of dS that refine delta for dK/dV
-    dq = np.empty_like(q)
-    rs = np.empty((B, H, Nq), dtype)
-    launch(_bwd_dq, B * H * Tr, q, k, v, dout, lse, delta, dq, rs, spec.block_q, spec.block_k, tile_types, scale,
-           cfg)
-    if spec.rows_complete:  # refined: every row of dS (with the sink's column) now sums to dlse
+    # a bias shared across batch rows / heads makes one dK/dV program own all of them
+    nb = 1 if (cfg.has_bias and cfg.bias.shape[0] == 1) else B
+    nh = 1 if (cfg.has_bias and cfg.bias.shape[1] == 1) else Hkv
+    fused = not spec.refine_delta
+    if fused:  # one pass: dQ in per-chunk partials, summed in chunk order
+        n_chunks = fused_chunks(nb * nh, Tc)
+        dq_parts = np.zeros((n_chunks, B, H, Nq, D), dtype)
+    else:  # dQ and the row sums of dS, which refine delta for the dK/dV pass
+        dq = np.empty_like(q)
+        rs = np.empty((B, H, Nq), dtype)
+        launch(_bwd_dq, B * H * Tr, q, k, v, dout, lse, delta, dq, rs, spec.block_q, spec.block_k, tile_types,
+               scale, cfg)
+        # every row of dS (with the sink's column) now sums to dlse
         delta = delta * (1 - sink_probs(lse, spec.sinks)) + rs - dlse
-    # dK, dV (and dBias). A bias shared across batch rows / heads makes one program own all of them.
+        n_chunks, dq_parts = Tc, np.zeros((1, 1, 1, 1, 1), dtype)
+    # dK, dV (and dBias; dQ when fused)
     zeros_needed = spec.keys is not None  # a key list leaves the keys nobody keeps untouched: their gradient is 0
     dk = np.zeros_like(k) if zeros_needed else np.empty_like(k)
     dv = np.zeros_like(v) if zeros_needed else np.empty_like(v)
     dbias_arr = np.zeros(cfg.bias.shape, dtype)
-    nb = 1 if (cfg.has_bias and cfg.bias.shape[0] == 1) else B
-    nh = 1 if (cfg.has_bias and cfg.bias.shape[1] == 1) else Hkv
-    launch(_bwd_dkdv, nb * nh * Tc, q, k, v, dout, lse, delta, dk, dv, dbias_arr, spec.block_q, spec.block_k, nb,
-           nh, tile_types, scale, cfg)
+    launch(_bwd_dkdv, n_chunks * nb * nh, q, k, v, dout, lse, delta, dk, dv, dbias_arr, dq_parts, fused, n_chunks,
+           spec.block_q, spec.block_k, nb, nh, tile_types, scale, cfg)
+    if fused:
+        dq = dq_parts[0]
+        for c in range(1, n_chunks):
+            dq += dq_parts[c]
+        dq *= scale
+        if n_chunks > 1:
+            dq = dq.copy()  # (not a view that keeps the other partials alive)
     dbias = None if bias is None else dbias_arr.reshape(np.shape(bias))
     return dq, dk, dv, dbias
+
+
+FUSED_MIN_PROGRAMS = 8
+"""The fused backward cuts each (batch, kv head)'s key tiles into chunks until there are at least this many
+programs (so that a few heads still keep every thread busy). Chosen from the shape, never from the thread count:
+the order of dQ's sums, hence its bits, does not depend on how many threads run."""
+
+
+def fused_chunks(n_pairs: int, n_tiles: int) -> int:
+    """How many key-tile chunks (dQ partials) the fused backward runs for ``n_pairs`` (batch, kv head) programs of
+    ``n_tiles`` key tiles: enough for :data:`FUSED_MIN_PROGRAMS` programs, at most one per key tile."""
+    return max(1, min(n_tiles, -(-FUSED_MIN_PROGRAMS // max(n_pairs, 1))))
