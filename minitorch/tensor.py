@@ -204,9 +204,7 @@ class Tensor:
 
     def zeros(self, shape: Optional["UserShape"] = None) -> "Tensor":
         """Zeros of `shape` (default: own shape) with the same dtype and backend."""
-        if shape is None:
-            shape = self.shape
-        shape = tuple(int(s) for s in shape)
+        shape = self.shape if shape is None else tuple(map(int, shape))
         storage = self.backend.ops.zeros_storage(prod(shape), self.dtype)
         return Tensor(TensorData(storage, shape), backend=self.backend)
 

@@ -72,12 +72,20 @@ class Function:
         positions = [i for i, v in enumerate(vals) if isinstance(v, Tensor)]
         tensors = [vals[i] for i in positions]
         _check_compatible(cls.__name__, tensors)
-        need_grad = any(t.requires_grad() for t in tensors)
-        raw = [v.detach() if isinstance(v, Tensor) else v for v in vals]
+        need_grad = False
+        raw = list(vals)
+        for i in positions:  # forward sees constants (no history), so it builds no graph
+            if vals[i].history is not None:
+                need_grad = True
+                raw[i] = vals[i].detach()
         ctx = Context(not need_grad)
         c = cls._forward(ctx, *raw)
-        back = History(cls, ctx, tensors, positions, len(vals)) if need_grad else None
-        return Tensor(c._tensor, back, backend=c.backend)
+        if not need_grad:
+            for v in vals:
+                if c is v:  # forward handed an input back: the result is a new tensor all the same
+                    return Tensor(c._tensor, None, backend=c.backend)
+            return c  # a new constant already
+        return Tensor(c._tensor, History(cls, ctx, tensors, positions, len(vals)), backend=c.backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

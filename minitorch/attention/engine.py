@@ -20,6 +20,7 @@ and a few array helpers for the caches.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import numpy as np
@@ -122,5 +123,5 @@ def raw4(t: Tensor) -> Array:
 def wrap(array: Array, backend: "TensorBackend") -> Tensor:
     """A constant tensor around a contiguous NumPy or device array (no copy)."""
     shape = tuple(int(s) for s in array.shape)
-    flat = array.reshape(int(np.prod(shape, dtype=np.int64)) if shape else 1)
+    flat = array.reshape(math.prod(shape))
     return Tensor.make(flat, shape, backend=backend)
