@@ -122,6 +122,6 @@ def raw4(t: Tensor) -> Array:
 
 def wrap(array: Array, backend: "TensorBackend") -> Tensor:
     """A constant tensor around a contiguous NumPy or device array (no copy)."""
-    shape = tuple(int(s) for s in array.shape)
+    shape = tuple(map(int, array.shape))
     flat = array.reshape(math.prod(shape))
     return Tensor.make(flat, shape, backend=backend)

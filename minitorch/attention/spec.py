@@ -401,11 +401,14 @@ SPEC_CACHE_SIZE = 128
 _SPEC_CACHE: "OrderedDict[Tuple[Any, ...], AttentionSpec]" = OrderedDict()
 _SPEC_LOCK = threading.Lock()
 _PLAIN_TYPES = (type(None), bool, int, float, str, np.bool_, np.integer, np.floating, TileOrder)
+_PLAIN_EXACT = frozenset({type(None), bool, int, float, str, TileOrder})
 
 
 def _plain(value: Any) -> bool:
     """A value that a cache key may hold: a number, a flag, a string, None, or a tuple of those (a shape)."""
-    if isinstance(value, tuple):
+    if type(value) in _PLAIN_EXACT:  # (the common case, one set lookup)
+        return True
+    if type(value) is tuple:
         return all(isinstance(x, _PLAIN_TYPES) for x in value)
     return isinstance(value, _PLAIN_TYPES)
 
@@ -420,10 +423,13 @@ def cached_spec(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequenc
     dropout without a seed (each call draws a new one). The key holds each value's type too, so that ``causal=1``
     is refused as it would be the first time. Specs are immutable: sharing one between calls is safe.
     """
-    if not all(_plain(v) for v in options.values()) or (options.get("dropout") and options.get("seed") is None):
+    values = tuple(options.values())
+    for value in values:
+        if not _plain(value):
+            return make_spec(q_shape, k_shape, v_shape, **options)
+    if options.get("dropout") and options.get("seed") is None:
         return make_spec(q_shape, k_shape, v_shape, **options)
-    key = (tuple(q_shape), tuple(k_shape), tuple(v_shape)) + tuple(
-        (name, type(value), value) for name, value in sorted(options.items()))
+    key = (tuple(q_shape), tuple(k_shape), tuple(v_shape), tuple(options), values, tuple(map(type, values)))
     with _SPEC_LOCK:
         spec = _SPEC_CACHE.get(key)
         if spec is not None:
