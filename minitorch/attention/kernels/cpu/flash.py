@@ -60,7 +60,8 @@ from ...spec import AttentionSpec, check_backward
 from ...tiling import TileOrder, TileType
 from .launch import FM_REDUCE, as_input, helper, kernel, launch
 from .mods import call_row, row_function
-from .simd import exp, exp_rows, matmul, matmul_visible, rows_max, vwidth
+from .simd import (exp, exp_rows, matmul, matmul_visible, rows_max, vfma, vfma_vec, vhsum, vload, vstore, vwidth,
+                   vzeros)
 
 # Tile types as plain ints (Numba freezes module-level ints into the compiled code).
 SKIP = int(TileType.SKIP)
@@ -328,17 +329,61 @@ def _dropout_row(p, i, nc, b, h, qi, jt, cfg):  # type: ignore[no-untyped-def]
 
 
 @helper(fastmath=FM_REDUCE)
-def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, kpt, masked, cfg, bias2):  # type: ignore[no-untyped-def]
+def _dots_by_rows(qt, k, b, g, jt, nc, s, nr, D, cfg):  # type: ignore[no-untyped-def]
+    """``s[i, c] = qt[i] . K[row jt[c]]`` for the ``nr < 4`` rows of a decode step: each key row is read in place
+    (where :func:`_row_address` says) and used for every query row while it is in registers. No copy, no
+    transpose: a decode step streams its keys at memory speed."""
+    W = vwidth(s)
+    Dv = D - D % W
+    for c in range(nc):
+        sb, sj = _row_address(b, jt[c], cfg)
+        k2 = k[sb, g]
+        for i in range(nr):
+            vacc = vzeros(s)
+            for d in range(0, Dv, W):
+                vacc = vfma_vec(vload(qt, i, d), vload(k2, sj, d), vacc)
+            acc = vhsum(vacc)
+            for d in range(Dv, D):
+                acc += qt[i, d] * k2[sj, d]
+            s[i, c] = acc
+
+
+@helper(fastmath=FM_REDUCE)
+def _accumulate_by_rows(p, v, b, g, jt, nc, acc, nr, D, vis, masked, cfg):  # type: ignore[no-untyped-def]
+    """``acc[i] += sum_c p[i, c] V[row jt[c]]`` for the ``nr < 4`` rows of a decode step, each value row read in
+    place once; in a TRIANGLE tile a pair the row does not see is left out (its value row may hold NaN)."""
+    W = vwidth(acc)
+    Dv = D - D % W
+    for c in range(nc):
+        sb, sj = _row_address(b, jt[c], cfg)
+        v2 = v[sb, g]
+        for i in range(nr):
+            if masked and vis[i, c] == 0:
+                continue
+            x = p[i, c]
+            for d in range(0, Dv, W):
+                vstore(acc, i, d, vfma(x, vload(v2, sj, d), vload(acc, i, d)))
+            for d in range(Dv, D):
+                acc[i, d] += x * v2[sj, d]
+
+
+@helper(fastmath=FM_REDUCE)
+def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, kpt, masked, cfg, bias2, k, v, by_rows):  # type: ignore[no-untyped-def]
     """One step of the online softmax: fold key tile ``j`` into query tile ``i`` (FA2 Algorithm 1, lines 8-10).
 
     ``qt (R4, D)``: ``scale * Q_i``; ``kT (D, Bcp)``: ``K_j^T``; ``vj (Bc, Dp)``: ``V_j``; ``s, vis (R4, Bcp)`` and
     ``stats (3, R4)``: scratch. Updated in place: ``acc (R4, Dp)``, the unnormalized ``O_i``; ``m, l (R4,)``, the
     running row max and row sum. ``masked`` is True for a TRIANGLE tile (test every element), False for DENSE.
+    With ``by_rows`` (a decode step: fewer than 4 query rows) the two products read the key and value rows of
+    ``k, v`` in place instead (:func:`_dots_by_rows`, :func:`_accumulate_by_rows`; ``kT``, ``vj`` unused).
     """
     m_new, alpha, rowsum = stats[0], stats[1], stats[2]
     sentinel = _masked_value(s)
     # S_ij = Q_i K_j^T (scale already folded into Q_i) + bias, masked
-    matmul(qt, kT, s, nr, nc, D, False)
+    if by_rows:
+        _dots_by_rows(qt, k, b, g, jt, nc, s, nr, D, cfg)
+    else:
+        matmul(qt, kT, s, nr, nc, D, False)
     if masked or cfg.has_bias or cfg.has_mods:  # (no derivative wanted: s stands in for dsdt)
         _score_tile(s, vis, s, nr, nc, qs, b, h, g, jt, kpt, masked, False, cfg, bias2)
     # m_i^new = max(m_i, rowmax(S_ij)); a row that has seen no visible key yet keeps the sentinel, and shifting
@@ -361,7 +406,9 @@ def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, 
         if cfg.has_dropout:
             _dropout_row(s, i, nc, b, h, qs + i, jt, cfg)
     # O_i += P_ij V_j  (leaving out the masked pairs where V_j holds NaN or Inf)
-    if masked and not _finite(vj, nc, D):
+    if by_rows:
+        _accumulate_by_rows(s, v, b, g, jt, nc, acc, nr, D, vis, masked, cfg)
+    elif masked and not _finite(vj, nc, D):
         matmul_visible(s, vj, acc, vis, nr, D, nc)
     else:
         matmul(s, vj, acc, nr, D, nc, True)
@@ -428,6 +475,7 @@ def _fwd_q_major(worker, n_workers, q, k, v, out, lse, Br, Bc, n_splits, tile_ty
         nr = min(Br, Nq - qs)
         Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
         per = (Tc + n_splits - 1) // n_splits
+        by_rows = nr < 4  # a decode step: stream the key and value rows instead of loading tiles
         # line 4: load Q_i (scale folded in); O_i = 0, l_i = 0, m_i = -inf (a finite sentinel)
         _load_rows(q[b, h], qs, nr, qt, scale)
         acc[:] = 0
@@ -439,12 +487,15 @@ def _fwd_q_major(worker, n_workers, q, k, v, out, lse, Br, Bc, n_splits, tile_ty
                 continue
             ks = tk * Bc
             nc = min(Bc, n_keys - ks)
-            # line 6: load K_j (transposed: S_ij = Q_i K_j^T reads it by rows), V_j, through the key source
+            # line 6: load K_j (transposed: S_ij = Q_i K_j^T reads it by rows), V_j, through the key source (a
+            # decode step with fewer than 4 query rows reads them in place instead)
             _key_rows(cfg, b, g, ks, nc, jt, kpt)
-            _gather(k, b, g, jt, nc, kT, True, cfg)
-            _gather(v, b, g, jt, nc, vj, False, cfg)
+            if not by_rows:
+                _gather(k, b, g, jt, nc, kT, True, cfg)
+                _gather(v, b, g, jt, nc, vj, False, cfg)
             # lines 8-10: S_ij, online softmax, O_i update
-            _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, kpt, tile == TRIANGLE, cfg, bias2)
+            _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, kpt, tile == TRIANGLE, cfg, bias2,
+                      k, v, by_rows)
         # lines 12-13: O_i = diag(l_i)^-1 O_i, lse_i = m_i + log(l_i)
         _write_rows(acc, m, l, nr, D, out[b, h, sp], lse[b, h, sp], qs)
 
@@ -492,7 +543,7 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
                         acc[i, d] = out[b, h, qs + i, d] * l[i]
                 # lines 9-11: S_ij, m_ij, P_ij, l_ij and diag(l_i) e^{m_i - m_new} O_i + e^{m_ij - m_new} P_ij V_j
                 _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, kpt, tile == TRIANGLE, cfg,
-                          bias2)
+                          bias2, k, v, False)
                 # lines 12-13: write O_i = diag(l_i^new)^-1 (...), l_i, m_i back
                 _write_rows(acc, m, l, nr, D, out[b, h], lse[b, h], qs)
                 for i in range(nr):

@@ -174,6 +174,19 @@ def vfma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
+def vfma_vec(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+    """``c + a * b`` lane by lane (three vectors; one fused multiply-add instruction)."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        vty = args[2].type
+        suffix = f"v{vty.count}f{sig.return_type.dtype.bitwidth}"
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.{suffix}")
+        return builder.call(fma, [args[0], args[1], args[2]])
+
+    return c(a, b, c), codegen
+
+
+@intrinsic
 def vmax(typingctx, a, b):  # type: ignore[no-untyped-def]
     """Lane-wise ``max(a, b)``."""
 
