@@ -119,7 +119,8 @@ def dma_config(engine: Any, z: Array, dspec: DMASpec) -> Tuple[AttentionSpec, An
     attn = dspec.attn
     spec = attn.replace(
         block_q=sel.block_q, block_k=sel.block_k, bias_shape=(attn.B, attn.Hkv, 1, attn.Nk),
-        keys=KeyList(sel.kidx, sel.counts, sel.types), topk=TopK(sel.thr_val, sel.thr_idx),
+        keys=KeyList(sel.kidx, sel.counts, sel.types, per_tile=None if sel.per_tile is None else KeyList(
+            *sel.per_tile)), topk=TopK(sel.thr_val, sel.thr_idx),
     )
     return spec, sel
 

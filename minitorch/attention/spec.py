@@ -52,6 +52,13 @@ class KeyList:
     kidx: Any
     counts: Any
     tile_types: Any
+    per_tile: Optional["KeyList"] = None
+    """Optionally, the same keys as one list per query tile: ``kidx (B, Hkv, Tr, L)``, ``counts (B, Hkv, Tr)``,
+    ``tile_types (B, Hkv, Tr, Tc')``, the keys some row of the tile keeps, those every row keeps first (so that
+    most of its tiles are DENSE). Kernels that run one query tile at a time (a CPU Q-major forward, dQ) may read it
+    instead of the list above; the kept keys, hence the results, are the same. Causal DMA on the CPU: the top-k of
+    a growing prefix keeps different keys at different rows, and one list for all rows makes every query tile
+    visit keys it does not keep."""
 
 
 @dataclass(frozen=True, eq=False)

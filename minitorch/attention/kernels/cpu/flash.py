@@ -147,25 +147,26 @@ def _finite(a, n0, n1):  # type: ignore[no-untyped-def]
 
 
 @helper()
-def _tile_count(cfg, b, g, Nk, Bc):  # type: ignore[no-untyped-def]
-    """The number of key tiles of (b, kv head g): of the key rows (a paged sequence's own length), or of the
-    entries of the key list."""
+def _tile_count(cfg, b, g, tq, Nk, Bc):  # type: ignore[no-untyped-def]
+    """The number of key tiles of (b, kv head g) for query tile ``tq``: of the key rows (a paged sequence's own
+    length), or of the entries of the key list (one list for all query tiles, or each query tile's own)."""
     n = Nk
     if cfg.has_list:
-        n = cfg.counts[b % cfg.counts.shape[0], g % cfg.counts.shape[1]]
+        n = cfg.counts[b % cfg.counts.shape[0], g % cfg.counts.shape[1], tq % cfg.counts.shape[2]]
     elif cfg.has_pages:
         n = cfg.lengths[b]
     return (n + Bc - 1) // Bc, n
 
 
 @helper()
-def _key_rows(cfg, b, g, start, n, jt, kpt):  # type: ignore[no-untyped-def]
+def _key_rows(cfg, b, g, tq, start, n, jt, kpt):  # type: ignore[no-untyped-def]
     """The key source: ``jt[c]`` = the key row of entry ``start + c`` of (b, kv head g), for ``c < n``: the row
-    itself (contiguous keys) or ``kidx[b, g, start + c]`` (a key list); ``kpt[c]`` its position in batch row b."""
+    itself (contiguous keys) or ``kidx[b, g, tq, start + c]`` (a key list: ``kidx (B, Hkv, 1 or Tr, L)``, one list,
+    or one per query tile); ``kpt[c]`` its position in batch row b."""
     for c in range(n):
         j = start + c
         if cfg.has_list:
-            j = cfg.kidx[b % cfg.kidx.shape[0], g % cfg.kidx.shape[1], start + c]
+            j = cfg.kidx[b % cfg.kidx.shape[0], g % cfg.kidx.shape[1], tq % cfg.kidx.shape[2], start + c]
         jt[c] = j
         kpt[c] = cfg.k_pos_b[b, j]
 
@@ -208,10 +209,17 @@ def _score_tile(s, vis, dsdt, nr, nc, qs, b, h, g, jt, kpt, masked, want_grad, c
     sentinel = _masked_value(s)
     causal, window, num_sinks = cfg.causal, cfg.window, cfg.num_sinks
     if cfg.has_bias:
-        for i in range(nr):
-            brow = qs + i if bias2.shape[0] > 1 else 0
+        if bias2.shape[0] == 1:  # one row for all queries (DMA's z): read it once per tile, add it to every row
+            row = np.empty(nc, s.dtype)
             for c in range(nc):
-                s[i, c] += bias2[brow, jt[c]]
+                row[c] = bias2[0, jt[c]]
+            for i in range(nr):
+                for c in range(nc):
+                    s[i, c] += row[c]
+        else:
+            for i in range(nr):
+                for c in range(nc):
+                    s[i, c] += bias2[qs + i, jt[c]]
     if cfg.has_mods:
         _modify_tile(s, dsdt, nr, nc, qs, b, h, kpt, want_grad, cfg)
     if not masked:
@@ -473,7 +481,7 @@ def _fwd_q_major(worker, n_workers, q, k, v, out, lse, Br, Bc, n_splits, tile_ty
         bias2 = cfg.bias[b % cfg.bias.shape[0], h // cfg.bias_head_div]
         qs = tq * Br
         nr = min(Br, Nq - qs)
-        Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
+        Tc, n_keys = _tile_count(cfg, b, g, tq, Nk, Bc)
         per = (Tc + n_splits - 1) // n_splits
         by_rows = nr < 4  # a decode step: stream the key and value rows instead of loading tiles
         # line 4: load Q_i (scale folded in); O_i = 0, l_i = 0, m_i = -inf (a finite sentinel)
@@ -489,7 +497,7 @@ def _fwd_q_major(worker, n_workers, q, k, v, out, lse, Br, Bc, n_splits, tile_ty
             nc = min(Bc, n_keys - ks)
             # line 6: load K_j (transposed: S_ij = Q_i K_j^T reads it by rows), V_j, through the key source (a
             # decode step with fewer than 4 query rows reads them in place instead)
-            _key_rows(cfg, b, g, ks, nc, jt, kpt)
+            _key_rows(cfg, b, g, tq, ks, nc, jt, kpt)
             if not by_rows:
                 _gather(k, b, g, jt, nc, kT, True, cfg)
                 _gather(v, b, g, jt, nc, vj, False, cfg)
@@ -520,11 +528,11 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
         out[b, h] = 0
         _start(m_hbm[b, h], l_hbm[b, h], h, True, cfg)
         # line 5: outer loop over key tiles j; line 6: load K_j, V_j once
-        Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
+        Tc, n_keys = _tile_count(cfg, b, g, 0, Nk, Bc)  # (one key list for every query tile)
         for tk in range(Tc):
             ks = tk * Bc
             nc = min(Bc, n_keys - ks)
-            _key_rows(cfg, b, g, ks, nc, jt, kpt)
+            _key_rows(cfg, b, g, 0, ks, nc, jt, kpt)
             _gather(k, b, g, jt, nc, kT, True, cfg)
             _gather(v, b, g, jt, nc, vj, False, cfg)
             # line 7: inner loop over query tiles i
@@ -660,7 +668,7 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
         _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, delta_t)
         dq_acc[:] = 0
         rsum[:] = 0
-        Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
+        Tc, n_keys = _tile_count(cfg, b, g, tq, Nk, Bc)
         for tk in range(Tc):
             tile = tile_types[b, h // (H // Gt), tq, tk]
             if tile == SKIP:
@@ -668,7 +676,7 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
             ks = tk * Bc
             nc = min(Bc, n_keys - ks)
             # load K_j (transposed for S = Q K^T, by rows for dS K) and V_j (transposed for dP = dO V^T)
-            _key_rows(cfg, b, g, ks, nc, jt, kpt)
+            _key_rows(cfg, b, g, tq, ks, nc, jt, kpt)
             _gather(k, b, g, jt, nc, kT, True, cfg)
             _gather(k, b, g, jt, nc, kj, False, cfg)
             _gather(v, b, g, jt, nc, vT, True, cfg)
@@ -738,13 +746,13 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, dq_pa
         for tk in range(chunk, Tc_max, n_chunks):
             for b in range(b_lo, b_hi):
                 for g in range(h_lo, h_hi):
-                    Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
+                    Tc, n_keys = _tile_count(cfg, b, g, 0, Nk, Bc)  # (one key list for every query tile)
                     if tk >= Tc:
                         continue
                     ks = tk * Bc
                     nc = min(Bc, n_keys - ks)
                     # load K_j, V_j (transposed, for the products with Q_i and dO_i; K_j by rows for dQ)
-                    _key_rows(cfg, b, g, ks, nc, jt, kpt)
+                    _key_rows(cfg, b, g, 0, ks, nc, jt, kpt)
                     _gather(k, b, g, jt, nc, kT, True, cfg)
                     _gather(v, b, g, jt, nc, vT, True, cfg)
                     k_finite = True
@@ -837,16 +845,19 @@ _CONFIGS: "weakref.WeakKeyDictionary[AttentionSpec, Dict[np.dtype, Tuple[Config,
 :func:`...spec.cached_spec`) is converted once."""
 
 
-def _config(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtype) -> Tuple[Config, np.ndarray]:
+def _config(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtype, by_query_tile: bool = False
+            ) -> Tuple[Config, np.ndarray]:
     """The spec as a :class:`Config` (dummy arrays for absent features, so that one compiled kernel serves all
     configurations), and the kernels' tile types ``(B, 1 or Hkv, Tr, Tc)``. The bias is the call's data: it goes
-    into a copy of the spec's cached Config."""
+    into a copy of the spec's cached Config. ``by_query_tile``: for a kernel that runs one query tile at a time
+    (Q-major forward, dQ), the key list's per-query-tile lists where it has them (:class:`...spec.KeyList`)."""
+    by_query_tile = by_query_tile and spec.keys is not None and spec.keys.per_tile is not None
     per_dtype = _CONFIGS.get(spec)
     if per_dtype is None:
         per_dtype = _CONFIGS.setdefault(spec, {})
-    entry = per_dtype.get(dtype)
+    entry = per_dtype.get((dtype, by_query_tile))
     if entry is None:
-        entry = per_dtype[dtype] = _spec_config(spec, dtype)
+        entry = per_dtype[(dtype, by_query_tile)] = _spec_config(spec, dtype, by_query_tile)
     cfg, tile_types = entry
     if bias is not None:
         shape = spec.bias_shape if spec.bias_shape is not None else np.shape(bias)
@@ -857,13 +868,18 @@ def _config(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtype) ->
     return cfg, tile_types
 
 
-def _spec_config(spec: AttentionSpec, dtype: np.dtype) -> Tuple[Config, np.ndarray]:
+def _spec_config(spec: AttentionSpec, dtype: np.dtype, by_query_tile: bool) -> Tuple[Config, np.ndarray]:
     """:func:`_config` without a bias."""
     i64 = np.dtype(np.int64)
     bias_arr, head_div = np.zeros((1, 1, 1, 1), dtype), 1
     keys, pages, topk = spec.keys, spec.pages, spec.topk
-    kidx = as_input(keys.kidx, i64) if keys is not None else np.zeros((1, 1, 1), i64)
-    counts = as_input(keys.counts, i64) if keys is not None else np.zeros((1, 1), i64)
+    if keys is not None and by_query_tile:
+        keys = keys.per_tile
+    kidx, counts = np.zeros((1, 1, 1, 1), i64), np.zeros((1, 1, 1), i64)
+    if keys is not None:  # one list: (B, Hkv, 1, L) and (B, Hkv, 1); per query tile: (B, Hkv, Tr, L), (B, Hkv, Tr)
+        kidx, counts = as_input(keys.kidx, i64), as_input(keys.counts, i64)
+        if kidx.ndim == 3:
+            kidx, counts = kidx[:, :, None], counts[:, :, None]
     block_table = as_input(pages.block_table, i64) if pages is not None else np.zeros((1, 1), i64)
     lengths = as_input(pages.lengths, i64) if pages is not None else np.zeros(1, i64)
     thr_val = as_input(topk.thr_val, dtype) if topk is not None else np.zeros((1, 1, 1), dtype)
@@ -888,7 +904,8 @@ def _spec_config(spec: AttentionSpec, dtype: np.dtype) -> Tuple[Config, np.ndarr
         spec.score_mod is not None, dtype.type(spec.softcap), per_head(spec.alibi), spec.alibi is not None,
         per_head(spec.sinks), spec.sinks is not None,
     )
-    return cfg, as_input(spec.kernel_tiles(), np.dtype(np.int8))
+    tiles = keys.tile_types if keys is not None else spec.kernel_tiles()
+    return cfg, as_input(tiles, np.dtype(np.int8))
 
 
 def forward(
@@ -902,11 +919,12 @@ def forward(
     """
     dtype = _check_dtype(q)
     q, k, v = (as_input(x, dtype) for x in (q, k, v))
-    cfg, tile_types = _config(bias, spec, dtype)
+    k_major = TileOrder(spec.order) == TileOrder.K_MAJOR
+    cfg, tile_types = _config(bias, spec, dtype, by_query_tile=not k_major)
     B, H, Nq, D = q.shape
     scale = dtype.type(spec.scale)
     Tr = tile_types.shape[2]
-    if TileOrder(spec.order) == TileOrder.K_MAJOR:
+    if k_major:
         out = np.empty((B, H, Nq, D), dtype)
         lse = np.empty((B, H, Nq), dtype)
         m_hbm = np.empty((B, H, Nq), dtype)
@@ -953,8 +971,9 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndar
     else:  # dQ and the row sums of dS, which refine delta for the dK/dV pass
         dq = np.empty_like(q)
         rs = np.empty((B, H, Nq), dtype)
-        launch(_bwd_dq, B * H * Tr, q, k, v, dout, lse, delta, dq, rs, spec.block_q, spec.block_k, tile_types,
-               scale, cfg)
+        cfg_q, tiles_q = _config(bias, spec, dtype, by_query_tile=True)
+        launch(_bwd_dq, B * H * Tr, q, k, v, dout, lse, delta, dq, rs, spec.block_q, spec.block_k, tiles_q, scale,
+               cfg_q)
         # every row of dS (with the sink's column) now sums to dlse
         delta = delta * (1 - sink_probs(lse, spec.sinks)) + rs - dlse
         n_chunks, dq_parts = Tc, np.zeros((1, 1, 1, 1, 1), dtype)
