@@ -392,6 +392,36 @@ def print_table(results: Dict[int, Dict[str, Dict[str, float]]], notes: Dict[str
         print(f"- {', '.join(names_)}: {why}")
 
 
+def thread_scaling(sizes: List[int], B: int, H: int, D: int, threads: int) -> Dict[str, Dict[str, float]]:
+    """Each flash kernel on 1 thread and on ``threads`` threads, interleaved (best of the rounds): the speedup of
+    the threads, ``t(1) / t(threads)`` (an idle machine is needed for this to mean anything: on a loaded one the
+    second core is not free)."""
+    import numba
+
+    impls = make_impls(B, H, D, naive_max_n=0)
+    out: Dict[str, Dict[str, float]] = {}
+    print(f"\nthread scaling: best time on 1 thread / on {threads} threads (wall)")
+    for n in sizes:
+        for name in ("flash fwd", "flash causal fwd", "flash fwd+bwd", "flash causal fwd+bwd"):
+            fn = impls[name](n)
+
+            def on(t: int, fn: Callable[[], Any] = fn) -> Callable[[], Any]:
+                def run() -> Any:
+                    numba.set_num_threads(t)
+                    try:
+                        return fn()
+                    finally:
+                        numba.set_num_threads(threads)
+                return run
+
+            r = time_interleaved({"1": on(1), str(threads): on(threads)}, repeats=3, min_seconds=1.0)
+            x = r["1"]["best_s"] / r[str(threads)]["best_s"]
+            out[f"{n} {name}"] = {"one_thread_s": r["1"]["best_s"], "threads_s": r[str(threads)]["best_s"], "speedup": x}
+            print(f"  N={n:6d} {name:24s} {r['1']['best_s'] * 1e3:9.1f} ms / {r[str(threads)]['best_s'] * 1e3:9.1f} ms"
+                  f" = {x:.2f}x")
+    return out
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-n", type=int, default=8192)
@@ -402,6 +432,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-max-n", type=int, default=8192, help="skip the O(N^2)-memory baseline above this")
     parser.add_argument("--memory-n", type=int, default=16384, help="0 to skip the memory measurement")
+    parser.add_argument("--thread-scaling", action="store_true",
+                        help="also time the flash kernels on 1 thread against --threads threads (N <= 4096)")
     return parse_with_output(parser, "bench_attention.json", argv)
 
 
@@ -421,6 +453,7 @@ def main() -> None:
     results = run_suite(sizes, make_impls(B, H, D, args.naive_max_n), make_flops(B, H, D), repeats=args.repeats)
     notes = not_measured(sizes, args.naive_max_n)
     print_table(results, notes)
+    scaling = thread_scaling([n for n in sizes if n <= 4096], B, H, D, args.threads) if args.thread_scaling else None
     memory = None
     if args.memory_n:
         memory = measure_memory(args.memory_n, H, D)
@@ -441,6 +474,7 @@ def main() -> None:
         "results": {str(n): row for n, row in results.items()},
         "not_measured": notes,
         "memory": memory,
+        "thread_scaling": scaling,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
