@@ -204,8 +204,12 @@ class Tensor:
 
     def zeros(self, shape: Optional["UserShape"] = None) -> "Tensor":
         """Zeros of `shape` (default: own shape) with the same dtype and backend."""
-        shape = self.shape if shape is None else tuple(map(int, shape))
-        storage = self.backend.ops.zeros_storage(prod(shape), self.dtype)
+        if shape is None:
+            shape, size = self.shape, self.size
+        else:
+            shape = tuple(map(int, shape))
+            size = prod(shape)
+        storage = self.backend.ops.zeros_storage(size, self.dtype)
         return Tensor(TensorData(storage, shape), backend=self.backend)
 
     def _ensure_tensor(self, b: "TensorLike") -> "Tensor":
