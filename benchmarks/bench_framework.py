@@ -144,7 +144,7 @@ def kernel_only(q: np.ndarray, k: np.ndarray, v: np.ndarray, do: np.ndarray) -> 
     o5, l4 = np.empty((B, H, 1, N, D), dtype), np.empty((B, H, 1, N), dtype)
     fwd_args = (q, k, v, o5, l4, spec.block_q, spec.block_k, 1, tiles, scale, cfg)
     dlse, delta = np.zeros((B, H, N), dtype), np.empty((B, H, N), dtype)
-    n_chunks = cpu.fused_chunks(B * H, Tc)
+    n_chunks = cpu.fused_chunks(B * H, Tc, q.nbytes)
     parts = np.zeros((n_chunks, B, H, N, D), dtype)
     dk, dv, dbias = np.empty_like(k), np.empty_like(v), np.zeros((1, 1, 1, 1), dtype)
     bwd_args = (q, k, v, do, lse, delta, dk, dv, dbias, parts, True, n_chunks, spec.block_q, spec.block_k, B, H,

@@ -419,7 +419,7 @@ def test_fused_and_refined_backward_agree(dtype) -> None:  # type: ignore[no-unt
         q, k, v, dout, bias = make_inputs(B, H, Hkv, N, N, D, dtype, np.random.default_rng(4), bias_shape)
         spec = make_spec(q.shape, k.shape, v.shape, bias_shape=bias.shape, **opts)
         assert spec.refine_delta == (bias_shape[2] == 1)
-        assert cpu.fused_chunks(B * Hkv, spec.Tc) > 1  # several dQ partials
+        assert cpu.fused_chunks(B * Hkv, spec.Tc, q.nbytes) > 1  # several dQ partials
         out, lse = cpu.forward(q, k, v, bias, spec)
         ref = reference_attention_backward(q, k, v, dout, attn_bias=bias, causal=True)
         naive = naive_float32(q, k, v, dout, bias, opts)[2] if dtype == np.float32 else (None,) * 4

@@ -966,7 +966,7 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndar
     nh = 1 if (cfg.has_bias and cfg.bias.shape[1] == 1) else Hkv
     fused = not spec.refine_delta
     if fused:  # one pass: dQ in per-chunk partials, summed in chunk order
-        n_chunks = fused_chunks(nb * nh, Tc)
+        n_chunks = fused_chunks(nb * nh, Tc, q.nbytes)
         dq_parts = np.zeros((n_chunks, B, H, Nq, D), dtype)
     else:  # dQ and the row sums of dS, which refine delta for the dK/dV pass
         dq = np.empty_like(q)
@@ -999,9 +999,15 @@ FUSED_MIN_PROGRAMS = 8
 """The fused backward cuts each (batch, kv head)'s key tiles into chunks until there are at least this many
 programs (so that a few heads still keep every thread busy). Chosen from the shape, never from the thread count:
 the order of dQ's sums, hence its bits, does not depend on how many threads run."""
+FUSED_PARTIALS_BYTES = 16 * 2**20
+"""...but the dQ partials beyond the first stay within this many bytes: a long sequence has key tiles enough to
+keep the threads busy, and flash attention's memory should stay about that of its inputs (one chunk: its partial
+is the result itself)."""
 
 
-def fused_chunks(n_pairs: int, n_tiles: int) -> int:
+def fused_chunks(n_pairs: int, n_tiles: int, dq_bytes: int = 0) -> int:
     """How many key-tile chunks (dQ partials) the fused backward runs for ``n_pairs`` (batch, kv head) programs of
-    ``n_tiles`` key tiles: enough for :data:`FUSED_MIN_PROGRAMS` programs, at most one per key tile."""
-    return max(1, min(n_tiles, -(-FUSED_MIN_PROGRAMS // max(n_pairs, 1))))
+    ``n_tiles`` key tiles and a dQ of ``dq_bytes``: enough for :data:`FUSED_MIN_PROGRAMS` programs, at most one per
+    key tile, at most 1 + :data:`FUSED_PARTIALS_BYTES` / dq_bytes."""
+    by_memory = 1 + FUSED_PARTIALS_BYTES // max(dq_bytes, 1)
+    return max(1, min(n_tiles, -(-FUSED_MIN_PROGRAMS // max(n_pairs, 1)), by_memory))
