@@ -999,7 +999,7 @@ FUSED_MIN_PROGRAMS = 8
 """The fused backward cuts each (batch, kv head)'s key tiles into chunks until there are at least this many
 programs (so that a few heads still keep every thread busy). Chosen from the shape, never from the thread count:
 the order of dQ's sums, hence its bits, does not depend on how many threads run."""
-FUSED_PARTIALS_BYTES = 16 * 2**20
+FUSED_PARTIALS_BYTES = 8 * 2**20
 """...but the dQ partials beyond the first stay within this many bytes: a long sequence has key tiles enough to
 keep the threads busy, and flash attention's memory should stay about that of its inputs (one chunk: its partial
 is the result itself)."""
