@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 import numpy as np
 
 from ..tensor import Tensor
+from ..tensor_data import TensorData
 from .sinks import sinks_backward
 from .tiling import default_block_sizes
 
@@ -124,4 +125,6 @@ def wrap(array: Array, backend: "TensorBackend") -> Tensor:
     """A constant tensor around a contiguous NumPy or device array (no copy)."""
     shape = tuple(map(int, array.shape))
     flat = array.reshape(math.prod(shape))
+    if isinstance(flat, np.ndarray) and not backend.cuda:  # (the common case: a host array as it is)
+        return Tensor(TensorData(flat, shape), backend=backend)
     return Tensor.make(flat, shape, backend=backend)

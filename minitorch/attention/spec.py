@@ -24,9 +24,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -404,8 +403,8 @@ def make_spec(
 
 
 SPEC_CACHE_SIZE = 128
-"""How many validated specs :func:`cached_spec` keeps (least recently used first out)."""
-_SPEC_CACHE: "OrderedDict[Tuple[Any, ...], AttentionSpec]" = OrderedDict()
+"""How many validated specs :func:`cached_spec` keeps (the oldest goes first)."""
+_SPEC_CACHE: Dict[Tuple[Any, ...], AttentionSpec] = {}
 _SPEC_LOCK = threading.Lock()
 _PLAIN_TYPES = (type(None), bool, int, float, str, np.bool_, np.integer, np.floating, TileOrder)
 _PLAIN_EXACT = frozenset({type(None), bool, int, float, str, TileOrder})
@@ -413,8 +412,6 @@ _PLAIN_EXACT = frozenset({type(None), bool, int, float, str, TileOrder})
 
 def _plain(value: Any) -> bool:
     """A value that a cache key may hold: a number, a flag, a string, None, or a tuple of those (a shape)."""
-    if type(value) in _PLAIN_EXACT:  # (the common case, one set lookup)
-        return True
     if type(value) is tuple:
         return all(isinstance(x, _PLAIN_TYPES) for x in value)
     return isinstance(value, _PLAIN_TYPES)
@@ -431,22 +428,21 @@ def cached_spec(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequenc
     is refused as it would be the first time. Specs are immutable: sharing one between calls is safe.
     """
     values = tuple(options.values())
-    for value in values:
-        if not _plain(value):
+    types = tuple(map(type, values))
+    for t, value in zip(types, values):
+        if t not in _PLAIN_EXACT and not _plain(value):
             return make_spec(q_shape, k_shape, v_shape, **options)
     if options.get("dropout") and options.get("seed") is None:
         return make_spec(q_shape, k_shape, v_shape, **options)
-    key = (tuple(q_shape), tuple(k_shape), tuple(v_shape), tuple(options), values, tuple(map(type, values)))
-    with _SPEC_LOCK:
-        spec = _SPEC_CACHE.get(key)
-        if spec is not None:
-            _SPEC_CACHE.move_to_end(key)
-            return spec
+    key = (tuple(q_shape), tuple(k_shape), tuple(v_shape), tuple(options), values, types)
+    spec = _SPEC_CACHE.get(key)
+    if spec is not None:
+        return spec
     spec = make_spec(q_shape, k_shape, v_shape, **options)  # (raises for bad input: nothing is cached then)
     with _SPEC_LOCK:
+        if len(_SPEC_CACHE) >= SPEC_CACHE_SIZE:
+            del _SPEC_CACHE[next(iter(_SPEC_CACHE))]
         _SPEC_CACHE[key] = spec
-        if len(_SPEC_CACHE) > SPEC_CACHE_SIZE:
-            _SPEC_CACHE.popitem(last=False)
     return spec
 
 

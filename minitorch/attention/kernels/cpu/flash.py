@@ -919,7 +919,7 @@ def forward(
     """
     dtype = _check_dtype(q)
     q, k, v = (as_input(x, dtype) for x in (q, k, v))
-    k_major = TileOrder(spec.order) == TileOrder.K_MAJOR
+    k_major = spec.order == TileOrder.K_MAJOR
     cfg, tile_types = _config(bias, spec, dtype, by_query_tile=not k_major)
     B, H, Nq, D = q.shape
     scale = dtype.type(spec.scale)
