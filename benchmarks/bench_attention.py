@@ -47,7 +47,12 @@ def _pin_threads(n: int) -> None:
         os.environ[var] = str(n)
 
 
-if __name__ == "__main__":  # thread counts must be in the environment before numpy is imported
+TIMING = ("one process, OMP_WAIT_POLICY=PASSIVE set before any library is imported (idle OpenMP threads sleep, so "
+          "no contender loses a core to the one before it), contenders interleaved in rounds: best and median wall "
+          "time, least process CPU time")
+
+if __name__ == "__main__":  # thread counts and the wait policy must be in the environment before numpy is imported
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     _argv_threads = THREADS_DEFAULT
     for _i, _a in enumerate(sys.argv):
         if _a == "--threads" and _i + 1 < len(sys.argv):
@@ -151,8 +156,8 @@ def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -
     return s @ v
 
 
-IMPLS = ["flash fwd", "flash causal fwd", "flash fwd+bwd", "numpy naive fwd", "torch sdpa fwd", "torch sdpa causal fwd",
-         "torch sdpa fwd+bwd"]
+IMPLS = ["flash fwd", "flash causal fwd", "flash fwd+bwd", "flash causal fwd+bwd", "numpy naive fwd", "torch sdpa fwd",
+         "torch sdpa causal fwd", "torch sdpa fwd+bwd", "torch sdpa causal fwd+bwd"]
 TORCH_IMPLS = [name for name in IMPLS if name.startswith("torch")]
 
 
@@ -172,9 +177,9 @@ def make_impls(B: int, H: int, D: int, naive_max_n: int) -> Dict[str, Callable[[
         spec = make_spec(q.shape, k.shape, v.shape, causal=causal)
         return lambda: cpu.forward(q, k, v, None, spec)
 
-    def flash_fwd_bwd(n: int) -> Callable[[], Any]:
+    def flash_fwd_bwd(n: int, causal: bool = False) -> Callable[[], Any]:
         q, k, v, do = arrays(n)
-        spec = make_spec(q.shape, k.shape, v.shape)
+        spec = make_spec(q.shape, k.shape, v.shape, causal=causal)
 
         def run() -> Any:
             out, lse = cpu.forward(q, k, v, None, spec)
@@ -192,6 +197,7 @@ def make_impls(B: int, H: int, D: int, naive_max_n: int) -> Dict[str, Callable[[
         "flash fwd": flash_fwd,
         "flash causal fwd": lambda n: flash_fwd(n, causal=True),
         "flash fwd+bwd": flash_fwd_bwd,
+        "flash causal fwd+bwd": lambda n: flash_fwd_bwd(n, causal=True),
         "numpy naive fwd": naive,
     }
     torch, _ = try_torch()
@@ -207,12 +213,12 @@ def make_impls(B: int, H: int, D: int, naive_max_n: int) -> Dict[str, Callable[[
 
             return run
 
-        def sdpa_fwd_bwd(n: int) -> Callable[[], Any]:
+        def sdpa_fwd_bwd(n: int, causal: bool = False) -> Callable[[], Any]:
             q, k, v, do = (torch.from_numpy(x) for x in arrays(n))
             q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
 
             def run() -> Any:
-                out = F.scaled_dot_product_attention(q, k, v)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
                 return torch.autograd.grad(out, (q, k, v), do)
 
             return run
@@ -220,6 +226,7 @@ def make_impls(B: int, H: int, D: int, naive_max_n: int) -> Dict[str, Callable[[
         impls["torch sdpa fwd"] = sdpa
         impls["torch sdpa causal fwd"] = lambda n: sdpa(n, causal=True)
         impls["torch sdpa fwd+bwd"] = sdpa_fwd_bwd
+        impls["torch sdpa causal fwd+bwd"] = lambda n: sdpa_fwd_bwd(n, causal=True)
     return impls
 
 
@@ -252,6 +259,7 @@ def make_flops(B: int, H: int, D: int) -> Dict[str, Callable[[int], float]]:
     table = {"flash fwd": fwd, "numpy naive fwd": fwd, "torch sdpa fwd": fwd}
     table.update({"flash causal fwd": lambda n: fwd(n) / 2, "torch sdpa causal fwd": lambda n: fwd(n) / 2})
     table.update({"flash fwd+bwd": lambda n: 3.5 * fwd(n), "torch sdpa fwd+bwd": lambda n: 3.5 * fwd(n)})
+    table.update({"flash causal fwd+bwd": lambda n: 1.75 * fwd(n), "torch sdpa causal fwd+bwd": lambda n: 1.75 * fwd(n)})
     return table
 
 
@@ -354,7 +362,8 @@ def print_table(results: Dict[int, Dict[str, Dict[str, float]]], notes: Dict[str
     """The time, CPU-time and speedup tables; ``-`` marks a cell not measured, and ``notes`` (see `not_measured`)
     say why under the tables."""
     pairs = [("flash fwd", "numpy naive fwd"), ("flash fwd", "torch sdpa fwd"),
-             ("flash causal fwd", "torch sdpa causal fwd"), ("flash fwd+bwd", "torch sdpa fwd+bwd")]
+             ("flash causal fwd", "torch sdpa causal fwd"), ("flash fwd+bwd", "torch sdpa fwd+bwd"),
+             ("flash causal fwd+bwd", "torch sdpa causal fwd+bwd")]
     names = IMPLS
     print("\ntime in ms (GFLOP/s)")
     print(f"{'N':>6} " + " ".join(f"{n:>22}" for n in names))
@@ -372,11 +381,45 @@ def print_table(results: Dict[int, Dict[str, Dict[str, float]]], notes: Dict[str
     for n, row in results.items():
         cells = [f"{row[b]['best_s'] / row[a]['best_s']:.2f}x" if a in row and b in row else "-" for a, b in pairs]
         print(f"{n:>6} " + " ".join(f"{c:>44}" for c in cells))
+    print("\nspeedup of flash in process CPU time (other / flash: the work each costs, whatever the load)")
+    for n, row in results.items():
+        cells = [f"{row[b]['cpu_s'] / row[a]['cpu_s']:.2f}x" if a in row and b in row else "-" for a, b in pairs]
+        print(f"{n:>6} " + " ".join(f"{c:>44}" for c in cells))
     reasons: Dict[str, List[str]] = {}
     for name, why in notes.items():
         reasons.setdefault(why, []).append(name)
     for why, names_ in reasons.items():
         print(f"- {', '.join(names_)}: {why}")
+
+
+def thread_scaling(sizes: List[int], B: int, H: int, D: int, threads: int) -> Dict[str, Dict[str, float]]:
+    """Each flash kernel on 1 thread and on ``threads`` threads, interleaved (best of the rounds): the speedup of
+    the threads, ``t(1) / t(threads)`` (an idle machine is needed for this to mean anything: on a loaded one the
+    second core is not free)."""
+    import numba
+
+    impls = make_impls(B, H, D, naive_max_n=0)
+    out: Dict[str, Dict[str, float]] = {}
+    print(f"\nthread scaling: best time on 1 thread / on {threads} threads (wall)")
+    for n in sizes:
+        for name in ("flash fwd", "flash causal fwd", "flash fwd+bwd", "flash causal fwd+bwd"):
+            fn = impls[name](n)
+
+            def on(t: int, fn: Callable[[], Any] = fn) -> Callable[[], Any]:
+                def run() -> Any:
+                    numba.set_num_threads(t)
+                    try:
+                        return fn()
+                    finally:
+                        numba.set_num_threads(threads)
+                return run
+
+            r = time_interleaved({"1": on(1), str(threads): on(threads)}, repeats=3, min_seconds=1.0)
+            x = r["1"]["best_s"] / r[str(threads)]["best_s"]
+            out[f"{n} {name}"] = {"one_thread_s": r["1"]["best_s"], "threads_s": r[str(threads)]["best_s"], "speedup": x}
+            print(f"  N={n:6d} {name:24s} {r['1']['best_s'] * 1e3:9.1f} ms / {r[str(threads)]['best_s'] * 1e3:9.1f} ms"
+                  f" = {x:.2f}x")
+    return out
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -389,6 +432,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-max-n", type=int, default=8192, help="skip the O(N^2)-memory baseline above this")
     parser.add_argument("--memory-n", type=int, default=16384, help="0 to skip the memory measurement")
+    parser.add_argument("--thread-scaling", action="store_true",
+                        help="also time the flash kernels on 1 thread against --threads threads (N <= 4096)")
     return parse_with_output(parser, "bench_attention.json", argv)
 
 
@@ -402,10 +447,13 @@ def main() -> None:
     B, H, D = 1, args.heads, args.head_dim
     sizes = [n for n in (512, 1024, 2048, 4096, 8192, 16384, 32768) if args.min_n <= n <= args.max_n]
     info = machine_info(args.threads)
-    print(f"{info['cpu_model']}, {info['cores']} cores, {args.threads} threads; B={B} H={H} D={D} float32")
+    print(f"{info['cpu_model']}, {info['cores']} cores, {args.threads} threads; B={B} H={H} D={D} float32; "
+          f"load average {info['load_average_at_start'][0]:.2f}")
+    print(f"timing: {TIMING}")
     results = run_suite(sizes, make_impls(B, H, D, args.naive_max_n), make_flops(B, H, D), repeats=args.repeats)
     notes = not_measured(sizes, args.naive_max_n)
     print_table(results, notes)
+    scaling = thread_scaling([n for n in sizes if n <= 4096], B, H, D, args.threads) if args.thread_scaling else None
     memory = None
     if args.memory_n:
         memory = measure_memory(args.memory_n, H, D)
@@ -420,11 +468,13 @@ def main() -> None:
         "benchmark": "bench_attention",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": info,
+        "timing": TIMING,
         "config": {"B": B, "H": H, "D": D, "dtype": "float32", "sizes": sizes,
                    "flops": "forward 4*B*H*N^2*D, causal half, backward 2.5x forward"},
         "results": {str(n): row for n, row in results.items()},
         "not_measured": notes,
         "memory": memory,
+        "thread_scaling": scaling,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

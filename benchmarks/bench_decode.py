@@ -6,6 +6,8 @@
   backend (Numba CPU, CUDA split-K) over the slots: ``O(capacity * D)`` work per token.
 * **recompute**: what a decoder without a KV cache does: at every step run causal flash attention over the whole
   window again (``capacity`` queries x ``capacity`` keys, the backend's fused flash kernel): ``O(capacity^2 * D)``.
+* **bandwidth**: the bytes a decode step reads (every key and value slot) per second, against a NumPy copy of the
+  same number of bytes measured in the same run (the memory-bandwidth limit of one thread);
 * **unrotate + attend**: a cache that must be read in chronological order: copy the window out of the ring, then
   attend with one query (to show what reading the slots in place saves).
 
@@ -83,6 +85,17 @@ def bench(kind: str, capacity: int, B: int, H: int, Hkv: int, D: int, steps: int
         cache.attend(step_q[i % 8])
     _sync(kind)
     ring_s = (time.perf_counter() - t0) / steps
+    # the memory-bandwidth yardstick: a NumPy copy of the bytes one decode step reads (every key and value slot),
+    # best of a few, in this run
+    storage = 2 * B * Hkv * capacity * D * np.dtype(dtype).itemsize
+    src = np.ones(storage // np.dtype(dtype).itemsize, dtype)
+    dst = np.empty_like(src)
+    copy_s = float("inf")
+    for _ in range(10):
+        t1 = time.perf_counter()
+        np.copyto(dst, src)
+        copy_s = min(copy_s, time.perf_counter() - t1)
+    del src, dst
 
     # unrotate + attend (chronological copy of the window every step)
     t0 = time.perf_counter()
@@ -126,13 +139,15 @@ def bench(kind: str, capacity: int, B: int, H: int, Hkv: int, D: int, steps: int
     _sync(kind)
     rss[f"{memory_factor}x"] = rss_mib()
     mem_s = time.perf_counter() - t0
-    storage = 2 * B * Hkv * capacity * D * np.dtype(dtype).itemsize
     return {
         "backend": kind,
         "capacity": capacity, "batch": B, "heads": H, "kv_heads": Hkv, "head_dim": D, "dtype": np.dtype(dtype).name,
         "block_size": block_size, "head_tile_size": head_tile,
         "ring_ms_per_token": ring_s * 1e3,
         "ring_tokens_per_s": 1.0 / ring_s,
+        "ring_bytes_per_s": storage / ring_s,
+        "numpy_copy_bytes_per_s": storage / copy_s,
+        "fraction_of_copy_bandwidth": copy_s / ring_s,
         "unrotate_ms_per_token": unrot_s * 1e3,
         "recompute_ms_per_token": recompute_s * 1e3,
         "recompute_tokens_per_s": 1.0 / recompute_s,
@@ -178,7 +193,9 @@ def main() -> None:
         results.append(r)
         print(f"[{kind}] capacity {r['capacity']}, B={r['batch']} H={r['heads']} Hkv={r['kv_heads']} "
               f"D={r['head_dim']} {r['dtype']}")
-        print(f"  ring cache decode : {r['ring_ms_per_token']:9.3f} ms/token  {r['ring_tokens_per_s']:10.1f} tokens/s")
+        print(f"  ring cache decode : {r['ring_ms_per_token']:9.3f} ms/token  {r['ring_tokens_per_s']:10.1f} tokens/s  "
+              f"{r['ring_bytes_per_s'] / 1e9:.1f} GB/s of cache read = {r['fraction_of_copy_bandwidth']:.0%} of a NumPy "
+              f"copy of the same bytes ({r['numpy_copy_bytes_per_s'] / 1e9:.1f} GB/s)")
         print(f"  unrotate + attend : {r['unrotate_ms_per_token']:9.3f} ms/token  "
               f"({r['speedup_vs_unrotate']:.1f}x slower)")
         print(f"  recompute window  : {r['recompute_ms_per_token']:9.3f} ms/token  {r['recompute_tokens_per_s']:10.2f} "

@@ -666,8 +666,7 @@ class FastOps(TensorOps):
         kernels = _kernels(_ZIP_KERNELS, tensor_zip, fn)
 
         def ret(a: "Tensor", b: "Tensor") -> "Tensor":
-            shape = a.shape if a.shape == b.shape else shape_broadcast(a.shape, b.shape)
-            out = a.zeros(shape)
+            out = a.zeros() if a.shape == b.shape else a.zeros(shape_broadcast(a.shape, b.shape))
             kernels.pick(out.size)(*out.tuple(), *a.tuple(), *b.tuple())
             return out
 
@@ -684,7 +683,8 @@ class FastOps(TensorOps):
             out_shape = list(a.shape)
             out_shape[dim] = 1
             out = a.zeros(tuple(out_shape))
-            out._tensor._storage[:] = start
+            if start != 0.0:  # (zeros already)
+                out._tensor._storage[:] = start
             # One output element: nothing to share between threads.
             kernel = kernels.pick(a.size) if out.size > 1 else kernels.serial
             kernel(*out.tuple(), *a.tuple(), int(dim))

@@ -211,9 +211,11 @@ class Tensor:
     def zeros(self, shape: Optional["UserShape"] = None) -> "Tensor":
         """Zeros of `shape` (default: own shape) with the same dtype and backend."""
         if shape is None:
-            shape = self.shape
-        shape = tuple(int(s) for s in shape)
-        storage = self.backend.ops.zeros_storage(prod(shape), self.dtype)
+            shape, size = self.shape, self.size
+        else:
+            shape = tuple(map(int, shape))
+            size = prod(shape)
+        storage = self.backend.ops.zeros_storage(size, self.dtype)
         return Tensor(TensorData(storage, shape), backend=self.backend)
 
     def _ensure_tensor(self, b: "TensorLike") -> "Tensor":

@@ -166,6 +166,39 @@ def to_host_storage(storage: Any, dtype: Optional[Any]) -> np.ndarray:
     return np.asarray(storage, dtype=target).reshape(-1)
 
 
+_LAYOUTS: dict = {}
+LAYOUT_CACHE_SIZE = 4096
+
+
+def _layout(shape: UserShape, strides: Optional[UserStrides]) -> Tuple[Any, ...]:
+    """Validated ``(shape, strides, _shape, _strides, size, needed)`` of a layout (``needed``: the storage length it
+    reads). Tensors of a program have few distinct layouts, so they are remembered (the int32 arrays are shared and
+    never written): making a tensor must cost little next to a small op."""
+    try:
+        key = (tuple(shape), None if strides is None else tuple(strides))
+        hit = _LAYOUTS.get(key)
+    except TypeError:  # unhashable entries: validated (and refused) below
+        key, hit = None, None
+    if hit is not None:
+        return hit
+    shape = tuple(map(int, shape))
+    strides = strides_from_shape(shape) if strides is None else tuple(map(int, strides))
+    if len(strides) != len(shape):
+        raise IndexingError(f"Strides {strides} do not match shape {shape}.")
+    if shape and (min(shape) < 0 or min(strides) < 0):
+        raise IndexingError(f"Negative entry in shape {shape} or strides {strides}.")
+    size = prod(shape)
+    needed = 0
+    if size > 0:
+        needed = 1 + sum((d - 1) * st for d, st in zip(shape, strides))
+    layout = (shape, strides, np.array(shape, dtype=np.int32), np.array(strides, dtype=np.int32), size, needed)
+    if key is not None:
+        if len(_LAYOUTS) >= LAYOUT_CACHE_SIZE:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    return layout
+
+
 class TensorData:
     """Storage + shape + strides of a tensor.
 
@@ -194,13 +227,7 @@ class TensorData:
         strides: Optional[UserStrides] = None,
         dtype: Optional[Any] = None,
     ):
-        shape = tuple(map(int, shape))
-        strides = strides_from_shape(shape) if strides is None else tuple(map(int, strides))
-        if len(strides) != len(shape):
-            raise IndexingError(f"Strides {strides} do not match shape {shape}.")
-        if shape and (min(shape) < 0 or min(strides) < 0):
-            raise IndexingError(f"Negative entry in shape {shape} or strides {strides}.")
-
+        shape, strides, self._shape, self._strides, self.size, needed = _layout(shape, strides)
         self.is_cuda = is_cuda_storage(storage)
         if self.is_cuda:
             self.dtype = np.dtype(storage.dtype)
@@ -209,24 +236,20 @@ class TensorData:
             if self.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"Storage dtype must be float32 or float64, got {self.dtype}.")
             self._storage = storage
+        elif dtype is None and type(storage) is np.ndarray and storage.ndim == 1 and storage.dtype in FLOAT_DTYPES:
+            self._storage = storage  # (the common case, a float storage as it is)
+            self.dtype = storage.dtype
         else:
             self._storage = to_host_storage(storage, dtype)
             self.dtype = self._storage.dtype
 
         self.shape = shape
         self.strides = strides
-        self._shape = np.array(shape, dtype=np.int32)
-        self._strides = np.array(strides, dtype=np.int32)
         self.dims = len(shape)
-        self.size = prod(shape)
-        if self.size > 0:
-            needed = 1
-            for d, st in zip(shape, strides):
-                needed += (d - 1) * st
-            if len(self._storage) < needed:
-                raise IndexingError(
-                    f"Storage of length {len(self._storage)} is too small for shape {shape} with strides {strides}."
-                )
+        if len(self._storage) < needed:
+            raise IndexingError(
+                f"Storage of length {len(self._storage)} is too small for shape {shape} with strides {strides}."
+            )
         self._device_meta: Optional[Tuple[Any, Any]] = None
 
     # ------------------------------------------------------------------ device helpers

@@ -39,6 +39,8 @@ def _check_compatible(name: str, tensors: Sequence[Tensor]) -> None:
         return
     first = tensors[0]
     for t in tensors[1:]:
+        if t.backend is first.backend and t._tensor.dtype is first._tensor.dtype:
+            continue  # (the common case, checked cheaply)
         if t.backend is not first.backend and t.backend.ops is not first.backend.ops:
             raise ValueError(
                 f"{name}: tensors are on different backends, {first.backend.name} and {t.backend.name}; "
@@ -69,15 +71,24 @@ class Function:
     @classmethod
     def apply(cls, *vals: Any) -> Tensor:
         """Run forward on detached inputs and record the history when an input needs a gradient."""
-        positions = [i for i, v in enumerate(vals) if isinstance(v, Tensor)]
-        tensors = [vals[i] for i in positions]
+        positions, tensors, raw = [], [], list(vals)
+        need_grad = False
+        for i, v in enumerate(vals):
+            if isinstance(v, Tensor):
+                positions.append(i)
+                tensors.append(v)
+                if v.history is not None:  # forward sees constants (no history), so it builds no graph
+                    need_grad = True
+                    raw[i] = v.detach()
         _check_compatible(cls.__name__, tensors)
-        need_grad = any(t.requires_grad() for t in tensors)
-        raw = [v.detach() if isinstance(v, Tensor) else v for v in vals]
         ctx = Context(not need_grad)
         c = cls._forward(ctx, *raw)
-        back = History(cls, ctx, tensors, positions, len(vals)) if need_grad else None
-        return Tensor(c._tensor, back, backend=c.backend)
+        if not need_grad:
+            for v in vals:
+                if c is v:  # forward handed an input back: the result is a new tensor all the same
+                    return Tensor(c._tensor, None, backend=c.backend)
+            return c  # a new constant already
+        return Tensor(c._tensor, History(cls, ctx, tensors, positions, len(vals)), backend=c.backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -151,7 +151,8 @@ class TensorBackend:
         fn: Callable[["Tensor", "Tensor"], "Tensor"]
     ) -> Callable[["Tensor", "Tensor"], "Tensor"]:
         def checked(a: "Tensor", b: "Tensor") -> "Tensor":
-            shape_broadcast(a.shape, b.shape)  # raises IndexingError naming both shapes
+            if a.shape != b.shape:
+                shape_broadcast(a.shape, b.shape)  # raises IndexingError naming both shapes
             return fn(a, b)
 
         checked.__doc__ = fn.__doc__

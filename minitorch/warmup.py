@@ -43,6 +43,12 @@ def _attention_steps(dtype: np.dtype) -> List[Tuple[str, Callable[[], object]]]:
         out, lse = engine.forward(q, k, v, None, spec)
         return engine.backward(q, k, v, None, out, lse, do, spec)
 
+    def backward_refined() -> object:  # a bias broadcast over the query rows: the two-pass backward
+        bias = np.zeros((1, 1, 1, 8), dtype)
+        spec_b = spec.replace(bias_shape=bias.shape)
+        out, lse = engine.forward(q, k, v, bias, spec_b)
+        return engine.backward(q, k, v, bias, out, lse, do, spec_b)
+
     def dma() -> object:
         dspec = make_dma_spec(q.shape, k.shape, v.shape, (2, 8), (2,), keep_window_size=3, causal=True, block_q=4,
                               block_k=4)
@@ -51,7 +57,7 @@ def _attention_steps(dtype: np.dtype) -> List[Tuple[str, Callable[[], object]]]:
 
     return [(f"attention forward {name}", forward), (f"attention forward K-major {name}", forward_k_major),
             (f"attention forward split-K {name}", forward_split), (f"attention backward {name}", backward),
-            (f"DMA selection {name}", dma)]
+            (f"attention backward, refined delta {name}", backward_refined), (f"DMA selection {name}", dma)]
 
 
 def steps(dtypes: Sequence[str] = ("float32", "float64")) -> List[Tuple[str, Callable[[], object]]]:

@@ -407,6 +407,28 @@ def test_inputs_as_given() -> None:
         cpu.forward(q.astype(np.float16), k, v, None, spec)
 
 
+@pytest.mark.task5_3
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fused_and_refined_backward_agree(dtype) -> None:  # type: ignore[no-untyped-def]
+    """A bias broadcast over the query rows runs the two-pass backward (delta refined by the row sums of dS); the
+    same call with ``rows_complete=False`` runs the fused one (dQ in the dK/dV pass, in per-chunk partials). Both
+    match the float64 reference, and a full bias runs the fused backward too."""
+    B, H, Hkv, N, D = 1, 2, 1, 150, 16
+    opts = {"causal": True, "block_q": 16, "block_k": 16}
+    for bias_shape in [(1, 1, 1, N), (B, H, N, N)]:
+        q, k, v, dout, bias = make_inputs(B, H, Hkv, N, N, D, dtype, np.random.default_rng(4), bias_shape)
+        spec = make_spec(q.shape, k.shape, v.shape, bias_shape=bias.shape, **opts)
+        assert spec.refine_delta == (bias_shape[2] == 1)
+        assert cpu.fused_chunks(B * Hkv, spec.Tc, q.nbytes) > 1  # several dQ partials
+        out, lse = cpu.forward(q, k, v, bias, spec)
+        ref = reference_attention_backward(q, k, v, dout, attn_bias=bias, causal=True)
+        naive = naive_float32(q, k, v, dout, bias, opts)[2] if dtype == np.float32 else (None,) * 4
+        for s in (spec, spec.replace(rows_complete=False)):
+            for name, got, want, nv in zip(("dq", "dk", "dv", "dbias"), cpu.backward(q, k, v, bias, out, lse, dout,
+                                                                                     s), ref, naive):
+                assert_matches(name, got, want, nv, dtype, D)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Determinism and dropout
 # ----------------------------------------------------------------------------------------------------------------
@@ -478,7 +500,11 @@ _CACHE_PROBE = textwrap.dedent(
         for order in ("q_major", "k_major"):
             spec = make_spec(q.shape, k.shape, k.shape, causal=True, block_q=2, block_k=4, order=order)
             out, lse = cpu.forward(q, k, k, None, spec)
-        cpu.backward(q, k, k, None, out, lse, out, spec)
+        cpu.backward(q, k, k, None, out, lse, out, spec)  # the fused backward
+        bias = np.ones((1, 1, 1, 6), dt)  # broadcast over the query rows: the two-pass backward (refined delta)
+        spec = make_spec(q.shape, k.shape, k.shape, bias_shape=bias.shape, block_q=2, block_k=4)
+        out, lse = cpu.forward(q, k, k, bias, spec)
+        cpu.backward(q, k, k, bias, out, lse, out, spec)
     kernels = [cpu._fwd_q_major, cpu._fwd_k_major, cpu._bwd_preprocess, cpu._bwd_dkdv, cpu._bwd_dq]
     print(json.dumps({
         "seconds": time.perf_counter() - t0,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from minitorch.attention.dropout import drop_threshold
 from minitorch.attention.reference import reference_mask
-from minitorch.attention.spec import make_spec
+from minitorch.attention.spec import cached_spec, make_spec
 from minitorch.attention.tiling import TileOrder, TileType
 
 pytestmark = pytest.mark.task5_1
@@ -156,3 +156,22 @@ def test_padded_tile_types_are_sound(
                     assert block.all()
                 if pad[b, ks:ke].all():
                     assert kind == TileType.SKIP
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The spec cache of repeated calls
+# ---------------------------------------------------------------------------------------------------------------
+def test_cached_spec_reuses_plain_calls_only() -> None:
+    """Same shapes and plain options: the same (immutable) spec. Other options, arrays among the options, or dropout
+    without a seed: a spec of their own. A value equal to a cached one but of another type is still refused."""
+    first = cached_spec(Q, KV, KV, causal=True, window=3)
+    assert cached_spec(Q, KV, KV, causal=True, window=3) is first
+    assert cached_spec(Q, KV, KV, causal=True, window=4) is not first
+    assert cached_spec(Q, (2, 2, 7, 8), (2, 2, 7, 8), causal=True, window=3) is not first
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        cached_spec(Q, KV, KV, causal=1, window=3)  # 1 == True, but not a flag
+    pad = np.zeros((2, 6), bool)
+    assert cached_spec(Q, KV, KV, key_padding_mask=pad) is not cached_spec(Q, KV, KV, key_padding_mask=pad)
+    a, b = cached_spec(Q, KV, KV, dropout=0.5), cached_spec(Q, KV, KV, dropout=0.5)
+    assert a is not b and a.seed != b.seed
+    assert cached_spec(Q, KV, KV, dropout=0.5, seed=3) is cached_spec(Q, KV, KV, dropout=0.5, seed=3)

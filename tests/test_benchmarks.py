@@ -79,5 +79,6 @@ def test_attention_table_says_why_torch_columns_are_empty(monkeypatch: pytest.Mo
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.lstrip().startswith("N "))
     assert "torch sdpa fwd" in header  # the columns are there, empty ("-"), and the reason is printed
-    assert "- torch sdpa fwd, torch sdpa causal fwd, torch sdpa fwd+bwd: torch is not installed" in out
+    assert ("- torch sdpa fwd, torch sdpa causal fwd, torch sdpa fwd+bwd, torch sdpa causal fwd+bwd: torch is not "
+            "installed") in out
     assert "- numpy naive fwd: not run above N = 512" in out

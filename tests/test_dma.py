@@ -385,6 +385,52 @@ def test_fused_kernels_skip_only_empty_tiles(causal: bool) -> None:
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_query_tile_lists_are_exact(seed: int) -> None:
+    """Causal selection on the CPU also gives each query tile its own list: exactly the keys some row of the tile
+    keeps (from the dense keep-mask, an independent computation), those all its rows keep first; its DENSE tiles
+    hold only keys every row keeps, and SKIP tiles lie past the end. The forward and backward that read these lists
+    give what they give with the one list for all rows."""
+    rng = np.random.default_rng(seed)
+    Nq, Nk, Br, Bc = 70, 90, 8, 8
+    case = make_case(Nq=Nq, Nk=Nk, H=4, Hkv=2, D=6, keep=int(rng.integers(3, 30)), causal=True, pad=True,
+                     block_q=Br, block_k=Bc, data_seed=seed, ties="discrete" if seed == 2 else None)
+    o = case["opts"]
+    keep = o["keep_window_size"]
+    dspec = make_dma_spec(case["q"].shape, case["k"].shape, case["v"].shape, case["dt"].shape, case["a"].shape,
+                          keep_window_size=keep, causal=True, key_padding_mask=o["key_padding_mask"], block_q=Br,
+                          block_k=Bc)
+    engine = FastBackend.attention
+    z, _ = importance(case["v"], case["dt"], case["a"], False)
+    spec, sel = dma_config(engine, z, dspec)
+    kidx, counts, types = sel.per_tile
+    mask = kept_dense(sel, z, dspec)  # (B, Hkv, Nq, Nk)
+    for b in range(mask.shape[0]):
+        for g in range(mask.shape[1]):
+            for tq in range(types.shape[2]):
+                rows = mask[b, g, tq * Br:(tq + 1) * Br]
+                listed = kidx[b, g, tq, :counts[b, g, tq]]
+                assert sorted(listed) == list(np.nonzero(rows.any(axis=0))[0])
+                every = rows.all(axis=0)[listed]
+                n_full = int(every.sum())
+                assert every[:n_full].all() and not every[n_full:].any()  # those every row keeps come first
+                for tc in range(types.shape[3]):
+                    entries = listed[tc * Bc:(tc + 1) * Bc]
+                    t = types[b, g, tq, tc]
+                    assert (t == TileType.SKIP) == (len(entries) == 0)
+                    if t == TileType.DENSE:
+                        assert rows[:, entries].all()
+    z4 = z.reshape(spec.bias_shape)
+    q, k, v, do = case["q"], case["k"], case["v"], case["dout"]
+    one_list = spec.replace(keys=KeyList(sel.kidx, sel.counts, sel.types))
+    out, lse = engine.forward(q, k, v, z4, spec)
+    out1, lse1 = engine.forward(q, k, v, z4, one_list)
+    grads = engine.backward(q, k, v, z4, out, lse, do, spec)
+    grads1 = engine.backward(q, k, v, z4, out1, lse1, do, one_list)
+    for x, y in zip((out, lse) + grads, (out1, lse1) + grads1):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
+
+
 def test_fast_kernels_are_deterministic() -> None:
     case = make_case(Nq=130, Nk=130, H=4, Hkv=2, D=8, keep=30, causal=True, dropout=0.1, block_q=16, block_k=16)
     first = run_tensors(case, FastBackend, np.float32)

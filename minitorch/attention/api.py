@@ -35,7 +35,7 @@ from .engine import engine_of, raw4
 from .functions import FlashAttention, FlashAttentionLSE, attend
 from .mods import evaluate_mask
 from .reference import reference_mask
-from .spec import AttentionSpec, check_flag, check_qkv, make_spec
+from .spec import AttentionSpec, cached_spec, check_flag, check_qkv
 from .tiling import TileOrder
 
 
@@ -90,8 +90,9 @@ def _check_tensors(q: Any, k: Any, v: Any) -> None:
 
 
 def _spec(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], **options: Any) -> AttentionSpec:
-    """Validate a call on ``q``'s backend (its engine's default tiles)."""
-    return make_spec(
+    """Validate a call on ``q``'s backend (its engine's default tiles); a call like an earlier one (same shapes, same
+    plain options) reuses its spec (:func:`~.spec.cached_spec`)."""
+    return cached_spec(
         q.shape, k.shape, v.shape, bias_shape=None if bias is None else bias.shape,
         default_blocks=engine_of(q.backend).default_blocks(int(q.shape[-1])) if len(q.shape) == 4 else None,
         **options,

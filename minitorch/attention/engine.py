@@ -20,11 +20,13 @@ and a few array helpers for the caches.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import numpy as np
 
 from ..tensor import Tensor
+from ..tensor_data import TensorData
 from .sinks import sinks_backward
 from .tiling import default_block_sizes
 
@@ -121,6 +123,8 @@ def raw4(t: Tensor) -> Array:
 
 def wrap(array: Array, backend: "TensorBackend") -> Tensor:
     """A constant tensor around a contiguous NumPy or device array (no copy)."""
-    shape = tuple(int(s) for s in array.shape)
-    flat = array.reshape(int(np.prod(shape, dtype=np.int64)) if shape else 1)
+    shape = tuple(map(int, array.shape))
+    flat = array.reshape(math.prod(shape))
+    if isinstance(flat, np.ndarray) and not backend.cuda:  # (the common case: a host array as it is)
+        return Tensor(TensorData(flat, shape), backend=backend)
     return Tensor.make(flat, shape, backend=backend)

@@ -13,7 +13,7 @@ engine's backward with its own incoming gradient (``dout``, or ``dlse``), and au
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 from ..autodiff import Context
 from ..tensor import Tensor
@@ -23,10 +23,9 @@ from .mods import missing_grad_message
 from .spec import AttentionSpec, DMASpec, KeyList, TopK
 
 
-@dataclass(frozen=True)
-class Attended:
+class Attended(NamedTuple):
     """The raw result of one engine forward: ``out (B, H, Nq, D)``, ``lse (B, H, Nq)``, and the bias array the
-    engine saw (``None`` without a bias)."""
+    engine saw (``None`` without a bias). (A named tuple: made on every call, it should cost nothing.)"""
 
     out: Array
     lse: Array
@@ -119,7 +118,8 @@ def dma_config(engine: Any, z: Array, dspec: DMASpec) -> Tuple[AttentionSpec, An
     attn = dspec.attn
     spec = attn.replace(
         block_q=sel.block_q, block_k=sel.block_k, bias_shape=(attn.B, attn.Hkv, 1, attn.Nk),
-        keys=KeyList(sel.kidx, sel.counts, sel.types), topk=TopK(sel.thr_val, sel.thr_idx),
+        keys=KeyList(sel.kidx, sel.counts, sel.types, per_tile=None if sel.per_tile is None else KeyList(
+            *sel.per_tile)), topk=TopK(sel.thr_val, sel.thr_idx),
     )
     return spec, sel
 

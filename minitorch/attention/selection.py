@@ -161,12 +161,61 @@ class Selection:
     types: Any
     block_q: int
     block_k: int
+    per_tile: Any = None
+    """Optionally ``(kidx (B, Hkv, Tr, L), counts (B, Hkv, Tr), types (B, Hkv, Tr, Tc'))``: one list per query tile
+    (:func:`build_tile_list`; the CPU engine's causal selection)."""
 
     def host(self) -> "Selection":
         """A copy with NumPy arrays (for tests and the probabilities)."""
         conv = lambda a: a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)  # noqa: E731
         return Selection(*(conv(getattr(self, n)) for n in ("thr_val", "thr_idx", "evict", "kidx", "counts", "types")),
                          self.block_q, self.block_k)
+
+
+def build_tile_list(jit: Callable[[Callable], Callable] = lambda f: f) -> Callable:
+    """Return ``tile_list`` compiled with ``jit`` (like :func:`build_selection`).
+
+    ``tile_list(kidx, counts, evict, b, g, tq, Br, Bc, off, Nq, out_kidx, out_counts, out_types)`` writes query tile
+    ``tq``'s own list of (batch ``b``, kv head ``g``), causal: the keys of the compacted list ``kidx[b, g,
+    :counts[b, g]]`` that some row of the tile keeps (rows at positions ``p`` in ``[off + tq Br, off + (tq + 1) Br)``;
+    key ``j`` is kept by the rows at ``[j, evict[b, g, j])``), first those *every* row of the tile keeps, then the
+    others; and the types of its tiles of ``Bc`` entries: DENSE while all entries are of the first kind, TRIANGLE
+    from the first tile holding one of the others, SKIP past the end. The list is a subset of the compacted list,
+    so ``L = max(counts)`` entries suffice. Each query tile then visits about the ``k`` keys its rows keep (plus the
+    keys that enter or leave the top-k within the tile), not every key some row of the sequence keeps.
+    """
+
+    def tile_list(kidx, counts, evict, b, g, tq, Br, Bc, off, Nq, out_kidx, out_counts, out_types):  # type: ignore[no-untyped-def]
+        p0 = off + tq * Br
+        p1 = off + min(Nq, (tq + 1) * Br) - 1
+        n = 0
+        n_full = 0
+        if p1 >= 0:
+            count = counts[b, g]
+            if p0 >= 0:  # every row of the tile keeps j: alive at p0 and still at p1
+                for c in range(count):
+                    j = kidx[b, g, c]
+                    if j <= p0 and evict[b, g, j] > p1:
+                        out_kidx[b, g, tq, n] = j
+                        n += 1
+            n_full = n
+            lo = p0 if p0 > 0 else 0
+            for c in range(count):  # some row keeps j, not all of them
+                j = kidx[b, g, c]
+                end = evict[b, g, j]
+                full = p0 >= 0 and j <= p0 and end > p1
+                if j < end and j <= p1 and end > lo and not full:
+                    out_kidx[b, g, tq, n] = j
+                    n += 1
+        out_counts[b, g, tq] = n
+        for tc in range(out_types.shape[3]):
+            c0 = tc * Bc
+            t = 0  # SKIP
+            if c0 < n:
+                t = 1 if min(n, c0 + Bc) <= n_full else 2  # DENSE : TRIANGLE
+            out_types[b, g, tq, tc] = t
+
+    return jit(tile_list)
 
 
 def empty_threshold(dtype: Any) -> Any:

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,6 +51,13 @@ class KeyList:
     kidx: Any
     counts: Any
     tile_types: Any
+    per_tile: Optional["KeyList"] = None
+    """Optionally, the same keys as one list per query tile: ``kidx (B, Hkv, Tr, L)``, ``counts (B, Hkv, Tr)``,
+    ``tile_types (B, Hkv, Tr, Tc')``, the keys some row of the tile keeps, those every row keeps first (so that
+    most of its tiles are DENSE). Kernels that run one query tile at a time (a CPU Q-major forward, dQ) may read it
+    instead of the list above; the kept keys, hence the results, are the same. Causal DMA on the CPU: the top-k of
+    a growing prefix keeps different keys at different rows, and one list for all rows makes every query tile
+    visit keys it does not keep."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,6 +149,15 @@ class AttentionSpec:
     @property
     def has_bias(self) -> bool:
         return self.bias_shape is not None
+
+    @property
+    def refine_delta(self) -> bool:
+        """Does backward refine ``delta`` by the row sums of ``dS`` (docs/internals.md)? Where ``dS`` is summed over
+        whole columns, a bias broadcast over the query rows (DMA's ``z``), the rounding of ``delta`` would cancel
+        catastrophically; elsewhere ``delta = rowsum(dO * O) - dlse`` is as exact as any one entry of ``dS`` needs,
+        and the engines may run dQ in the same pass as dK/dV. Never for a call that sees part of its rows' keys
+        (``rows_complete=False``)."""
+        return self.rows_complete and self.bias_shape is not None and self.bias_shape[2] == 1 and self.Nq > 1
 
     @property
     def group(self) -> int:
@@ -383,6 +400,50 @@ def make_spec(
         block_mask=block_mask, score_mod=mods, softcap=check_softcap(softcap), alibi=check_per_head(
             "alibi_slopes", alibi_slopes, H), sinks=check_sinks(sinks, H),
     )
+
+
+SPEC_CACHE_SIZE = 128
+"""How many validated specs :func:`cached_spec` keeps (the oldest goes first)."""
+_SPEC_CACHE: Dict[Tuple[Any, ...], AttentionSpec] = {}
+_SPEC_LOCK = threading.Lock()
+_PLAIN_TYPES = (type(None), bool, int, float, str, np.bool_, np.integer, np.floating, TileOrder)
+_PLAIN_EXACT = frozenset({type(None), bool, int, float, str, TileOrder})
+
+
+def _plain(value: Any) -> bool:
+    """A value that a cache key may hold: a number, a flag, a string, None, or a tuple of those (a shape)."""
+    if type(value) is tuple:
+        return all(isinstance(x, _PLAIN_TYPES) for x in value)
+    return isinstance(value, _PLAIN_TYPES)
+
+
+def cached_spec(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int], **options: Any
+                ) -> AttentionSpec:
+    """:func:`make_spec`, memoized for calls whose options are all plain values (shapes, flags, numbers, None).
+
+    A training loop calls attention with the same shapes and options at every step: validating them again, and
+    classifying the tiles again, would cost more than the attention of a small model. A call with an array or a
+    function among its options (positions, a padding mask, a mask_mod, sinks) is validated every time, and so is
+    dropout without a seed (each call draws a new one). The key holds each value's type too, so that ``causal=1``
+    is refused as it would be the first time. Specs are immutable: sharing one between calls is safe.
+    """
+    values = tuple(options.values())
+    types = tuple(map(type, values))
+    for t, value in zip(types, values):
+        if t not in _PLAIN_EXACT and not _plain(value):
+            return make_spec(q_shape, k_shape, v_shape, **options)
+    if options.get("dropout") and options.get("seed") is None:
+        return make_spec(q_shape, k_shape, v_shape, **options)
+    key = (tuple(q_shape), tuple(k_shape), tuple(v_shape), tuple(options), values, types)
+    spec = _SPEC_CACHE.get(key)
+    if spec is not None:
+        return spec
+    spec = make_spec(q_shape, k_shape, v_shape, **options)  # (raises for bad input: nothing is cached then)
+    with _SPEC_LOCK:
+        if len(_SPEC_CACHE) >= SPEC_CACHE_SIZE:
+            del _SPEC_CACHE[next(iter(_SPEC_CACHE))]
+        _SPEC_CACHE[key] = spec
+    return spec
 
 
 def check_backward(spec: AttentionSpec) -> None:

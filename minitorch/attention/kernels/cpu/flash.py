@@ -45,8 +45,9 @@ the masked pairs (:func:`~.simd.matmul_visible`).
 
 from __future__ import annotations
 
+import weakref
 from collections import namedtuple
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numba
 import numpy as np
@@ -59,7 +60,8 @@ from ...spec import AttentionSpec, check_backward
 from ...tiling import TileOrder, TileType
 from .launch import FM_REDUCE, as_input, helper, kernel, launch
 from .mods import call_row, row_function
-from .simd import exp, exp_rows, matmul, matmul_visible, rows_max, vwidth
+from .simd import (exp, exp_rows, matmul, matmul_visible, rows_max, vfma, vfma_vec, vhsum, vload, vstore, vwidth,
+                   vzeros)
 
 # Tile types as plain ints (Numba freezes module-level ints into the compiled code).
 SKIP = int(TileType.SKIP)
@@ -145,25 +147,26 @@ def _finite(a, n0, n1):  # type: ignore[no-untyped-def]
 
 
 @helper()
-def _tile_count(cfg, b, g, Nk, Bc):  # type: ignore[no-untyped-def]
-    """The number of key tiles of (b, kv head g): of the key rows (a paged sequence's own length), or of the
-    entries of the key list."""
+def _tile_count(cfg, b, g, tq, Nk, Bc):  # type: ignore[no-untyped-def]
+    """The number of key tiles of (b, kv head g) for query tile ``tq``: of the key rows (a paged sequence's own
+    length), or of the entries of the key list (one list for all query tiles, or each query tile's own)."""
     n = Nk
     if cfg.has_list:
-        n = cfg.counts[b % cfg.counts.shape[0], g % cfg.counts.shape[1]]
+        n = cfg.counts[b % cfg.counts.shape[0], g % cfg.counts.shape[1], tq % cfg.counts.shape[2]]
     elif cfg.has_pages:
         n = cfg.lengths[b]
     return (n + Bc - 1) // Bc, n
 
 
 @helper()
-def _key_rows(cfg, b, g, start, n, jt, kpt):  # type: ignore[no-untyped-def]
+def _key_rows(cfg, b, g, tq, start, n, jt, kpt):  # type: ignore[no-untyped-def]
     """The key source: ``jt[c]`` = the key row of entry ``start + c`` of (b, kv head g), for ``c < n``: the row
-    itself (contiguous keys) or ``kidx[b, g, start + c]`` (a key list); ``kpt[c]`` its position in batch row b."""
+    itself (contiguous keys) or ``kidx[b, g, tq, start + c]`` (a key list: ``kidx (B, Hkv, 1 or Tr, L)``, one list,
+    or one per query tile); ``kpt[c]`` its position in batch row b."""
     for c in range(n):
         j = start + c
         if cfg.has_list:
-            j = cfg.kidx[b % cfg.kidx.shape[0], g % cfg.kidx.shape[1], start + c]
+            j = cfg.kidx[b % cfg.kidx.shape[0], g % cfg.kidx.shape[1], tq % cfg.kidx.shape[2], start + c]
         jt[c] = j
         kpt[c] = cfg.k_pos_b[b, j]
 
@@ -206,10 +209,17 @@ def _score_tile(s, vis, dsdt, nr, nc, qs, b, h, g, jt, kpt, masked, want_grad, c
     sentinel = _masked_value(s)
     causal, window, num_sinks = cfg.causal, cfg.window, cfg.num_sinks
     if cfg.has_bias:
-        for i in range(nr):
-            brow = qs + i if bias2.shape[0] > 1 else 0
+        if bias2.shape[0] == 1:  # one row for all queries (DMA's z): read it once per tile, add it to every row
+            row = np.empty(nc, s.dtype)
             for c in range(nc):
-                s[i, c] += bias2[brow, jt[c]]
+                row[c] = bias2[0, jt[c]]
+            for i in range(nr):
+                for c in range(nc):
+                    s[i, c] += row[c]
+        else:
+            for i in range(nr):
+                for c in range(nc):
+                    s[i, c] += bias2[qs + i, jt[c]]
     if cfg.has_mods:
         _modify_tile(s, dsdt, nr, nc, qs, b, h, kpt, want_grad, cfg)
     if not masked:
@@ -327,17 +337,61 @@ def _dropout_row(p, i, nc, b, h, qi, jt, cfg):  # type: ignore[no-untyped-def]
 
 
 @helper(fastmath=FM_REDUCE)
-def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, kpt, masked, cfg, bias2):  # type: ignore[no-untyped-def]
+def _dots_by_rows(qt, k, b, g, jt, nc, s, nr, D, cfg):  # type: ignore[no-untyped-def]
+    """``s[i, c] = qt[i] . K[row jt[c]]`` for the ``nr < 4`` rows of a decode step: each key row is read in place
+    (where :func:`_row_address` says) and used for every query row while it is in registers. No copy, no
+    transpose: a decode step streams its keys at memory speed."""
+    W = vwidth(s)
+    Dv = D - D % W
+    for c in range(nc):
+        sb, sj = _row_address(b, jt[c], cfg)
+        k2 = k[sb, g]
+        for i in range(nr):
+            vacc = vzeros(s)
+            for d in range(0, Dv, W):
+                vacc = vfma_vec(vload(qt, i, d), vload(k2, sj, d), vacc)
+            acc = vhsum(vacc)
+            for d in range(Dv, D):
+                acc += qt[i, d] * k2[sj, d]
+            s[i, c] = acc
+
+
+@helper(fastmath=FM_REDUCE)
+def _accumulate_by_rows(p, v, b, g, jt, nc, acc, nr, D, vis, masked, cfg):  # type: ignore[no-untyped-def]
+    """``acc[i] += sum_c p[i, c] V[row jt[c]]`` for the ``nr < 4`` rows of a decode step, each value row read in
+    place once; in a TRIANGLE tile a pair the row does not see is left out (its value row may hold NaN)."""
+    W = vwidth(acc)
+    Dv = D - D % W
+    for c in range(nc):
+        sb, sj = _row_address(b, jt[c], cfg)
+        v2 = v[sb, g]
+        for i in range(nr):
+            if masked and vis[i, c] == 0:
+                continue
+            x = p[i, c]
+            for d in range(0, Dv, W):
+                vstore(acc, i, d, vfma(x, vload(v2, sj, d), vload(acc, i, d)))
+            for d in range(Dv, D):
+                acc[i, d] += x * v2[sj, d]
+
+
+@helper(fastmath=FM_REDUCE)
+def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, kpt, masked, cfg, bias2, k, v, by_rows):  # type: ignore[no-untyped-def]
     """One step of the online softmax: fold key tile ``j`` into query tile ``i`` (FA2 Algorithm 1, lines 8-10).
 
     ``qt (R4, D)``: ``scale * Q_i``; ``kT (D, Bcp)``: ``K_j^T``; ``vj (Bc, Dp)``: ``V_j``; ``s, vis (R4, Bcp)`` and
     ``stats (3, R4)``: scratch. Updated in place: ``acc (R4, Dp)``, the unnormalized ``O_i``; ``m, l (R4,)``, the
     running row max and row sum. ``masked`` is True for a TRIANGLE tile (test every element), False for DENSE.
+    With ``by_rows`` (a decode step: fewer than 4 query rows) the two products read the key and value rows of
+    ``k, v`` in place instead (:func:`_dots_by_rows`, :func:`_accumulate_by_rows`; ``kT``, ``vj`` unused).
     """
     m_new, alpha, rowsum = stats[0], stats[1], stats[2]
     sentinel = _masked_value(s)
     # S_ij = Q_i K_j^T (scale already folded into Q_i) + bias, masked
-    matmul(qt, kT, s, nr, nc, D, False)
+    if by_rows:
+        _dots_by_rows(qt, k, b, g, jt, nc, s, nr, D, cfg)
+    else:
+        matmul(qt, kT, s, nr, nc, D, False)
     if masked or cfg.has_bias or cfg.has_mods:  # (no derivative wanted: s stands in for dsdt)
         _score_tile(s, vis, s, nr, nc, qs, b, h, g, jt, kpt, masked, False, cfg, bias2)
     # m_i^new = max(m_i, rowmax(S_ij)); a row that has seen no visible key yet keeps the sentinel, and shifting
@@ -360,7 +414,9 @@ def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, 
         if cfg.has_dropout:
             _dropout_row(s, i, nc, b, h, qs + i, jt, cfg)
     # O_i += P_ij V_j  (leaving out the masked pairs where V_j holds NaN or Inf)
-    if masked and not _finite(vj, nc, D):
+    if by_rows:
+        _accumulate_by_rows(s, v, b, g, jt, nc, acc, nr, D, vis, masked, cfg)
+    elif masked and not _finite(vj, nc, D):
         matmul_visible(s, vj, acc, vis, nr, D, nc)
     else:
         matmul(s, vj, acc, nr, D, nc, True)
@@ -425,8 +481,9 @@ def _fwd_q_major(worker, n_workers, q, k, v, out, lse, Br, Bc, n_splits, tile_ty
         bias2 = cfg.bias[b % cfg.bias.shape[0], h // cfg.bias_head_div]
         qs = tq * Br
         nr = min(Br, Nq - qs)
-        Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
+        Tc, n_keys = _tile_count(cfg, b, g, tq, Nk, Bc)
         per = (Tc + n_splits - 1) // n_splits
+        by_rows = nr < 4  # a decode step: stream the key and value rows instead of loading tiles
         # line 4: load Q_i (scale folded in); O_i = 0, l_i = 0, m_i = -inf (a finite sentinel)
         _load_rows(q[b, h], qs, nr, qt, scale)
         acc[:] = 0
@@ -438,12 +495,15 @@ def _fwd_q_major(worker, n_workers, q, k, v, out, lse, Br, Bc, n_splits, tile_ty
                 continue
             ks = tk * Bc
             nc = min(Bc, n_keys - ks)
-            # line 6: load K_j (transposed: S_ij = Q_i K_j^T reads it by rows), V_j, through the key source
-            _key_rows(cfg, b, g, ks, nc, jt, kpt)
-            _gather(k, b, g, jt, nc, kT, True, cfg)
-            _gather(v, b, g, jt, nc, vj, False, cfg)
+            # line 6: load K_j (transposed: S_ij = Q_i K_j^T reads it by rows), V_j, through the key source (a
+            # decode step with fewer than 4 query rows reads them in place instead)
+            _key_rows(cfg, b, g, tq, ks, nc, jt, kpt)
+            if not by_rows:
+                _gather(k, b, g, jt, nc, kT, True, cfg)
+                _gather(v, b, g, jt, nc, vj, False, cfg)
             # lines 8-10: S_ij, online softmax, O_i update
-            _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, kpt, tile == TRIANGLE, cfg, bias2)
+            _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, kpt, tile == TRIANGLE, cfg, bias2,
+                      k, v, by_rows)
         # lines 12-13: O_i = diag(l_i)^-1 O_i, lse_i = m_i + log(l_i)
         _write_rows(acc, m, l, nr, D, out[b, h, sp], lse[b, h, sp], qs)
 
@@ -468,11 +528,11 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
         out[b, h] = 0
         _start(m_hbm[b, h], l_hbm[b, h], h, True, cfg)
         # line 5: outer loop over key tiles j; line 6: load K_j, V_j once
-        Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
+        Tc, n_keys = _tile_count(cfg, b, g, 0, Nk, Bc)  # (one key list for every query tile)
         for tk in range(Tc):
             ks = tk * Bc
             nc = min(Bc, n_keys - ks)
-            _key_rows(cfg, b, g, ks, nc, jt, kpt)
+            _key_rows(cfg, b, g, 0, ks, nc, jt, kpt)
             _gather(k, b, g, jt, nc, kT, True, cfg)
             _gather(v, b, g, jt, nc, vj, False, cfg)
             # line 7: inner loop over query tiles i
@@ -491,7 +551,7 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
                         acc[i, d] = out[b, h, qs + i, d] * l[i]
                 # lines 9-11: S_ij, m_ij, P_ij, l_ij and diag(l_i) e^{m_i - m_new} O_i + e^{m_ij - m_new} P_ij V_j
                 _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, kpt, tile == TRIANGLE, cfg,
-                          bias2)
+                          bias2, k, v, False)
                 # lines 12-13: write O_i = diag(l_i^new)^-1 (...), l_i, m_i back
                 _write_rows(acc, m, l, nr, D, out[b, h], lse[b, h], qs)
                 for i in range(nr):
@@ -608,7 +668,7 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
         _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, delta_t)
         dq_acc[:] = 0
         rsum[:] = 0
-        Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
+        Tc, n_keys = _tile_count(cfg, b, g, tq, Nk, Bc)
         for tk in range(Tc):
             tile = tile_types[b, h // (H // Gt), tq, tk]
             if tile == SKIP:
@@ -616,7 +676,7 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
             ks = tk * Bc
             nc = min(Bc, n_keys - ks)
             # load K_j (transposed for S = Q K^T, by rows for dS K) and V_j (transposed for dP = dO V^T)
-            _key_rows(cfg, b, g, ks, nc, jt, kpt)
+            _key_rows(cfg, b, g, tq, ks, nc, jt, kpt)
             _gather(k, b, g, jt, nc, kT, True, cfg)
             _gather(k, b, g, jt, nc, kj, False, cfg)
             _gather(v, b, g, jt, nc, vT, True, cfg)
@@ -640,15 +700,20 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
 
 
 @kernel()
-def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, Bc, nb, nh, tile_types, scale, cfg):  # type: ignore[no-untyped-def]
-    """dK, dV (and dBias), FA2 Algorithm 2's outer loop over key tiles. Grid: (batch, kv head, key tile).
+def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, dq_parts, with_dq, n_chunks, Br, Bc, nb, nh, tile_types, scale, cfg):  # type: ignore[no-untyped-def]
+    """dK, dV (and dBias), FA2 Algorithm 2's outer loop over key tiles; with ``with_dq`` also dQ (the fused
+    backward: one pass, 5 tile products per tile pair instead of 8). Grid: (chunk, batch, kv head).
 
-    A program loops over the ``group`` query heads that read its kv head and over their query tiles, accumulating
-    ``dK_j, dV_j`` in local buffers, and adds ``dS_ij`` into ``dbias``. A bias broadcast over the batch (or the heads)
-    is shared by several (batch, kv head) pairs: then the caller passes ``nb = 1`` (or ``nh = 1``) and one program
-    runs all batch rows (kv heads) of its key tile one after the other, so that it is the only writer of its
-    ``dbias`` columns. A key appears once per key tile of (b, g) (a key list holds it at most once). No races, and
-    every sum in a fixed order.
+    Chunk ``c`` of ``n_chunks`` runs the key tiles ``c, c + n_chunks, ...`` (interleaved, so that causal chunks
+    balance). For each key tile the program loops over the ``group`` query heads that read its kv head and over
+    their query tiles, accumulating ``dK_j, dV_j`` in local buffers, and adds ``dS_ij`` into ``dbias``. With
+    ``with_dq`` it also adds ``dT_ij K_j`` into its chunk's own partial ``dq_parts[c] (B, H, Nq, D)`` (unscaled; the
+    caller sums the chunks in order and scales): no two programs write one partial row, and every row of it is
+    summed over the key tiles in increasing order. A bias broadcast over the batch (or the heads) is shared by
+    several (batch, kv head) pairs: then the caller passes ``nb = 1`` (or ``nh = 1``) and one program runs all
+    batch rows (kv heads) of its key tiles one after the other, so that it is the only writer of its ``dbias``
+    columns. A key appears once per key tile of (b, g) (a key list holds it at most once). No races, and every sum
+    in a fixed order that does not depend on the number of threads.
     """
     B, Hkv = k.shape[0], k.shape[1]
     H, Nq, D = q.shape[1], q.shape[2], q.shape[3]
@@ -664,6 +729,7 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, B
     scratch = np.zeros(R4, T)
     kT = np.zeros((D, Bcp), T)
     vT = np.zeros((D, Bcp), T)
+    kj = np.zeros((C4, Dp), T)  # K_j by rows: B of dQ = dS K
     jt = np.zeros(Bcp, np.int64)
     kpt = np.zeros(Bcp, np.int64)
     s = np.zeros((R4, Bcp), T)
@@ -672,65 +738,93 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, Br, B
     dsdt = np.zeros((R4, Bcp), T)
     dk_acc = np.zeros((C4, Dp), T)
     dv_acc = np.zeros((C4, Dp), T)
-    for prog in range(worker, nb * nh * Tc_max, n_workers):
-        pb, ph, tk = prog // (nh * Tc_max), (prog // Tc_max) % nh, prog % Tc_max
+    dq_t = np.zeros((R4, Dp), T)
+    for prog in range(worker, n_chunks * nb * nh, n_workers):
+        chunk, pb, ph = prog // (nb * nh), (prog // nh) % nb, prog % nh
         b_lo, b_hi = (pb, pb + 1) if nb == B else (0, B)
         h_lo, h_hi = (ph, ph + 1) if nh == Hkv else (0, Hkv)
-        for b in range(b_lo, b_hi):
-            for g in range(h_lo, h_hi):
-                Tc, n_keys = _tile_count(cfg, b, g, Nk, Bc)
-                if tk >= Tc:
-                    continue
-                ks = tk * Bc
-                nc = min(Bc, n_keys - ks)
-                # load K_j, V_j (transposed, for the products with Q_i and dO_i); dK_j = dV_j = 0
-                _key_rows(cfg, b, g, ks, nc, jt, kpt)
-                _gather(k, b, g, jt, nc, kT, True, cfg)
-                _gather(v, b, g, jt, nc, vT, True, cfg)
-                dk_acc[:] = 0
-                dv_acc[:] = 0
-                for h in range(g * group, (g + 1) * group):  # the query heads that read kv head g
-                    bias2 = cfg.bias[b % cfg.bias.shape[0], h // cfg.bias_head_div]
-                    dbias2 = dbias[b % dbias.shape[0], h // cfg.bias_head_div]
-                    for tq in range(Tr):
-                        tile = tile_types[b, h // (H // Gt), tq, tk]
-                        if tile == SKIP:
-                            continue
-                        masked = tile == TRIANGLE
-                        qs = tq * Br
-                        nr = min(Br, Nq - qs)
-                        # load Q_i, dO_i, lse_i, delta_i
-                        _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, delta_t)
-                        # s = P_ij, dp = dS_ij
-                        _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, dsdt, scratch, nr, nc, D, qs, b, h,
-                                  g, jt, kpt, masked, cfg, bias2)
-                        if cfg.has_mods:  # dp = dT_ij, the gradient of scale Q K^T + bias
-                            _chain(dp, dsdt, vis, nr, nc, masked)
-                        # dBias += dT_ij, summed over the dims the bias was broadcast along, in this fixed order
-                        if cfg.has_bias:
-                            for i in range(nr):
-                                brow = qs + i if dbias2.shape[0] > 1 else 0
-                                for c in range(nc):
-                                    dbias2[brow, jt[c]] += dp[i, c]
-                        # dV_j += (P_ij * Z)^T dO_i   (``s.T`` is a transposed view: no copy)
-                        if cfg.has_dropout:
-                            for i in range(nr):
-                                _dropout_row(s, i, nc, b, h, qs + i, jt, cfg)
-                        if masked and not _finite(doi, nr, D):
-                            matmul_visible(s.T, doi, dv_acc, vis.T, nc, D, nr)
-                        else:
-                            matmul(s.T, doi, dv_acc, nc, D, nr, True)
-                        # dK_j += dS_ij^T (scale Q_i)
-                        if masked and not _finite(qt, nr, D):
-                            matmul_visible(dp.T, qt, dk_acc, vis.T, nc, D, nr)
-                        else:
-                            matmul(dp.T, qt, dk_acc, nc, D, nr, True)
-                # write dK_j, dV_j
+        for tk in range(chunk, Tc_max, n_chunks):
+            for b in range(b_lo, b_hi):
+                for g in range(h_lo, h_hi):
+                    Tc, n_keys = _tile_count(cfg, b, g, 0, Nk, Bc)  # (one key list for every query tile)
+                    if tk >= Tc:
+                        continue
+                    ks = tk * Bc
+                    nc = min(Bc, n_keys - ks)
+                    # load K_j, V_j (transposed, for the products with Q_i and dO_i; K_j by rows for dQ)
+                    _key_rows(cfg, b, g, 0, ks, nc, jt, kpt)
+                    _gather(k, b, g, jt, nc, kT, True, cfg)
+                    _gather(v, b, g, jt, nc, vT, True, cfg)
+                    k_finite = True
+                    if with_dq:
+                        _gather(k, b, g, jt, nc, kj, False, cfg)
+                        k_finite = _finite(kj, nc, D)
+                    dk_acc[:] = 0
+                    dv_acc[:] = 0
+                    for h in range(g * group, (g + 1) * group):  # the query heads that read kv head g
+                        dq2 = dq_parts[chunk % dq_parts.shape[0], b % dq_parts.shape[1], h % dq_parts.shape[2]]
+                        _bwd_key_tile(q, dout, lse, delta, dbias, dq2, with_dq, k_finite, Br, b,
+                                      h, g, tk, nc, Tr, Gt, tile_types, scale, cfg, qt, doi, lse_t, delta_t, scratch,
+                                      kT, vT, kj, jt, kpt, s, dp, vis, dsdt, dk_acc, dv_acc, dq_t)
+                    # write dK_j, dV_j
+                    for c in range(nc):
+                        j = jt[c]
+                        for d in range(D):
+                            dk[b, g, j, d] = dk_acc[c, d]
+                            dv[b, g, j, d] = dv_acc[c, d]
+
+
+@helper(fastmath=FM_REDUCE)
+def _bwd_key_tile(q, dout, lse, delta, dbias, dq2, with_dq, k_finite, Br, b, h, g, tk, nc, Tr, Gt, tile_types, scale, cfg, qt, doi, lse_t, delta_t, scratch, kT, vT, kj, jt, kpt, s, dp, vis, dsdt, dk_acc, dv_acc, dq_t):  # type: ignore[no-untyped-def]
+    """One query head's part of a key tile's backward: for every query tile ``i`` that sees key tile ``j``, the
+    backward step and its products ``dV_j += Z_ij^T dO_i``, ``dK_j += dT_ij^T (scale Q_i)``, ``dBias += dT_ij``
+    and, with ``with_dq``, ``dq2[rows of i] += dT_ij K_j`` (``dq2 (Nq, D)``: this program's partial dQ of (b, h))."""
+    H, Nq, D = q.shape[1], q.shape[2], q.shape[3]
+    bias2 = cfg.bias[b % cfg.bias.shape[0], h // cfg.bias_head_div]
+    dbias2 = dbias[b % dbias.shape[0], h // cfg.bias_head_div]
+    for tq in range(Tr):
+        tile = tile_types[b, h // (H // Gt), tq, tk]
+        if tile == SKIP:
+            continue
+        masked = tile == TRIANGLE
+        qs = tq * Br
+        nr = min(Br, Nq - qs)
+        # load Q_i, dO_i, lse_i, delta_i
+        _load_query_tile(q, dout, lse, delta, b, h, qs, nr, scale, qt, doi, lse_t, delta_t)
+        # s = P_ij, dp = dS_ij
+        _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, dsdt, scratch, nr, nc, D, qs, b, h, g, jt, kpt,
+                  masked, cfg, bias2)
+        if cfg.has_mods:  # dp = dT_ij, the gradient of scale Q K^T + bias
+            _chain(dp, dsdt, vis, nr, nc, masked)
+        # dBias += dT_ij, summed over the dims the bias was broadcast along, in this fixed order
+        if cfg.has_bias:
+            for i in range(nr):
+                brow = qs + i if dbias2.shape[0] > 1 else 0
                 for c in range(nc):
-                    j = jt[c]
-                    for d in range(D):
-                        dk[b, g, j, d] = dk_acc[c, d]
-                        dv[b, g, j, d] = dv_acc[c, d]
+                    dbias2[brow, jt[c]] += dp[i, c]
+        # dQ_i += dT_ij K_j   (times scale, by the caller)
+        if with_dq:
+            if masked and not k_finite:
+                dq_t[:] = 0
+                matmul_visible(dp, kj, dq_t, vis, nr, D, nc)
+            else:
+                matmul(dp, kj, dq_t, nr, D, nc, False)
+            for i in range(nr):
+                for d in range(D):
+                    dq2[qs + i, d] += dq_t[i, d]
+        # dV_j += (P_ij * Z)^T dO_i   (``s.T`` is a transposed view: no copy)
+        if cfg.has_dropout:
+            for i in range(nr):
+                _dropout_row(s, i, nc, b, h, qs + i, jt, cfg)
+        if masked and not _finite(doi, nr, D):
+            matmul_visible(s.T, doi, dv_acc, vis.T, nc, D, nr)
+        else:
+            matmul(s.T, doi, dv_acc, nc, D, nr, True)
+        # dK_j += dS_ij^T (scale Q_i)
+        if masked and not _finite(qt, nr, D):
+            matmul_visible(dp.T, qt, dk_acc, vis.T, nc, D, nr)
+        else:
+            matmul(dp.T, qt, dk_acc, nc, D, nr, True)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -745,20 +839,47 @@ def _check_dtype(q: np.ndarray) -> np.dtype:
     return dtype
 
 
-def _config(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtype) -> Tuple[Config, np.ndarray]:
+_CONFIGS: "weakref.WeakKeyDictionary[AttentionSpec, Dict[np.dtype, Tuple[Config, np.ndarray]]]" = (
+    weakref.WeakKeyDictionary())
+"""The Config and tile types of each live spec and dtype: a spec reused from call to call (a training loop's, see
+:func:`...spec.cached_spec`) is converted once."""
+
+
+def _config(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtype, by_query_tile: bool = False
+            ) -> Tuple[Config, np.ndarray]:
     """The spec as a :class:`Config` (dummy arrays for absent features, so that one compiled kernel serves all
-    configurations), and the kernels' tile types ``(B, 1 or Hkv, Tr, Tc)``."""
-    i64 = np.dtype(np.int64)
-    if bias is None:
-        bias_arr, head_div = np.zeros((1, 1, 1, 1), dtype), 1
-    else:
+    configurations), and the kernels' tile types ``(B, 1 or Hkv, Tr, Tc)``. The bias is the call's data: it goes
+    into a copy of the spec's cached Config. ``by_query_tile``: for a kernel that runs one query tile at a time
+    (Q-major forward, dQ), the key list's per-query-tile lists where it has them (:class:`...spec.KeyList`)."""
+    by_query_tile = by_query_tile and spec.keys is not None and spec.keys.per_tile is not None
+    per_dtype = _CONFIGS.get(spec)
+    if per_dtype is None:
+        per_dtype = _CONFIGS.setdefault(spec, {})
+    entry = per_dtype.get((dtype, by_query_tile))
+    if entry is None:
+        entry = per_dtype[(dtype, by_query_tile)] = _spec_config(spec, dtype, by_query_tile)
+    cfg, tile_types = entry
+    if bias is not None:
         shape = spec.bias_shape if spec.bias_shape is not None else np.shape(bias)
         bias_arr = as_input(np.reshape(bias, shape), dtype)
         Hb = bias_arr.shape[1]
         head_div = 1 if Hb == spec.H else (spec.group if Hb == spec.Hkv else spec.H)
+        cfg = cfg._replace(bias=bias_arr, has_bias=True, bias_head_div=int(head_div))
+    return cfg, tile_types
+
+
+def _spec_config(spec: AttentionSpec, dtype: np.dtype, by_query_tile: bool) -> Tuple[Config, np.ndarray]:
+    """:func:`_config` without a bias."""
+    i64 = np.dtype(np.int64)
+    bias_arr, head_div = np.zeros((1, 1, 1, 1), dtype), 1
     keys, pages, topk = spec.keys, spec.pages, spec.topk
-    kidx = as_input(keys.kidx, i64) if keys is not None else np.zeros((1, 1, 1), i64)
-    counts = as_input(keys.counts, i64) if keys is not None else np.zeros((1, 1), i64)
+    if keys is not None and by_query_tile:
+        keys = keys.per_tile
+    kidx, counts = np.zeros((1, 1, 1, 1), i64), np.zeros((1, 1, 1), i64)
+    if keys is not None:  # one list: (B, Hkv, 1, L) and (B, Hkv, 1); per query tile: (B, Hkv, Tr, L), (B, Hkv, Tr)
+        kidx, counts = as_input(keys.kidx, i64), as_input(keys.counts, i64)
+        if kidx.ndim == 3:
+            kidx, counts = kidx[:, :, None], counts[:, :, None]
     block_table = as_input(pages.block_table, i64) if pages is not None else np.zeros((1, 1), i64)
     lengths = as_input(pages.lengths, i64) if pages is not None else np.zeros(1, i64)
     thr_val = as_input(topk.thr_val, dtype) if topk is not None else np.zeros((1, 1, 1), dtype)
@@ -773,7 +894,7 @@ def _config(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtype) ->
     cfg = Config(
         as_input(spec.q_pos_b, i64), as_input(spec.k_pos_b, i64), bool(spec.causal), int(spec.window),
         int(spec.num_sinks),
-        bias_arr, bias is not None, int(head_div),
+        bias_arr, False, int(head_div),
         kidx, counts, keys is not None,
         block_table, int(pages.page_size) if pages is not None else 1, lengths, pages is not None,
         thr_val, thr_idx, topk is not None,
@@ -783,7 +904,8 @@ def _config(bias: Optional[np.ndarray], spec: AttentionSpec, dtype: np.dtype) ->
         spec.score_mod is not None, dtype.type(spec.softcap), per_head(spec.alibi), spec.alibi is not None,
         per_head(spec.sinks), spec.sinks is not None,
     )
-    return cfg, as_input(spec.kernel_tiles(), np.dtype(np.int8))
+    tiles = keys.tile_types if keys is not None else spec.kernel_tiles()
+    return cfg, as_input(tiles, np.dtype(np.int8))
 
 
 def forward(
@@ -797,11 +919,12 @@ def forward(
     """
     dtype = _check_dtype(q)
     q, k, v = (as_input(x, dtype) for x in (q, k, v))
-    cfg, tile_types = _config(bias, spec, dtype)
+    k_major = spec.order == TileOrder.K_MAJOR
+    cfg, tile_types = _config(bias, spec, dtype, by_query_tile=not k_major)
     B, H, Nq, D = q.shape
     scale = dtype.type(spec.scale)
     Tr = tile_types.shape[2]
-    if TileOrder(spec.order) == TileOrder.K_MAJOR:
+    if k_major:
         out = np.empty((B, H, Nq, D), dtype)
         lse = np.empty((B, H, Nq), dtype)
         m_hbm = np.empty((B, H, Nq), dtype)
@@ -838,21 +961,53 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndar
     # preprocess: delta = rowsum(dO * O) - dlse
     delta = np.empty((B, H, Nq), dtype)
     launch(_bwd_preprocess, B * H, out, dout, dlse, delta)
-    # dQ, and the row sums of dS that refine delta for dK/dV
-    dq = np.empty_like(q)
-    rs = np.empty((B, H, Nq), dtype)
-    launch(_bwd_dq, B * H * Tr, q, k, v, dout, lse, delta, dq, rs, spec.block_q, spec.block_k, tile_types, scale,
-           cfg)
-    if spec.rows_complete:  # refined: every row of dS (with the sink's column) now sums to dlse
+    # a bias shared across batch rows / heads makes one dK/dV program own all of them
+    nb = 1 if (cfg.has_bias and cfg.bias.shape[0] == 1) else B
+    nh = 1 if (cfg.has_bias and cfg.bias.shape[1] == 1) else Hkv
+    fused = not spec.refine_delta
+    if fused:  # one pass: dQ in per-chunk partials, summed in chunk order
+        n_chunks = fused_chunks(nb * nh, Tc, q.nbytes)
+        dq_parts = np.zeros((n_chunks, B, H, Nq, D), dtype)
+    else:  # dQ and the row sums of dS, which refine delta for the dK/dV pass
+        dq = np.empty_like(q)
+        rs = np.empty((B, H, Nq), dtype)
+        cfg_q, tiles_q = _config(bias, spec, dtype, by_query_tile=True)
+        launch(_bwd_dq, B * H * Tr, q, k, v, dout, lse, delta, dq, rs, spec.block_q, spec.block_k, tiles_q, scale,
+               cfg_q)
+        # every row of dS (with the sink's column) now sums to dlse
         delta = delta * (1 - sink_probs(lse, spec.sinks)) + rs - dlse
-    # dK, dV (and dBias). A bias shared across batch rows / heads makes one program own all of them.
+        n_chunks, dq_parts = Tc, np.zeros((1, 1, 1, 1, 1), dtype)
+    # dK, dV (and dBias; dQ when fused)
     zeros_needed = spec.keys is not None  # a key list leaves the keys nobody keeps untouched: their gradient is 0
     dk = np.zeros_like(k) if zeros_needed else np.empty_like(k)
     dv = np.zeros_like(v) if zeros_needed else np.empty_like(v)
     dbias_arr = np.zeros(cfg.bias.shape, dtype)
-    nb = 1 if (cfg.has_bias and cfg.bias.shape[0] == 1) else B
-    nh = 1 if (cfg.has_bias and cfg.bias.shape[1] == 1) else Hkv
-    launch(_bwd_dkdv, nb * nh * Tc, q, k, v, dout, lse, delta, dk, dv, dbias_arr, spec.block_q, spec.block_k, nb,
-           nh, tile_types, scale, cfg)
+    launch(_bwd_dkdv, n_chunks * nb * nh, q, k, v, dout, lse, delta, dk, dv, dbias_arr, dq_parts, fused, n_chunks,
+           spec.block_q, spec.block_k, nb, nh, tile_types, scale, cfg)
+    if fused:
+        dq = dq_parts[0]
+        for c in range(1, n_chunks):
+            dq += dq_parts[c]
+        dq *= scale
+        if n_chunks > 1:
+            dq = dq.copy()  # (not a view that keeps the other partials alive)
     dbias = None if bias is None else dbias_arr.reshape(np.shape(bias))
     return dq, dk, dv, dbias
+
+
+FUSED_MIN_PROGRAMS = 8
+"""The fused backward cuts each (batch, kv head)'s key tiles into chunks until there are at least this many
+programs (so that a few heads still keep every thread busy). Chosen from the shape, never from the thread count:
+the order of dQ's sums, hence its bits, does not depend on how many threads run."""
+FUSED_PARTIALS_BYTES = 8 * 2**20
+"""...but the dQ partials beyond the first stay within this many bytes: a long sequence has key tiles enough to
+keep the threads busy, and flash attention's memory should stay about that of its inputs (one chunk: its partial
+is the result itself)."""
+
+
+def fused_chunks(n_pairs: int, n_tiles: int, dq_bytes: int = 0) -> int:
+    """How many key-tile chunks (dQ partials) the fused backward runs for ``n_pairs`` (batch, kv head) programs of
+    ``n_tiles`` key tiles and a dQ of ``dq_bytes``: enough for :data:`FUSED_MIN_PROGRAMS` programs, at most one per
+    key tile, at most 1 + :data:`FUSED_PARTIALS_BYTES` / dq_bytes."""
+    by_memory = 1 + FUSED_PARTIALS_BYTES // max(dq_bytes, 1)
+    return max(1, min(n_tiles, -(-FUSED_MIN_PROGRAMS // max(n_pairs, 1)), by_memory))

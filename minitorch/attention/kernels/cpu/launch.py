@@ -18,7 +18,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import numba
 import numpy as np
@@ -75,7 +75,8 @@ def first_compile_note(what: str = "attention kernels") -> Iterator[None]:
         timer.cancel()
 
 
-_launched: set = set()
+_entry_points: Dict[Tuple[Any, ...], Callable] = {}
+_entry_lock = threading.Lock()
 
 
 def launch(kernel_fn: Callable, n_programs: int, *args: Any) -> None:
@@ -84,14 +85,32 @@ def launch(kernel_fn: Callable, n_programs: int, *args: Any) -> None:
     ``n_workers = min(numba.get_num_threads(), n_programs)``; the calling thread is worker 0, a small thread pool
     runs the others. Programs write disjoint memory, so how they are shared out cannot change any result. The first
     launch of a kernel for a dtype in this process may compile it (:func:`first_compile_note`).
+
+    Numba's dispatcher types every argument on every call, which for the large Config costs more than a small
+    problem's whole kernel. The engine passes arrays it normalized (:func:`as_input`: C-contiguous, writeable, of
+    the call's dtype), so the Python types of the arguments and the dtype decide the compiled version: the first
+    launch goes through the dispatcher, and later launches of the same key call that version's entry point.
     """
-    key = (kernel_fn, getattr(args[0], "dtype", None) if args else None)
-    if key in _launched:
-        _run_grid(kernel_fn, n_programs, args)
+    key = (kernel_fn, getattr(args[0], "dtype", None), tuple(map(type, args)))
+    entry = _entry_points.get(key)
+    if entry is not None:
+        _run_grid(entry, n_programs, args)
         return
     with first_compile_note():
         _run_grid(kernel_fn, n_programs, args)
-    _launched.add(key)
+    entry = _entry_point(kernel_fn, args)
+    if entry is not None:
+        with _entry_lock:
+            _entry_points[key] = entry
+
+
+def _entry_point(kernel_fn: Callable, args: Tuple[Any, ...]) -> Optional[Callable]:
+    """The compiled version of ``kernel_fn`` for these arguments, called without typing them (None if unknown)."""
+    try:
+        sig = tuple(kernel_fn.typeof_pyval(a) for a in (0, 1) + tuple(args))
+        return kernel_fn.overloads[sig].entry_point
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _run_grid(kernel_fn: Callable, n_programs: int, args: Any) -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ...selection import Selection, alloc_selection, build_selection, empty_threshold
+from ...selection import Selection, alloc_selection, build_selection, build_tile_list, empty_threshold
 from ...tiling import build_list_classifier
 from .launch import kernel, launch
 
 _select_head = build_selection(numba.njit(inline="always"))
 _list_tile_types = build_list_classifier(numba.njit(inline="always"))
+_tile_list = build_tile_list(numba.njit(inline="always"))
 
 
 @kernel()
@@ -37,6 +38,15 @@ def _tile_types(worker, n_workers, kidx, counts, evict, Br, Bc, causal, off, Nq,
                          types)
 
 
+@kernel()
+def _tile_lists(worker, n_workers, kidx, counts, evict, Br, Bc, off, Nq, out_kidx, out_counts, out_types):  # type: ignore[no-untyped-def]
+    """Each query tile's own key list and its tile types. Grid: one program per (batch, kv head, query tile)."""
+    B, Hkv, Tr = out_types.shape[0], out_types.shape[1], out_types.shape[2]
+    for p in range(worker, B * Hkv * Tr, n_workers):
+        _tile_list(kidx, counts, evict, p // (Hkv * Tr), (p // Tr) % Hkv, p % Tr, Br, Bc, off, Nq, out_kidx,
+                   out_counts, out_types)
+
+
 def select(z: np.ndarray, dspec) -> Selection:  # type: ignore[no-untyped-def]
     """Thresholds, lifetimes, the compacted key list and its tile types (``O(B Hkv (Nk log k + Tr count))``)."""
     B, Hkv, Nq, Nk = dspec.B, dspec.Hkv, dspec.Nq, dspec.Nk
@@ -53,4 +63,11 @@ def select(z: np.ndarray, dspec) -> Selection:  # type: ignore[no-untyped-def]
                empty_threshold(z.dtype))
         launch(_tile_types, B * Hkv * sel.types.shape[2], sel.kidx, sel.counts, sel.evict, np.int64(Br),
                np.int64(Bc), bool(dspec.causal), np.int64(dspec.off), np.int64(Nq), sel.types)
+        if dspec.causal and dspec.compact:  # the top-k changes from row to row: one list per query tile
+            Tr, L = sel.types.shape[2], max(1, int(sel.counts.max()))
+            per_tile = (np.zeros((B, Hkv, Tr, L), np.int64), np.zeros((B, Hkv, Tr), np.int64),
+                        np.zeros((B, Hkv, Tr, -(-L // Bc)), np.int8))
+            launch(_tile_lists, B * Hkv * Tr, sel.kidx, sel.counts, sel.evict, np.int64(Br), np.int64(Bc),
+                   np.int64(dspec.off), np.int64(Nq), *per_tile)
+            sel.per_tile = per_tile
     return sel

@@ -174,6 +174,19 @@ def vfma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
+def vfma_vec(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+    """``c + a * b`` lane by lane (three vectors; one fused multiply-add instruction)."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        vty = args[2].type
+        suffix = f"v{vty.count}f{sig.return_type.dtype.bitwidth}"
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.{suffix}")
+        return builder.call(fma, [args[0], args[1], args[2]])
+
+    return c(a, b, c), codegen
+
+
+@intrinsic
 def vmax(typingctx, a, b):  # type: ignore[no-untyped-def]
     """Lane-wise ``max(a, b)``."""
 
@@ -280,6 +293,9 @@ def matmul(a, b, c, M, N, K, accumulate):  # type: ignore[no-untyped-def]
     separately), which is how the backward multiplies by ``P^T`` and ``dS^T`` without copying them.
     """
     W = vwidth(c)
+    if N <= W:  # one vector of columns (a small head dim): 4 rows, K split in two chains (8 registers in flight)
+        _matmul_narrow(a, b, c, M, K, accumulate)
+        return
     for i in range(0, M, 4):
         for j in range(0, N, 2 * W):
             if accumulate:
@@ -304,6 +320,34 @@ def matmul(a, b, c, M, N, K, accumulate):  # type: ignore[no-untyped-def]
             vstore(c, i + 2, j + W, c21)
             vstore(c, i + 3, j, c30)
             vstore(c, i + 3, j + W, c31)
+
+
+@helper()
+def _matmul_narrow(a, b, c, M, K, accumulate):  # type: ignore[no-untyped-def]
+    """:func:`matmul` for ``N <= lanes``: only the first vector of columns is computed (a head dim of 16 in
+    float32 with AVX-512 would otherwise pay for 32 columns). Even and odd ``k`` accumulate in separate registers,
+    added at the end (a fixed order), so that 8 multiply-adds are in flight as in the wide case."""
+    for i in range(0, M, 4):
+        e0 = e1 = e2 = e3 = o0 = o1 = o2 = o3 = vzeros(c)
+        for kk in range(0, K - 1, 2):
+            b0, b1 = vload(b, kk, 0), vload(b, kk + 1, 0)
+            e0, o0 = vfma(a[i, kk], b0, e0), vfma(a[i, kk + 1], b1, o0)
+            e1, o1 = vfma(a[i + 1, kk], b0, e1), vfma(a[i + 1, kk + 1], b1, o1)
+            e2, o2 = vfma(a[i + 2, kk], b0, e2), vfma(a[i + 2, kk + 1], b1, o2)
+            e3, o3 = vfma(a[i + 3, kk], b0, e3), vfma(a[i + 3, kk + 1], b1, o3)
+        if K % 2 == 1:
+            kk = K - 1
+            b0 = vload(b, kk, 0)
+            e0, e1 = vfma(a[i, kk], b0, e0), vfma(a[i + 1, kk], b0, e1)
+            e2, e3 = vfma(a[i + 2, kk], b0, e2), vfma(a[i + 3, kk], b0, e3)
+        e0, e1, e2, e3 = vadd(e0, o0), vadd(e1, o1), vadd(e2, o2), vadd(e3, o3)
+        if accumulate:
+            e0, e1 = vadd(vload(c, i, 0), e0), vadd(vload(c, i + 1, 0), e1)
+            e2, e3 = vadd(vload(c, i + 2, 0), e2), vadd(vload(c, i + 3, 0), e3)
+        vstore(c, i, 0, e0)
+        vstore(c, i + 1, 0, e1)
+        vstore(c, i + 2, 0, e2)
+        vstore(c, i + 3, 0, e3)
 
 
 @helper()

@@ -374,7 +374,7 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: Optional[np.ndar
     for head in _heads(q, k, v, bias, spec):
         b, h = head.b, head.h
         _backward_dq(head, dout[b, h], lse_safe[b, h], delta[b, h], dq[b, h], rs[b, h])
-    if spec.rows_complete:  # refined: every row of dS (with the sink's column) now sums to dlse
+    if spec.refine_delta:  # refined: every row of dS (with the sink's column) now sums to dlse
         delta = delta * (1 - sink_probs(lse, spec.sinks)) + rs - dlse
     for b in range(spec.B):
         for g in range(spec.Hkv):
