@@ -211,7 +211,8 @@ def test_kernel_tiles_fit_shared_memory(D: int, dtype: Any) -> None:
         rows, cols = (bk, bq) if name == "dkdv" else (bq, bk)
         assert rows % R == 0 and cols % C == 0, (name, R, C)
     shape = TileShape.make(64, 32, 64, max_threads=(16, 16))
-    assert (shape.TY, shape.TX, shape.RM, shape.RN, shape.DP) == (16, 16, 4, 2, 64)
+    assert (shape.TY, shape.TX, shape.RM, shape.RN, shape.DPT, shape.DP) == (16, 8, 4, 4, 8, 64)
+    assert shape.CP == 40  # P's rows padded: a warp's 4 rows x 8 columns hit 32 different banks
 
 
 def test_forward_runs_the_default_tiles_float32() -> None:
@@ -219,8 +220,8 @@ def test_forward_runs_the_default_tiles_float32() -> None:
     for D in (64, 128):
         assert ops.smem_report(D, np.float32)["forward"][0] == default_block_sizes(D, "cuda")
     # the table in launch.py's docstring (what ptxas reports for the sm_90 builds)
-    assert ops.smem_report(64) == {"forward": ((64, 32), 46208), "dq": ((32, 32), 40064), "dkdv": ((32, 32), 44288)}
-    assert ops.smem_report(128) == {"forward": ((32, 32), 43904), "dq": ((16, 16), 35136), "dkdv": ((16, 16), 36224)}
+    assert ops.smem_report(64) == {"forward": ((64, 32), 48896), "dq": ((32, 32), 41344), "dkdv": ((32, 32), 46464)}
+    assert ops.smem_report(128) == {"forward": ((32, 32), 41088), "dq": ((16, 16), 35776), "dkdv": ((16, 16), 37312)}
     assert dq_smem_bytes(TileShape.make(16, 16, 128, (16, 16)), 4) <= SMEM_LIMIT
 
 

@@ -45,8 +45,10 @@ from .tiles import (
     device,
     dropout_hash,
     flags_key,
+    kernel,
     numba_type,
     tile_ops,
+    u32,
 )
 
 _KERNELS: Dict[Tuple[Any, ...], Any] = {}
@@ -59,14 +61,14 @@ def dq_smem_bytes(shape: TileShape, itemsize: int) -> int:
     """dQ kernel (``R`` queries x ``C`` keys): ``Q_i, dO_i, K_j, V_j``, ``dS``, three row values (floats); the
     visible pairs (bytes); three row values, key rows and positions (int64)."""
     s = shape
-    return itemsize * (2 * s.R * s.DP1 + 2 * s.C * s.DP1 + s.R * s.C + 3 * s.R) + s.R * s.C + 8 * (3 * s.R + 2 * s.C)
+    return itemsize * (2 * s.R * s.DP1 + 2 * s.C * s.DP1 + s.R * s.CP + 3 * s.R) + s.R * s.CP + 8 * (3 * s.R + 2 * s.C)
 
 
 def dkdv_smem_bytes(shape: TileShape, itemsize: int) -> int:
-    """dK/dV kernel (``R`` keys x ``C`` queries): ``K_j, V_j, Q_i, dO_i``, ``Z``, ``dS`` (padded), three query values
+    """dK/dV kernel (``R`` keys x ``C`` queries): ``K_j, V_j, Q_i, dO_i``, ``Z``, ``dS``, three query values
     (floats); the visible pairs (bytes); three query values, key rows and positions (int64)."""
     s = shape
-    return (itemsize * (2 * s.R * s.DP1 + 2 * s.C * s.DP1 + s.R * s.C + s.R * (s.C + 1) + 3 * s.C) + s.R * s.C
+    return (itemsize * (2 * s.R * s.DP1 + 2 * s.C * s.DP1 + 2 * s.R * s.CP + 3 * s.C) + s.R * s.CP
             + 8 * (3 * s.C + 2 * s.R))
 
 
@@ -98,9 +100,9 @@ def make_bwd_step(shape: TileShape, dtype: Any, flags: Flags, key_rows: bool) ->
 
     def bwd_step(s, dp, Zs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg):  # type: ignore[no-untyped-def]
         for a in range(RM):
-            row = cuda.threadIdx.y + a * TY
+            row = u32(cuda.threadIdx.y) + u32(a * TY)
             for c in range(RN):
-                col = cuda.threadIdx.x + c * TX
+                col = u32(cuda.threadIdx.x) + u32(c * TX)
                 qi = col if KEY_ROWS else row  # the pair's place in the query tile and in the key tile
                 kc = row if KEY_ROWS else col
                 i = q0 + qi
@@ -171,11 +173,11 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
     def build() -> Any:
         ops = tile_ops(shape, dtype, flags)
         load_rows, n_keys, load_keys, gather_rows = ops.load_rows, ops.n_keys, ops.load_keys, ops.gather_rows
-        dot_tile, acc_tile, load_queries = ops.dot_tile, ops.acc_tile, ops.load_queries
+        dot_tile, acc_tile, load_queries, row_sum = ops.dot_tile, ops.acc_tile, ops.load_queries, ops.row_sum
         step = make_bwd_step(shape, dtype, flags, key_rows=False)
         dt = numba_type(dtype)
         ZERO = np.dtype(dtype).type(0.0)
-        R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
+        R, C, CP, DP1, TY, TX = shape.R, shape.C, shape.CP, shape.DP1, shape.TY, shape.TX
         RM, RN, DPT = shape.RM, shape.RN, shape.DPT
         HAS_BIAS, HAS_SINKS = bool(flags.has_bias), bool(flags.has_sinks)
 
@@ -189,8 +191,8 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
             Vs = cuda.shared.array((C, DP1), dt)
             jt = cuda.shared.array(C, numba.int64)
             kps = cuda.shared.array(C, numba.int64)
-            dSs = cuda.shared.array((R, C), dt)
-            vis = cuda.shared.array((R, C), numba.uint8)
+            dSs = cuda.shared.array((R, CP), dt)
+            vis = cuda.shared.array((R, CP), numba.uint8)
             acc = cuda.local.array((RM, DPT), dt)
             rsum = cuda.local.array(RM, dt)
             s = cuda.local.array((RM, RN), dt)
@@ -249,18 +251,12 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
                         d = tx + e * TX
                         if d < D:
                             dq[b, h, i, d] = acc[r, e] * cfg.scale
-            # rs_i = rowsum(dS_i): the threads' partial sums, added in a fixed order (dSs is free now)
-            cuda.syncthreads()
+            # rs_i = rowsum(dS_i): the partial sums of the row's TX threads (warp shuffles, a fixed order)
             for r in range(RM):
-                dSs[ty + r * TY, tx] = rsum[r]
-            cuda.syncthreads()
-            for r in range(RM):
+                rs = row_sum(rsum[r])
                 row = ty + r * TY
                 i = q0 + row
                 if tx == 0 and i < Nq:
-                    rs = ZERO
-                    for t in range(TX):
-                        rs += dSs[row, t]
                     refined = qf[QF_DELTA, row] + rs
                     if HAS_SINKS:  # the sink's column of dS, -P_sink delta (P_sink = 0 for lse = -inf: MAX)
                         refined -= qf[QF_DELTA, row] * math.exp(cfg.sinks[h] - qf[QF_LSE, row])
@@ -268,7 +264,7 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
                         refined -= dlse[b, h, i]
                     delta_kv[b, h, i] = refined
 
-        return cuda.jit(dq_kernel)
+        return kernel(dq_kernel, shape)
 
     return cached(_KERNELS, _key("dq", shape, dtype, flags), build)
 
@@ -285,32 +281,23 @@ def make_dkdv(shape: TileShape, dtype: Any, flags: Flags, dbias_mode: int) -> An
     def build() -> Any:
         ops = tile_ops(shape, dtype, flags)
         load_rows, n_keys, load_keys, gather_rows = ops.load_rows, ops.n_keys, ops.load_keys, ops.gather_rows
-        dot_tile, acc_tile, load_queries = ops.dot_tile, ops.acc_tile, ops.load_queries
+        dot_tile, acc_tile, load_queries, row_sum = ops.dot_tile, ops.acc_tile, ops.load_queries, ops.row_sum
         step = make_bwd_step(shape, dtype, flags, key_rows=True)
         dt = numba_type(dtype)
         ZERO = np.dtype(dtype).type(0.0)
-        R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
+        R, C, CP, DP1, TY, TX = shape.R, shape.C, shape.CP, shape.DP1, shape.TY, shape.TX
         RM, RN, DPT, NT = shape.RM, shape.RN, shape.DPT, shape.threads
-        C1 = C + 1
         HAS_BIAS, MODE = bool(flags.has_bias), int(dbias_mode)
 
         @device
-        def write_rowsum(dSs, rsum, jt, dbi, b, hi):  # type: ignore[no-untyped-def]
-            """dBias of a bias broadcast over query rows: ``dbi[b, hi, 0, j] = sum_i dS_ij``, the threads' partial
-            sums added in a fixed order (``dSs`` as the buffer); the partials restart from 0."""
-            ty = cuda.threadIdx.y
-            tx = cuda.threadIdx.x
-            cuda.syncthreads()
+        def write_rowsum(rsum, jt, dbi, b, hi):  # type: ignore[no-untyped-def]
+            """dBias of a bias broadcast over query rows: ``dbi[b, hi, 0, j] = sum_i dS_ij``, the partial sums of
+            the key row's TX threads (warp shuffles, a fixed order); the partials restart from 0."""
             for a in range(RM):
-                dSs[ty + a * TY, tx] = rsum[a]
+                acc = row_sum(rsum[a])
                 rsum[a] = ZERO
-            cuda.syncthreads()
-            for jj in range(ty * TX + tx, R, NT):
-                j = jt[jj]
-                if j >= 0:
-                    acc = ZERO
-                    for t in range(TX):
-                        acc += dSs[jj, t]
+                j = jt[cuda.threadIdx.y + a * TY]
+                if cuda.threadIdx.x == 0 and j >= 0:
                     dbi[b, hi, 0, j] = acc
 
         def dkdv(q, k, v, dout, lse, delta_kv, dk, dv, dbi, tile_types, block_q, block_k, cfg):  # type: ignore[no-untyped-def]
@@ -333,9 +320,9 @@ def make_dkdv(shape: TileShape, dtype: Any, flags: Flags, dbias_mode: int) -> An
             dOs = cuda.shared.array((C, DP1), dt)
             qf = cuda.shared.array((3, C), dt)
             qn = cuda.shared.array((3, C), numba.int64)
-            Zs = cuda.shared.array((R, C), dt)
-            dSs = cuda.shared.array((R, C1), dt)  # padded: the dBias loop reads it by columns
-            vis = cuda.shared.array((R, C), numba.uint8)
+            Zs = cuda.shared.array((R, CP), dt)
+            dSs = cuda.shared.array((R, CP), dt)
+            vis = cuda.shared.array((R, CP), numba.uint8)
             dk_acc = cuda.local.array((RM, DPT), dt)
             dv_acc = cuda.local.array((RM, DPT), dt)
             rsum = cuda.local.array(RM, dt)
@@ -398,9 +385,9 @@ def make_dkdv(shape: TileShape, dtype: Any, flags: Flags, dbias_mode: int) -> An
                             if i < Nq and j >= 0:
                                 dbi[b, hi, i, j] += dSs[jj, ii]
                 if MODE == DBIAS_ROWSUM and per_head:
-                    write_rowsum(dSs, rsum, jt, dbi, b, h)
+                    write_rowsum(rsum, jt, dbi, b, h)
             if MODE == DBIAS_ROWSUM and not per_head:
-                write_rowsum(dSs, rsum, jt, dbi, b, g)
+                write_rowsum(rsum, jt, dbi, b, g)
 
             # line 18: write dK_j, dV_j at the key rows
             for a in range(RM):
@@ -412,7 +399,7 @@ def make_dkdv(shape: TileShape, dtype: Any, flags: Flags, dbias_mode: int) -> An
                             dk[b, g, j, d] = dk_acc[a, e] * cfg.scale
                             dv[b, g, j, d] = dv_acc[a, e]
 
-        return cuda.jit(dkdv)
+        return kernel(dkdv, shape)
 
     return cached(_KERNELS, _key("dkdv", shape, dtype, flags, int(dbias_mode)), build)
 
