@@ -14,10 +14,12 @@ Tolerances follow FlashAttention's rule for float32: the kernel's error against 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numba
@@ -550,50 +552,61 @@ def test_flash_dma_attention_on_cuda_backend() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Every kernel lowers for a real GPU (sm_90), with no float64 arithmetic in float32 kernels
+# Every kernel lowers for a real GPU (sm_90): the kernel report (no float64 in float32, no spill, no local memory)
 # ---------------------------------------------------------------------------------------------------------------------
 
 SKIP_LOWERING = os.environ.get("MINITORCH_SKIP_LOWERING") == "1"
-_LOWERING: Dict[str, "subprocess.Popen[str]"] = {}
+_LOWERING: Dict[str, Any] = {}
 
 
-def _spawn_lowering() -> "subprocess.Popen[str]":
-    """``python -m minitorch.attention.kernels.cuda.ptx`` without the simulator: PTX for sm_90 when NVVM is
-    installed, else LLVM IR lowered for the GPU target (no GPU needed either way)."""
+def _spawn_lowering() -> Tuple["subprocess.Popen[str]", str]:
+    """``python scripts/kernel_report.py --attention --check --json PATH`` (no simulator): PTX for sm_90 when NVVM
+    is installed, else LLVM IR lowered for the GPU target; assembled and disassembled where ``ptxas`` and
+    ``nvdisasm`` are found (the test extra installs them). No GPU needed either way."""
     env = dict(os.environ)
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-m", "minitorch.attention.kernels.cuda.ptx"], env=env, cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = os.path.join(tempfile.mkdtemp(prefix="kernel_report"), "report.json")
+    cmd = [sys.executable, os.path.join(root, "scripts", "kernel_report.py"), "--attention", "--check", "--json", path]
+    return subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), path
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _lowering(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Start the lowering subprocess with the module's first test, so that it overlaps the others."""
+    """Start the report subprocess with the module's first test, so that it overlaps the others."""
     if not SKIP_LOWERING and any(item.name == "test_kernels_lower_for_sm90" for item in request.session.items):
         _LOWERING["proc"] = _spawn_lowering()
     yield
-    proc = _LOWERING.pop("proc", None)
-    if proc is not None:
-        proc.kill()
-        proc.communicate()
+    started = _LOWERING.pop("proc", None)
+    if started is not None:
+        started[0].kill()
+        started[0].communicate()
 
 
 @pytest.mark.skipif(SKIP_LOWERING, reason="MINITORCH_SKIP_LOWERING=1")
 def test_kernels_lower_for_sm90() -> None:
-    """Every kernel (each tile kernel with every flag off and every flag on, and every row kernel) type-checks and
-    lowers for compute capability 9.0 in float32 with no float64 arithmetic: catches code that only the simulator
-    accepts. Runs in a subprocess without the simulator, started with the module's first test."""
-    proc = _LOWERING.pop("proc", None) or _spawn_lowering()
-    out, err = proc.communicate(timeout=600)
+    """Every attention kernel (each tile kernel with every flag off, every flag on and the variants on, and every
+    row kernel) type-checks and lowers for compute capability 9.0 with no float64 arithmetic in float32: catches
+    code that only the simulator accepts. With ptxas: no spill and no stack frame; with nvdisasm: no local memory
+    and no float64 instruction in the SASS, and the hot loops of the 4 x 4 register tiles at least 50% FFMA
+    (forward) and 40% (backward). Runs in a subprocess without the simulator, started with the module's first
+    test."""
+    proc, path = _LOWERING.pop("proc", None) or _spawn_lowering()
+    out, err = proc.communicate(timeout=900)
     if proc.returncode != 0 and "AttributeError" in err and ("compile_cuda" in err or "get_current_device" in err):
         pytest.skip("numba-cuda internals changed: " + err[-300:])
-    assert proc.returncode == 0 and "COMPILED" in out, err[-3000:]
+    assert proc.returncode == 0 and "COMPILED" in out, (out[-3000:], err[-3000:])
     assert "float64 arithmetic" not in err
+    with open(path) as fh:
+        report = json.load(fh)
+    names = [rec["name"].split()[0] for rec in report["kernels"]]
+    for kind in ("fwd_q", "fwd_k", "dq", "dkdv0", "dkdv1", "dkdv2", "merge", "select"):
+        assert kind in names, kind
+    if report["ptxas"] and report["nvdisasm"]:  # the SASS was read: the tile kernels' products were found
+        plain = [rec for rec in report["kernels"] if " ----------- " in rec["name"]]
+        assert len(plain) == 4 and all(rec["hot_loops"] and rec["listing"] == "SASS" for rec in plain), plain
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Real GPU: realistic shapes (skipped in the simulator)
 # ---------------------------------------------------------------------------------------------------------------------
 
