@@ -58,10 +58,11 @@ DBIAS_NONE, DBIAS_ROWS, DBIAS_ROWSUM = 0, 1, 2
 
 
 def dq_smem_bytes(shape: TileShape, itemsize: int) -> int:
-    """dQ kernel (``R`` queries x ``C`` keys): ``Q_i, dO_i, K_j, V_j``, ``dS``, three row values (floats); the
-    visible pairs (bytes); three row values, key rows and positions (int64)."""
+    """dQ kernel (``R`` queries x ``C`` keys): ``Q_i, dO_i, K_j, V_j``, ``dS`` and ``dP`` (padded), three row values
+    (floats); the visible pairs (bytes); three row values, key rows and positions (int64)."""
     s = shape
-    return itemsize * (2 * s.R * s.DP1 + 2 * s.C * s.DP1 + s.R * s.CP + 3 * s.R) + s.R * s.CP + 8 * (3 * s.R + 2 * s.C)
+    return (itemsize * (2 * s.R * s.DP1 + 2 * s.C * s.DP1 + 2 * s.R * s.CP + 3 * s.R) + s.R * s.CP
+            + 8 * (3 * s.R + 2 * s.C))
 
 
 def dkdv_smem_bytes(shape: TileShape, itemsize: int) -> int:
@@ -82,15 +83,17 @@ def _key(name: str, shape: Any, dtype: Any, flags: Flags, *extra: Any) -> Tuple[
 
 
 def make_bwd_step(shape: TileShape, dtype: Any, flags: Flags, key_rows: bool) -> Callable:
-    """``bwd_step(s, dp, Zs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)``: FA2
+    """``bwd_step(s, dp, Ts, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)``: FA2
     Algorithm 2, lines 11-14, for the thread's register tile.
 
     In: ``s = Q_i K_j^T`` and ``dp = dO_i V_j^T`` (register tiles ``(RM, RN)``; transposed when ``key_rows``: the
     register rows are keys, the dK/dV kernel). The query tile's values are its query table ``qf, qn`` (with
     ``lse`` and ``delta``), the key tile's rows and positions ``jt, kps``. Out, at the tile's ``(row, col)``:
-    ``dSs = dT_ij`` (``dS_ij`` through the score modification: the gradient of ``scale Q K^T + bias``), ``Zs = Z_ij``
-    (only when ``key_rows``), ``vis`` (TRIANGLE tiles); ``rsum[r] +=`` the sum of the thread's values in register
-    row ``r``: of ``dS`` for query rows (delta's refinement), of ``dT`` for key rows (the bias gradient).
+    ``dSs = dT_ij`` (``dS_ij`` through the score modification: the gradient of ``scale Q K^T + bias``), ``Ts = Z_ij``
+    (``key_rows``) or ``dS_ij`` (before the modification), ``vis`` (TRIANGLE tiles); ``rsum[r] +=`` the sum of the
+    thread's values in register row ``r``: of ``dS`` for query rows (delta's refinement), of ``dT`` for key rows
+    (the bias gradient). The per-pair work runs on the shared tiles ``dSs`` (``S``, then ``dT``) and ``Ts`` (``dP``,
+    then ``Z`` or ``dS``), as in the forward: a loop the compiler may leave rolled for a long score modification.
     """
     ops = tile_ops(shape, dtype, flags)
     score = ops.score
@@ -98,36 +101,44 @@ def make_bwd_step(shape: TileShape, dtype: Any, flags: Flags, key_rows: bool) ->
     TY, TX, RM, RN = shape.TY, shape.TX, shape.RM, shape.RN
     HAS_DROPOUT, KEY_ROWS = bool(flags.has_dropout), bool(key_rows)
 
-    def bwd_step(s, dp, Zs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg):  # type: ignore[no-untyped-def]
-        for a in range(RM):
-            row = u32(cuda.threadIdx.y) + u32(a * TY)
+    def bwd_step(s, dp, Ts, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg):  # type: ignore[no-untyped-def]
+        ty = u32(cuda.threadIdx.y)
+        tx = u32(cuda.threadIdx.x)
+        for a in range(RM):  # the register tiles into the shared ones
             for c in range(RN):
-                col = u32(cuda.threadIdx.x) + u32(c * TX)
+                dSs[ty + u32(a * TY), tx + u32(c * TX)] = s[a, c] * cfg.scale
+                Ts[ty + u32(a * TY), tx + u32(c * TX)] = dp[a, c]
+        for a in range(RM):
+            row = ty + u32(a * TY)
+            for c in range(RN):
+                col = tx + u32(c * TX)
                 qi = col if KEY_ROWS else row  # the pair's place in the query tile and in the key tile
                 kc = row if KEY_ROWS else col
-                i = q0 + qi
                 j = jt[kc]
                 # line 11: S_ij, modified and masked exactly as in the forward; line 12: P_ij = exp(S_ij - lse_i)
-                x, ok, dsdt = score(s[a, c] * cfg.scale, qi, j, kps[kc], qf, qn, q0, masked, b, h, bb, hb, Nq, cfg)
+                x, ok, dsdt = score(dSs[row, col], qi, j, kps[kc], qf, qn, q0, masked, b, h, bb, hb, Nq, cfg)
                 p = math.exp(x - qf[QF_LSE, qi]) if ok else ZERO
                 # line 13: dP_ij (dropout regenerated from the hash); line 14: dS_ij = P_ij (dP_ij - delta_i)
                 z = p
-                dpv = dp[a, c]
+                dpv = Ts[row, col]
                 if HAS_DROPOUT:
-                    if dropout_hash(cfg.seed, b, h, i, j) >= cfg.drop_threshold:
+                    if dropout_hash(cfg.seed, b, h, q0 + qi, j) >= cfg.drop_threshold:
                         z = p * cfg.inv_keep
                         dpv = dpv * cfg.inv_keep
                     else:
                         z = ZERO
                         dpv = ZERO
                 ds = p * (dpv - qf[QF_DELTA, qi]) if ok else ZERO  # a masked pair: 0, whatever V holds there
-                dst = ds * dsdt if ok else ZERO  # dT: through score_mod and softcap
-                if KEY_ROWS:
-                    Zs[row, col] = z
-                dSs[row, col] = dst
+                dSs[row, col] = ds * dsdt if ok else ZERO  # dT: through score_mod and softcap
+                Ts[row, col] = z if KEY_ROWS else ds
                 if masked:
                     vis[row, col] = 1 if ok else 0
-                rsum[a] += dst if KEY_ROWS else ds
+        for a in range(RM):  # the row sums: of dT for key rows, of dS for query rows
+            for c in range(RN):
+                if KEY_ROWS:
+                    rsum[a] += dSs[ty + u32(a * TY), tx + u32(c * TX)]
+                else:
+                    rsum[a] += Ts[ty + u32(a * TY), tx + u32(c * TX)]
 
     return device(bwd_step)
 
@@ -192,6 +203,7 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
             jt = cuda.shared.array(C, numba.int64)
             kps = cuda.shared.array(C, numba.int64)
             dSs = cuda.shared.array((R, CP), dt)
+            Ts = cuda.shared.array((R, CP), dt)  # dP, then dS before the score modification
             vis = cuda.shared.array((R, CP), numba.uint8)
             acc = cuda.local.array((RM, DPT), dt)
             rsum = cuda.local.array(RM, dt)
@@ -239,7 +251,7 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
                 # lines 11-14: S_ij, dP_ij, then P_ij and dS_ij
                 dot_tile(s, Qs, Ks)
                 dot_tile(dp, dOs, Vs)
-                step(s, dp, dSs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)
+                step(s, dp, Ts, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)
                 cuda.syncthreads()
                 # line 15: dQ_i += dS_ij K_j (times scale, below)
                 acc_tile(acc, dSs, Ks, vis, masked and bad != 0)

@@ -113,27 +113,34 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
         else:
             bad = cuda.syncthreads_or(gather_rows(Vs, v, b, g, c0, n, D, C, cfg))
 
-        # line 8: S_ij = scale Q_i K_j^T, modified (bias, score mods, visibility, top-k); masked pairs hold MIN;
-        # line 9: m_new = max(m_i, rowmax(S_ij)) (the row's TX threads: warp shuffles)
+        # line 8: S_ij = scale Q_i K_j^T (the register tile, then in Ps)
         s = cuda.local.array((RM, RN), dt)
         m_new = cuda.local.array(RM, dt)
         dot_tile(s, Qs, Ks)
         for r in range(RM):
+            for c in range(RN):
+                Ps[ty + u32(r * TY), tx + u32(c * TX)] = s[r, c] * cfg.scale
+        # ... modified pair by pair in Ps (bias, score mods, visibility, top-k; masked pairs hold MIN). The per-pair
+        # code can be long (a variant, the top-k rule): this loop touches only shared memory, so that the compiler
+        # may leave it rolled without moving the register tiles to local memory
+        for r in range(RM):
             row = ty + u32(r * TY)
-            mx = MIN
             for c in range(RN):
                 col = tx + u32(c * TX)
-                x, ok, _ = score(s[r, c] * cfg.scale, row, jt[col], kps[col], qf, qn, q0, masked, b, h, bb, hb, Nq,
-                                 cfg)
-                if not ok:
-                    x = MIN
+                x, ok, _ = score(Ps[row, col], row, jt[col], kps[col], qf, qn, q0, masked, b, h, bb, hb, Nq, cfg)
                 if masked:
                     vis[row, col] = 1 if ok else 0
+                Ps[row, col] = x if ok else MIN
+        # line 9: m_new = max(m_i, rowmax(S_ij)) (the row's TX threads: warp shuffles)
+        for r in range(RM):
+            mx = MIN
+            for c in range(RN):
+                x = Ps[ty + u32(r * TY), tx + u32(c * TX)]
                 s[r, c] = x
                 mx = nan_max(mx, x)
             m_new[r] = nan_max(m_i[r], row_max(mx))
 
-        # line 9: P_ij = exp(S_ij - m_new) (dropped out into Ps); line 10: l_i = e^{m_i - m_new} l_i + rowsum(P_ij),
+        # line 9: P_ij = exp(S_ij - m_new) into Ps; line 10: l_i = e^{m_i - m_new} l_i + rowsum(P_ij),
         # O_i = diag(e^{m_i - m_new}) O_i (+ P_ij V_j below)
         for r in range(RM):
             row = ty + u32(r * TY)
@@ -141,18 +148,21 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
             seen = mt != MIN  # a row that has seen no key yet (every score masked or -inf): every P is 0
             rs = ZERO
             for c in range(RN):
-                col = tx + u32(c * TX)
                 p = math.exp(s[r, c] - mt) if seen else ZERO
                 rs += p
-                if HAS_DROPOUT:
-                    keep = dropout_hash(cfg.seed, b, h, q0 + row, jt[col]) >= cfg.drop_threshold
-                    p = p * cfg.inv_keep if keep else ZERO
-                Ps[row, col] = p
+                Ps[row, tx + u32(c * TX)] = p
             alpha = math.exp(m_i[r] - mt)
             l_i[r] = l_i[r] * alpha + row_sum(rs)
             m_i[r] = mt
             for e in range(DPT):
                 o[r, e] *= alpha
+        if HAS_DROPOUT:  # what multiplies V_j: the kept probabilities over (1 - p) (l_i is of the undropped P)
+            for r in range(RM):
+                row = ty + u32(r * TY)
+                for c in range(RN):
+                    col = tx + u32(c * TX)
+                    keep = dropout_hash(cfg.seed, b, h, q0 + row, jt[col]) >= cfg.drop_threshold
+                    Ps[row, col] = Ps[row, col] * cfg.inv_keep if keep else ZERO
         cuda.syncthreads()  # P_ij complete (and, with one buffer, K_j no longer read: V_j replaces it)
         if ONE_KV:
             bad = cuda.syncthreads_or(gather_rows(Vs, v, b, g, c0, n, D, C, cfg))

@@ -17,8 +17,8 @@ takes the type of the spec's tile that contains it (:func:`fit_shape`). Tiles lo
 too (decoding with Nq = 1 does not run 64-row tiles). At the default tiles on a GPU (:func:`smem_report`; threads
 and register tiles from :func:`~.tiles.thread_grid`), float32:
 
-    D = 64  (64 x 32):  forward 64x32  48896 B | dQ 32x32  41344 B | dK/dV 32 keys x 32 queries  46464 B
-    D = 128 (32 x 32):  forward 32x32  41088 B | dQ 16x16  35776 B | dK/dV 16 keys x 16 queries  37312 B
+    D = 64  (64 x 32):  forward 64x32  48896 B | dQ 32x32  46464 B | dK/dV 32 keys x 32 queries  46464 B
+    D = 128 (32 x 32):  forward 32x32  41088 B | dQ 16x16  37312 B | dK/dV 16 keys x 16 queries  37312 B
     (forward D = 64: 16 x 8 threads of 4 x 4; D = 128: one K/V buffer, 8 x 8 threads of 4 x 4)
 
 (the same numbers as ``ptxas -v`` reports for the sm_90 builds, :mod:`.ptx`).
@@ -67,7 +67,6 @@ from .tiles import (
     Flags,
     TileShape,
     cached,
-    max_pairs,
     numba_type,
 )
 
@@ -86,7 +85,7 @@ _MEMO: "weakref.WeakKeyDictionary[AttentionSpec, Dict[Any, Any]]" = weakref.Weak
 
 def fit_shape(
     rows: int, cols: int, n_rows: int, n_cols: int, D: int, itemsize: int, smem: Callable[[TileShape, int], int],
-    max_threads: Tuple[int, int] = MAX_THREADS, accs: int = 1, pairs: int = 64,
+    max_threads: Tuple[int, int] = MAX_THREADS, accs: int = 1,
 ) -> TileShape:
     """The kernel tile for a spec tile of ``rows x cols``: halve it while it is longer than the sequence (``n_rows``,
     ``n_cols``) or its shared memory exceeds :data:`SMEM_LIMIT` (with the forward's ``K_j`` and ``V_j`` in two
@@ -98,7 +97,7 @@ def fit_shape(
         cols //= 2
     while True:
         for one_kv in (False, True):
-            shape = TileShape.make(rows, cols, D, max_threads, accs, one_kv, pairs)
+            shape = TileShape.make(rows, cols, D, max_threads, accs, one_kv)
             if smem(shape, itemsize) <= SMEM_LIMIT:
                 return shape
         if rows % 2 == 0 and (rows >= cols or cols % 2 != 0):
@@ -123,11 +122,10 @@ def kernel_shapes(spec: AttentionSpec, itemsize: int) -> Dict[str, TileShape]:
     key = ("shapes", itemsize)
     if key not in memo:
         bq, bk, D, n = spec.block_q, spec.block_k, spec.D, _key_entries(spec)
-        pairs = max_pairs(spec_flags(spec, False))
         memo[key] = {
-            "forward": fit_shape(bq, bk, spec.Nq, n, D, itemsize, forward_smem_bytes, pairs=pairs),
-            "dq": fit_shape(bq, bk, spec.Nq, n, D, itemsize, dq_smem_bytes, pairs=pairs),
-            "dkdv": fit_shape(bk, bq, n, spec.Nq, D, itemsize, dkdv_smem_bytes, accs=2, pairs=pairs),
+            "forward": fit_shape(bq, bk, spec.Nq, n, D, itemsize, forward_smem_bytes),
+            "dq": fit_shape(bq, bk, spec.Nq, n, D, itemsize, dq_smem_bytes),
+            "dkdv": fit_shape(bk, bq, n, spec.Nq, D, itemsize, dkdv_smem_bytes, accs=2),
         }
     return memo[key]
 

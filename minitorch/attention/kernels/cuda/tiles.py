@@ -46,7 +46,7 @@ MAX_THREADS = (4, 4) if SIMULATOR else GPU_THREADS
 """Largest ``(TY, TX)`` thread grid of a block here. The simulator runs one Python thread per CUDA thread: small."""
 BLOCK_THREADS = 128
 """Most threads of a tile kernel's block: with about 46 KB of shared memory per block, 4 blocks of 128 threads fit
-an SM (``launch_bounds`` asks for 2). Up to twice as many where the register tile is capped (:func:`max_pairs`)."""
+an SM (``launch_bounds`` asks for 2)."""
 
 SMEM_LIMIT = 48 * 1024
 """Static shared memory a block may use (bytes)."""
@@ -273,25 +273,14 @@ class TileShape:
 
     @staticmethod
     def make(R: int, C: int, D: int, max_threads: Tuple[int, int] = MAX_THREADS, accs: int = 1,
-             one_kv: bool = False, pairs: int = 64) -> "TileShape":
+             one_kv: bool = False) -> "TileShape":
         """Threads from the tile (:func:`thread_grid`); the head dim padded to a multiple of ``TX``."""
-        TY, TX = thread_grid(R, C, D, max_threads, accs, pairs)
+        TY, TX = thread_grid(R, C, D, max_threads, accs)
         DP = -(-D // TX) * TX
         return TileShape(int(R), int(C), int(DP), int(TY), int(TX), bool(one_kv))
 
 
-def max_pairs(flags: Flags) -> int:
-    """The most (query, key) pairs of a thread's register tile for a kernel with these flags. The loops over the
-    register tile (the score modification, ``P``, ``dS``) must be unrolled at compile time, or the tile's arrays go
-    to local memory; the compiler stops unrolling when the per-pair code is long: with dropout's hash, the top-k
-    rule or an attention variant, 8 pairs (measured with ``ptxas``: 16 put 96-144 bytes in local memory)."""
-    heavy = (flags.has_topk or flags.has_dropout or flags.has_segments or flags.has_block_mask or flags.has_softcap
-             or flags.has_alibi or flags.score_mod is not None)
-    return 8 if heavy else 64
-
-
-def thread_grid(R: int, C: int, D: int, max_threads: Tuple[int, int] = MAX_THREADS, accs: int = 1,
-                pairs: int = 64) -> Tuple[int, int]:
+def thread_grid(R: int, C: int, D: int, max_threads: Tuple[int, int] = MAX_THREADS, accs: int = 1) -> Tuple[int, int]:
     """``(TY, TX)`` for an ``R x C`` tile: ``TY`` divides ``R``, ``TX`` is a power of two dividing ``C`` (a row's
     threads are ``TX`` neighbouring lanes of one warp: its max and sum are warp shuffles), at most ``max_threads``
     per axis and :data:`BLOCK_THREADS` in all.
@@ -301,9 +290,8 @@ def thread_grid(R: int, C: int, D: int, max_threads: Tuple[int, int] = MAX_THREA
     floats: ``accs`` accumulators of ``RM x DPT``, 2 in the dK/dV kernel, and two ``RM x RN`` score tiles, at most
     128) and that have at least 64 threads (or as many as the tile allows): the most threads that still give every
     thread at least a 4 x 4 tile (a 64 x 32 tile: 16 x 8 threads of 4 x 4), else the fewest shared loads per FMA.
-    A register tile holds at most ``pairs`` pairs (:func:`max_pairs`; up to twice :data:`BLOCK_THREADS` threads).
     """
-    cap = min(BLOCK_THREADS if pairs >= 16 else 2 * BLOCK_THREADS, max_threads[0] * max_threads[1])
+    cap = min(BLOCK_THREADS, max_threads[0] * max_threads[1])
     options, grids = [], []
     for TX in (1, 2, 4, 8, 16, 32):
         if C % TX or TX > max_threads[1]:
@@ -315,7 +303,7 @@ def thread_grid(R: int, C: int, D: int, max_threads: Tuple[int, int] = MAX_THREA
                 continue
             floats = accs * RM * DPT + 2 * RM * RN
             grids.append((floats, -TY * TX, TY, TX))
-            if (floats > 128 or RM * RN > pairs) and TY * TX < cap:
+            if floats > 128 and TY * TX < cap:
                 continue
             loads = (RM + RN) / (RM * RN) + (RM + DPT) / (RM * DPT)
             options.append((TY * TX, loads, RM * RN >= 16, TY, TX))
