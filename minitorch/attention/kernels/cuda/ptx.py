@@ -306,7 +306,8 @@ def float64_ops(code: str, ptx: bool) -> List[str]:
 
 
 def tensor_variants() -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ...], Any]]:
-    """The tensor backend's kernels (:mod:`minitorch.cuda_ops`): map, zip, reduce and the tiled matmul, float32."""
+    """The tensor backend's kernels (:mod:`minitorch.cuda_ops`): map, zip, reduce, the tiled matmul, the fill and
+    Adam's update, float32."""
     from .... import cuda_ops, operators
 
     i32, i64, b1 = _arr(np.int32, 1), numba.int64, numba.boolean
@@ -320,6 +321,8 @@ def tensor_variants() -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ...],
            (x1, i32, i32, i64, x1, i32, i32, i64, f32), np.float32)
     yield ("tensor_matmul float32", lambda: cuda_ops.tensor_matrix_multiply(32, np.float32),
            (x1, x1, x1) + (i64,) * 9, np.float32)
+    yield "tensor_fill float32", lambda: cuda_ops.fill_kernel, (x1, i64, f32), np.float32
+    yield "tensor_adam float32", lambda: cuda_ops.adam_kernel, (x1,) * 5 + (i64,) + (f32,) * 8, np.float32
 
 
 def tool_candidates(name: str) -> List[str]:
