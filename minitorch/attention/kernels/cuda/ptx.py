@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import re
 import shutil
@@ -38,6 +39,7 @@ import numba
 import numpy as np
 from numba import cuda
 
+from .... import cuda_ops, operators
 from ...mods import score_mod_of
 from ...tiling import default_block_sizes
 from . import backward as bwd
@@ -45,6 +47,11 @@ from . import forward as fwd
 from . import launch
 from . import select as sel
 from .tiles import GPU_THREADS, Config, Flags, TileShape
+
+try:  # where a system CUDA toolkit is (comes with numba-cuda's cuda-pathfinder)
+    from cuda.pathfinder import find_nvidia_binary_utility
+except ImportError:  # pragma: no cover - an older numba-cuda
+    find_nvidia_binary_utility = None
 
 ARCH = (9, 0)
 
@@ -308,7 +315,6 @@ def float64_ops(code: str, ptx: bool) -> List[str]:
 def tensor_variants() -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ...], Any]]:
     """The tensor backend's kernels (:mod:`minitorch.cuda_ops`): map, zip, reduce, the tiled matmul, the fill and
     Adam's update, float32."""
-    from .... import cuda_ops, operators
 
     i32, i64, b1 = _arr(np.int32, 1), numba.int64, numba.boolean
     x1, f32 = _arr(np.float32, 1), numba.float32
@@ -333,12 +339,11 @@ def tool_candidates(name: str) -> List[str]:
     for base in sys.path:
         for sub in ("nvidia/cu13/bin", "nvidia/cuda_nvcc/bin", "nvidia/cuda_nvdisasm/bin", "nvidia/cu12/bin"):
             found.append(os.path.join(base, sub, name))
-    try:
-        from cuda.pathfinder import find_nvidia_binary_utility
-
-        found.append(find_nvidia_binary_utility(name) or "")
-    except Exception:  # pragma: no cover - optional: cuda-pathfinder comes with numba-cuda
-        pass
+    if find_nvidia_binary_utility is not None:
+        try:
+            found.append(find_nvidia_binary_utility(name) or "")
+        except Exception:  # pragma: no cover - a broken toolkit installation counts as absent
+            pass
     found.append(shutil.which(name) or "")
     out: List[str] = []
     for path in found:
@@ -464,8 +469,6 @@ def main(argv: Optional[List[str]] = None) -> None:
               f"nvdisasm: {nvdisasm or 'not found (FFMA shares from the PTX)'}", flush=True)
     records = compile_all(args.all, ARCH, ptxas, nvdisasm=nvdisasm, tensor=args.tensor, only=args.only)
     if args.json:
-        import json
-
         with open(args.json, "w") as fh:
             json.dump({"arch": f"sm_{ARCH[0]}{ARCH[1]}", "nvvm": nvvm_available(), "ptxas": ptxas,
                        "nvdisasm": nvdisasm, "kernels": records}, fh, indent=1)
