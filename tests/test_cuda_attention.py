@@ -227,6 +227,23 @@ def test_forward_runs_the_default_tiles_float32() -> None:
     assert dq_smem_bytes(TileShape.make(16, 16, 128, (16, 16)), 4) <= SMEM_LIMIT
 
 
+def test_one_kv_buffer_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where two K/V buffers would not fit (large D on a GPU), the forward keeps K_j and V_j in one buffer (one
+    barrier more): the same results. Forced here with a shared-memory limit between the two layouts' sizes; V
+    holds a NaN in a masked key (the careful product of a TRIANGLE tile reads the refilled buffer)."""
+    x = make_inputs(1, 1, 1, 8, 8, 8, np.float32, seed=5)
+    x["v"][0, 0, 7, 2] = np.nan  # key 7: masked for every row but the last (causal)
+    two, one = (forward_smem_bytes(TileShape.make(8, 8, 8, one_kv=kv), 4) for kv in (False, True))
+    assert one < two
+    monkeypatch.setattr(ops, "SMEM_LIMIT", one)
+    opts = dict(causal=True, block_q=8, block_k=8)
+    res = run_cuda(x, backward=False, **opts)
+    assert ops.kernel_shapes(res["spec"], 4)["forward"].one_kv
+    assert np.isnan(res["out"][0, 0, 7]).any() and not np.isnan(res["out"][0, 0, :7]).any()
+    x["v"][0, 0, 7, 2] = 0.0
+    check_against_reference(x, run_cuda(x, backward=False, **opts), **opts)
+
+
 def test_fit_shape_shrinks_to_the_sequence_and_to_shared_memory() -> None:
     s = ops.fit_shape(64, 64, 1, 100, 64, 4, forward_smem_bytes)  # decode: one query row
     assert s.R == 1 and s.C == 64
