@@ -19,6 +19,7 @@ block and tile sizes are small, because the simulator runs one Python thread per
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, TypeVar
 
 import numba
@@ -302,6 +303,47 @@ def _fill(out: Any, size: int, value: Any) -> None:
 fill_kernel = jit(_fill)
 
 
+def _adam(x: Any, g: Any, m: Any, v: Any, out: Any, size: int, lr: Any, b1: Any, a1: Any, b2: Any, a2: Any,
+          eps: Any, c1: Any, c2: Any) -> None:
+    """One Adam step per element, in the storage's dtype (the scalars come typed: no float64 math in float32)::
+
+        m = b1 m + a1 g;  v = b2 v + a2 g^2;  out = x - lr (m / c1) / (sqrt(v / c2) + eps)
+
+    with ``a = 1 - b``, ``c1 = 1 - b1^t``, ``c2 = 1 - b2^t``; ``m`` and ``v`` are updated in place."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i < size:
+        gi = g[i]
+        mi = b1 * m[i] + a1 * gi
+        vi = b2 * v[i] + a2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        out[i] = x[i] - lr * (mi / c1) / (math.sqrt(vi / c2) + eps)
+
+
+adam_kernel = jit(_adam)
+
+
+def adam_step(value: "Tensor", grad: "Tensor", state: Dict[str, Any], lr: float, betas: Tuple[float, float],
+              eps: float) -> "Tensor":
+    """Adam on the device for a CUDA tensor parameter: ``state`` holds ``step`` and the moments ``m``, ``v`` (device
+    arrays, created here at the first step); returns the new value. Nothing crosses the bus."""
+    x, g = _contiguous_data(value), _contiguous_data(grad)
+    dtype = np.dtype(x.dtype)
+    size = x.size
+    if "m" not in state:
+        state["m"] = CudaOps.zeros_storage(size, dtype)
+        state["v"] = CudaOps.zeros_storage(size, dtype)
+    state["step"] += 1
+    t, (b1, b2), ft = state["step"], betas, dtype.type
+    out = cuda.device_array(size, dtype=dtype)
+    if size > 0:
+        threads = CudaOps.threads_per_block
+        adam_kernel[_blocks(size, threads), threads](x._storage, g._storage, state["m"], state["v"], out, size, ft(lr),
+                                                     ft(b1), ft(1.0 - b1), ft(b2), ft(1.0 - b2), ft(eps),
+                                                     ft(1.0 - b1**t), ft(1.0 - b2**t))
+    return value._new(TensorData(out, value.shape))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Course practice kernels
 # ---------------------------------------------------------------------------------------------------------------------
@@ -517,8 +559,14 @@ class CudaOps(TensorOps):
 
     @staticmethod
     def to_storage(array: np.ndarray) -> Any:
-        """Copy a 1-D NumPy array to the device."""
-        return cuda.to_device(np.ascontiguousarray(array).reshape(-1))
+        """Copy a 1-D NumPy array to the device. A single value (``tensor + 2.0``'s constant) is filled on the device
+        instead: a launch, not a blocking copy per op (the simulator, where launches are slow, copies)."""
+        flat = np.ascontiguousarray(array).reshape(-1)
+        if flat.size != 1 or SIMULATOR:
+            return cuda.to_device(flat)
+        out = cuda.device_array(1, dtype=flat.dtype)
+        fill_kernel[1, 1](out, 1, flat[0])
+        return out
 
     @staticmethod
     def zeros_storage(size: int, dtype: Any = np.float64) -> Any:

@@ -77,7 +77,8 @@ class Adam(Optimizer):
     """Adam (Kingma and Ba, 2015) with bias correction.
 
     The update runs on NumPy copies of the value and gradient; the first and second moments are kept per parameter as
-    NumPy arrays of the parameter's dtype. Works for Tensor parameters and, as a convenience, for Scalar ones.
+    NumPy arrays of the parameter's dtype. Works for Tensor parameters and, as a convenience, for Scalar ones. A CUDA
+    tensor's update runs on the device (:func:`minitorch.cuda_ops.adam_step`, moments in device arrays).
     """
 
     def __init__(
@@ -102,6 +103,14 @@ class Adam(Optimizer):
             if g is None:
                 continue
             is_scalar = isinstance(value, Scalar)
+            if not is_scalar and getattr(value.backend, "cuda", False):  # on the device, no round trip via NumPy
+                from .cuda_ops import adam_step
+
+                st = self.state.get(i)
+                if st is None or st.get("shape") != value.shape:
+                    st = self.state[i] = {"step": 0, "shape": value.shape}
+                p.update(adam_step(value, g, st, self.lr, self.betas, self.eps))
+                continue
             if is_scalar:
                 x = np.asarray(value.data, dtype=np.float64)
                 grad = np.asarray(g, dtype=np.float64)

@@ -14,10 +14,12 @@ Tolerances follow FlashAttention's rule for float32: the kernel's error against 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numba
@@ -211,7 +213,8 @@ def test_kernel_tiles_fit_shared_memory(D: int, dtype: Any) -> None:
         rows, cols = (bk, bq) if name == "dkdv" else (bq, bk)
         assert rows % R == 0 and cols % C == 0, (name, R, C)
     shape = TileShape.make(64, 32, 64, max_threads=(16, 16))
-    assert (shape.TY, shape.TX, shape.RM, shape.RN, shape.DP) == (16, 16, 4, 2, 64)
+    assert (shape.TY, shape.TX, shape.RM, shape.RN, shape.DPT, shape.DP) == (16, 8, 4, 4, 8, 64)
+    assert shape.CP == 40  # P's rows padded: a warp's 4 rows x 8 columns hit 32 different banks
 
 
 def test_forward_runs_the_default_tiles_float32() -> None:
@@ -219,9 +222,26 @@ def test_forward_runs_the_default_tiles_float32() -> None:
     for D in (64, 128):
         assert ops.smem_report(D, np.float32)["forward"][0] == default_block_sizes(D, "cuda")
     # the table in launch.py's docstring (what ptxas reports for the sm_90 builds)
-    assert ops.smem_report(64) == {"forward": ((64, 32), 46208), "dq": ((32, 32), 40064), "dkdv": ((32, 32), 44288)}
-    assert ops.smem_report(128) == {"forward": ((32, 32), 43904), "dq": ((16, 16), 35136), "dkdv": ((16, 16), 36224)}
+    assert ops.smem_report(64) == {"forward": ((64, 32), 48896), "dq": ((32, 32), 46464), "dkdv": ((32, 32), 46464)}
+    assert ops.smem_report(128) == {"forward": ((32, 32), 41088), "dq": ((16, 16), 37312), "dkdv": ((16, 16), 37312)}
     assert dq_smem_bytes(TileShape.make(16, 16, 128, (16, 16)), 4) <= SMEM_LIMIT
+
+
+def test_one_kv_buffer_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where two K/V buffers would not fit (large D on a GPU), the forward keeps K_j and V_j in one buffer (one
+    barrier more): the same results. Forced here with a shared-memory limit between the two layouts' sizes; V
+    holds a NaN in a masked key (the careful product of a TRIANGLE tile reads the refilled buffer)."""
+    x = make_inputs(1, 1, 1, 8, 8, 8, np.float32, seed=5)
+    x["v"][0, 0, 7, 2] = np.nan  # key 7: masked for every row but the last (causal)
+    two, one = (forward_smem_bytes(TileShape.make(8, 8, 8, one_kv=kv), 4) for kv in (False, True))
+    assert one < two
+    monkeypatch.setattr(ops, "SMEM_LIMIT", one)
+    opts = dict(causal=True, block_q=8, block_k=8)
+    res = run_cuda(x, backward=False, **opts)
+    assert ops.kernel_shapes(res["spec"], 4)["forward"].one_kv
+    assert np.isnan(res["out"][0, 0, 7]).any() and not np.isnan(res["out"][0, 0, :7]).any()
+    x["v"][0, 0, 7, 2] = 0.0
+    check_against_reference(x, run_cuda(x, backward=False, **opts), **opts)
 
 
 def test_fit_shape_shrinks_to_the_sequence_and_to_shared_memory() -> None:
@@ -550,50 +570,61 @@ def test_flash_dma_attention_on_cuda_backend() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Every kernel lowers for a real GPU (sm_90), with no float64 arithmetic in float32 kernels
+# Every kernel lowers for a real GPU (sm_90): the kernel report (no float64 in float32, no spill, no local memory)
 # ---------------------------------------------------------------------------------------------------------------------
 
 SKIP_LOWERING = os.environ.get("MINITORCH_SKIP_LOWERING") == "1"
-_LOWERING: Dict[str, "subprocess.Popen[str]"] = {}
+_LOWERING: Dict[str, Any] = {}
 
 
-def _spawn_lowering() -> "subprocess.Popen[str]":
-    """``python -m minitorch.attention.kernels.cuda.ptx`` without the simulator: PTX for sm_90 when NVVM is
-    installed, else LLVM IR lowered for the GPU target (no GPU needed either way)."""
+def _spawn_lowering() -> Tuple["subprocess.Popen[str]", str]:
+    """``python scripts/kernel_report.py --attention --check --json PATH`` (no simulator): PTX for sm_90 when NVVM
+    is installed, else LLVM IR lowered for the GPU target; assembled and disassembled where ``ptxas`` and
+    ``nvdisasm`` are found (the test extra installs them). No GPU needed either way."""
     env = dict(os.environ)
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-m", "minitorch.attention.kernels.cuda.ptx"], env=env, cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = os.path.join(tempfile.mkdtemp(prefix="kernel_report"), "report.json")
+    cmd = [sys.executable, os.path.join(root, "scripts", "kernel_report.py"), "--attention", "--check", "--json", path]
+    return subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), path
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _lowering(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Start the lowering subprocess with the module's first test, so that it overlaps the others."""
+    """Start the report subprocess with the module's first test, so that it overlaps the others."""
     if not SKIP_LOWERING and any(item.name == "test_kernels_lower_for_sm90" for item in request.session.items):
         _LOWERING["proc"] = _spawn_lowering()
     yield
-    proc = _LOWERING.pop("proc", None)
-    if proc is not None:
-        proc.kill()
-        proc.communicate()
+    started = _LOWERING.pop("proc", None)
+    if started is not None:
+        started[0].kill()
+        started[0].communicate()
 
 
 @pytest.mark.skipif(SKIP_LOWERING, reason="MINITORCH_SKIP_LOWERING=1")
 def test_kernels_lower_for_sm90() -> None:
-    """Every kernel (each tile kernel with every flag off and every flag on, and every row kernel) type-checks and
-    lowers for compute capability 9.0 in float32 with no float64 arithmetic: catches code that only the simulator
-    accepts. Runs in a subprocess without the simulator, started with the module's first test."""
-    proc = _LOWERING.pop("proc", None) or _spawn_lowering()
-    out, err = proc.communicate(timeout=600)
+    """Every attention kernel (each tile kernel with every flag off, every flag on and the variants on, and every
+    row kernel) type-checks and lowers for compute capability 9.0 with no float64 arithmetic in float32: catches
+    code that only the simulator accepts. With ptxas: no spill and no stack frame; with nvdisasm: no local memory
+    and no float64 instruction in the SASS, and the hot loops of the 4 x 4 register tiles at least 50% FFMA
+    (forward) and 40% (backward). Runs in a subprocess without the simulator, started with the module's first
+    test."""
+    proc, path = _LOWERING.pop("proc", None) or _spawn_lowering()
+    out, err = proc.communicate(timeout=900)
     if proc.returncode != 0 and "AttributeError" in err and ("compile_cuda" in err or "get_current_device" in err):
         pytest.skip("numba-cuda internals changed: " + err[-300:])
-    assert proc.returncode == 0 and "COMPILED" in out, err[-3000:]
+    assert proc.returncode == 0 and "COMPILED" in out, (out[-3000:], err[-3000:])
     assert "float64 arithmetic" not in err
+    with open(path) as fh:
+        report = json.load(fh)
+    names = [rec["name"].split()[0] for rec in report["kernels"]]
+    for kind in ("fwd_q", "fwd_k", "decode", "dq", "dkdv0", "dkdv1", "dkdv2", "merge", "select"):
+        assert kind in names, kind
+    if report["ptxas"] and report["nvdisasm"]:  # the SASS was read: the tile kernels' products were found
+        plain = [rec for rec in report["kernels"] if " ----------- " in rec["name"] and "decode" not in rec["name"]]
+        assert len(plain) == 4 and all(rec["hot_loops"] and rec["listing"] == "SASS" for rec in plain), plain
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Real GPU: realistic shapes (skipped in the simulator)
 # ---------------------------------------------------------------------------------------------------------------------
 

@@ -87,14 +87,21 @@ def _adam_reference(x: np.ndarray, grads: List[np.ndarray], lr: float, b1: float
     return x
 
 
+@pytest.mark.parametrize("cuda", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_adam_tensor_matches_reference(dtype: type) -> None:
+def test_adam_tensor_matches_reference(dtype: type, cuda: bool) -> None:
+    """Adam on Tensors against the NumPy formula; on the CUDA backend the update runs on the device."""
     tensor_mod = pytest.importorskip("minitorch.tensor")
     Tensor = tensor_mod.Tensor
+    backend = None
+    if cuda:
+        from minitorch.cuda_ops import CudaBackend
+
+        backend = CudaBackend
     start = np.array([[1.0, -2.0, 0.5], [3.0, 0.0, -1.5]], dtype=dtype)
     target = np.array([[0.0, 1.0, 2.0], [-1.0, 0.5, 0.25]], dtype=dtype)
-    w = Parameter(Tensor.make(start.ravel().copy(), start.shape))
-    t = Tensor.make(target.ravel().copy(), target.shape)
+    w = Parameter(Tensor.make(start.ravel().copy(), start.shape, backend=backend))
+    t = Tensor.make(target.ravel().copy(), target.shape, backend=backend)
     opt = Adam([w], lr=0.05, betas=(0.8, 0.95), eps=1e-6)
 
     x = start.astype(np.float64)
@@ -109,6 +116,7 @@ def test_adam_tensor_matches_reference(dtype: type) -> None:
         assert w.value.dtype == dtype
         assert w.value.shape == start.shape
         assert w.value.is_leaf()
+        assert w.value.backend.cuda == cuda
         tol = 1e-10 if dtype == np.float64 else 1e-5
         np.testing.assert_allclose(w.value.to_numpy(), x, rtol=tol, atol=tol)
 

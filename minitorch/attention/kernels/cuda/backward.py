@@ -45,8 +45,10 @@ from .tiles import (
     device,
     dropout_hash,
     flags_key,
+    kernel,
     numba_type,
     tile_ops,
+    u32,
 )
 
 _KERNELS: Dict[Tuple[Any, ...], Any] = {}
@@ -56,17 +58,18 @@ DBIAS_NONE, DBIAS_ROWS, DBIAS_ROWSUM = 0, 1, 2
 
 
 def dq_smem_bytes(shape: TileShape, itemsize: int) -> int:
-    """dQ kernel (``R`` queries x ``C`` keys): ``Q_i, dO_i, K_j, V_j``, ``dS``, three row values (floats); the
-    visible pairs (bytes); three row values, key rows and positions (int64)."""
+    """dQ kernel (``R`` queries x ``C`` keys): ``Q_i, dO_i, K_j, V_j``, ``dS`` and ``dP`` (padded), three row values
+    (floats); the visible pairs (bytes); three row values, key rows and positions (int64)."""
     s = shape
-    return itemsize * (2 * s.R * s.DP1 + 2 * s.C * s.DP1 + s.R * s.C + 3 * s.R) + s.R * s.C + 8 * (3 * s.R + 2 * s.C)
+    return (itemsize * (2 * s.R * s.DP1 + 2 * s.C * s.DP1 + 2 * s.R * s.CP + 3 * s.R) + s.R * s.CP
+            + 8 * (3 * s.R + 2 * s.C))
 
 
 def dkdv_smem_bytes(shape: TileShape, itemsize: int) -> int:
-    """dK/dV kernel (``R`` keys x ``C`` queries): ``K_j, V_j, Q_i, dO_i``, ``Z``, ``dS`` (padded), three query values
+    """dK/dV kernel (``R`` keys x ``C`` queries): ``K_j, V_j, Q_i, dO_i``, ``Z``, ``dS``, three query values
     (floats); the visible pairs (bytes); three query values, key rows and positions (int64)."""
     s = shape
-    return (itemsize * (2 * s.R * s.DP1 + 2 * s.C * s.DP1 + s.R * s.C + s.R * (s.C + 1) + 3 * s.C) + s.R * s.C
+    return (itemsize * (2 * s.R * s.DP1 + 2 * s.C * s.DP1 + 2 * s.R * s.CP + 3 * s.C) + s.R * s.CP
             + 8 * (3 * s.C + 2 * s.R))
 
 
@@ -80,15 +83,17 @@ def _key(name: str, shape: Any, dtype: Any, flags: Flags, *extra: Any) -> Tuple[
 
 
 def make_bwd_step(shape: TileShape, dtype: Any, flags: Flags, key_rows: bool) -> Callable:
-    """``bwd_step(s, dp, Zs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)``: FA2
+    """``bwd_step(s, dp, Ts, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)``: FA2
     Algorithm 2, lines 11-14, for the thread's register tile.
 
     In: ``s = Q_i K_j^T`` and ``dp = dO_i V_j^T`` (register tiles ``(RM, RN)``; transposed when ``key_rows``: the
     register rows are keys, the dK/dV kernel). The query tile's values are its query table ``qf, qn`` (with
     ``lse`` and ``delta``), the key tile's rows and positions ``jt, kps``. Out, at the tile's ``(row, col)``:
-    ``dSs = dT_ij`` (``dS_ij`` through the score modification: the gradient of ``scale Q K^T + bias``), ``Zs = Z_ij``
-    (only when ``key_rows``), ``vis`` (TRIANGLE tiles); ``rsum[r] +=`` the sum of the thread's values in register
-    row ``r``: of ``dS`` for query rows (delta's refinement), of ``dT`` for key rows (the bias gradient).
+    ``dSs = dT_ij`` (``dS_ij`` through the score modification: the gradient of ``scale Q K^T + bias``), ``Ts = Z_ij``
+    (``key_rows``) or ``dS_ij`` (before the modification), ``vis`` (TRIANGLE tiles); ``rsum[r] +=`` the sum of the
+    thread's values in register row ``r``: of ``dS`` for query rows (delta's refinement), of ``dT`` for key rows
+    (the bias gradient). The per-pair work runs on the shared tiles ``dSs`` (``S``, then ``dT``) and ``Ts`` (``dP``,
+    then ``Z`` or ``dS``), as in the forward: a loop the compiler may leave rolled for a long score modification.
     """
     ops = tile_ops(shape, dtype, flags)
     score = ops.score
@@ -96,36 +101,44 @@ def make_bwd_step(shape: TileShape, dtype: Any, flags: Flags, key_rows: bool) ->
     TY, TX, RM, RN = shape.TY, shape.TX, shape.RM, shape.RN
     HAS_DROPOUT, KEY_ROWS = bool(flags.has_dropout), bool(key_rows)
 
-    def bwd_step(s, dp, Zs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg):  # type: ignore[no-untyped-def]
-        for a in range(RM):
-            row = cuda.threadIdx.y + a * TY
+    def bwd_step(s, dp, Ts, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg):  # type: ignore[no-untyped-def]
+        ty = u32(cuda.threadIdx.y)
+        tx = u32(cuda.threadIdx.x)
+        for a in range(RM):  # the register tiles into the shared ones
             for c in range(RN):
-                col = cuda.threadIdx.x + c * TX
+                dSs[ty + u32(a * TY), tx + u32(c * TX)] = s[a, c] * cfg.scale
+                Ts[ty + u32(a * TY), tx + u32(c * TX)] = dp[a, c]
+        for a in range(RM):
+            row = ty + u32(a * TY)
+            for c in range(RN):
+                col = tx + u32(c * TX)
                 qi = col if KEY_ROWS else row  # the pair's place in the query tile and in the key tile
                 kc = row if KEY_ROWS else col
-                i = q0 + qi
                 j = jt[kc]
                 # line 11: S_ij, modified and masked exactly as in the forward; line 12: P_ij = exp(S_ij - lse_i)
-                x, ok, dsdt = score(s[a, c] * cfg.scale, qi, j, kps[kc], qf, qn, q0, masked, b, h, bb, hb, Nq, cfg)
+                x, ok, dsdt = score(dSs[row, col], qi, j, kps[kc], qf, qn, q0, masked, b, h, bb, hb, Nq, cfg)
                 p = math.exp(x - qf[QF_LSE, qi]) if ok else ZERO
                 # line 13: dP_ij (dropout regenerated from the hash); line 14: dS_ij = P_ij (dP_ij - delta_i)
                 z = p
-                dpv = dp[a, c]
+                dpv = Ts[row, col]
                 if HAS_DROPOUT:
-                    if dropout_hash(cfg.seed, b, h, i, j) >= cfg.drop_threshold:
+                    if dropout_hash(cfg.seed, b, h, q0 + qi, j) >= cfg.drop_threshold:
                         z = p * cfg.inv_keep
                         dpv = dpv * cfg.inv_keep
                     else:
                         z = ZERO
                         dpv = ZERO
                 ds = p * (dpv - qf[QF_DELTA, qi]) if ok else ZERO  # a masked pair: 0, whatever V holds there
-                dst = ds * dsdt if ok else ZERO  # dT: through score_mod and softcap
-                if KEY_ROWS:
-                    Zs[row, col] = z
-                dSs[row, col] = dst
+                dSs[row, col] = ds * dsdt if ok else ZERO  # dT: through score_mod and softcap
+                Ts[row, col] = z if KEY_ROWS else ds
                 if masked:
                     vis[row, col] = 1 if ok else 0
-                rsum[a] += dst if KEY_ROWS else ds
+        for a in range(RM):  # the row sums: of dT for key rows, of dS for query rows
+            for c in range(RN):
+                if KEY_ROWS:
+                    rsum[a] += dSs[ty + u32(a * TY), tx + u32(c * TX)]
+                else:
+                    rsum[a] += Ts[ty + u32(a * TY), tx + u32(c * TX)]
 
     return device(bwd_step)
 
@@ -171,11 +184,11 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
     def build() -> Any:
         ops = tile_ops(shape, dtype, flags)
         load_rows, n_keys, load_keys, gather_rows = ops.load_rows, ops.n_keys, ops.load_keys, ops.gather_rows
-        dot_tile, acc_tile, load_queries = ops.dot_tile, ops.acc_tile, ops.load_queries
+        dot_tile, acc_tile, load_queries, row_sum = ops.dot_tile, ops.acc_tile, ops.load_queries, ops.row_sum
         step = make_bwd_step(shape, dtype, flags, key_rows=False)
         dt = numba_type(dtype)
         ZERO = np.dtype(dtype).type(0.0)
-        R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
+        R, C, CP, DP1, TY, TX = shape.R, shape.C, shape.CP, shape.DP1, shape.TY, shape.TX
         RM, RN, DPT = shape.RM, shape.RN, shape.DPT
         HAS_BIAS, HAS_SINKS = bool(flags.has_bias), bool(flags.has_sinks)
 
@@ -189,8 +202,9 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
             Vs = cuda.shared.array((C, DP1), dt)
             jt = cuda.shared.array(C, numba.int64)
             kps = cuda.shared.array(C, numba.int64)
-            dSs = cuda.shared.array((R, C), dt)
-            vis = cuda.shared.array((R, C), numba.uint8)
+            dSs = cuda.shared.array((R, CP), dt)
+            Ts = cuda.shared.array((R, CP), dt)  # dP, then dS before the score modification
+            vis = cuda.shared.array((R, CP), numba.uint8)
             acc = cuda.local.array((RM, DPT), dt)
             rsum = cuda.local.array(RM, dt)
             s = cuda.local.array((RM, RN), dt)
@@ -237,7 +251,7 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
                 # lines 11-14: S_ij, dP_ij, then P_ij and dS_ij
                 dot_tile(s, Qs, Ks)
                 dot_tile(dp, dOs, Vs)
-                step(s, dp, dSs, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)
+                step(s, dp, Ts, dSs, vis, rsum, qf, qn, jt, kps, b, h, bb, hb, q0, masked, Nq, cfg)
                 cuda.syncthreads()
                 # line 15: dQ_i += dS_ij K_j (times scale, below)
                 acc_tile(acc, dSs, Ks, vis, masked and bad != 0)
@@ -249,18 +263,12 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
                         d = tx + e * TX
                         if d < D:
                             dq[b, h, i, d] = acc[r, e] * cfg.scale
-            # rs_i = rowsum(dS_i): the threads' partial sums, added in a fixed order (dSs is free now)
-            cuda.syncthreads()
+            # rs_i = rowsum(dS_i): the partial sums of the row's TX threads (warp shuffles, a fixed order)
             for r in range(RM):
-                dSs[ty + r * TY, tx] = rsum[r]
-            cuda.syncthreads()
-            for r in range(RM):
+                rs = row_sum(rsum[r])
                 row = ty + r * TY
                 i = q0 + row
                 if tx == 0 and i < Nq:
-                    rs = ZERO
-                    for t in range(TX):
-                        rs += dSs[row, t]
                     refined = qf[QF_DELTA, row] + rs
                     if HAS_SINKS:  # the sink's column of dS, -P_sink delta (P_sink = 0 for lse = -inf: MAX)
                         refined -= qf[QF_DELTA, row] * math.exp(cfg.sinks[h] - qf[QF_LSE, row])
@@ -268,7 +276,7 @@ def make_dq(shape: TileShape, dtype: Any, flags: Flags) -> Any:
                         refined -= dlse[b, h, i]
                     delta_kv[b, h, i] = refined
 
-        return cuda.jit(dq_kernel)
+        return kernel(dq_kernel, shape)
 
     return cached(_KERNELS, _key("dq", shape, dtype, flags), build)
 
@@ -285,32 +293,23 @@ def make_dkdv(shape: TileShape, dtype: Any, flags: Flags, dbias_mode: int) -> An
     def build() -> Any:
         ops = tile_ops(shape, dtype, flags)
         load_rows, n_keys, load_keys, gather_rows = ops.load_rows, ops.n_keys, ops.load_keys, ops.gather_rows
-        dot_tile, acc_tile, load_queries = ops.dot_tile, ops.acc_tile, ops.load_queries
+        dot_tile, acc_tile, load_queries, row_sum = ops.dot_tile, ops.acc_tile, ops.load_queries, ops.row_sum
         step = make_bwd_step(shape, dtype, flags, key_rows=True)
         dt = numba_type(dtype)
         ZERO = np.dtype(dtype).type(0.0)
-        R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
+        R, C, CP, DP1, TY, TX = shape.R, shape.C, shape.CP, shape.DP1, shape.TY, shape.TX
         RM, RN, DPT, NT = shape.RM, shape.RN, shape.DPT, shape.threads
-        C1 = C + 1
         HAS_BIAS, MODE = bool(flags.has_bias), int(dbias_mode)
 
         @device
-        def write_rowsum(dSs, rsum, jt, dbi, b, hi):  # type: ignore[no-untyped-def]
-            """dBias of a bias broadcast over query rows: ``dbi[b, hi, 0, j] = sum_i dS_ij``, the threads' partial
-            sums added in a fixed order (``dSs`` as the buffer); the partials restart from 0."""
-            ty = cuda.threadIdx.y
-            tx = cuda.threadIdx.x
-            cuda.syncthreads()
+        def write_rowsum(rsum, jt, dbi, b, hi):  # type: ignore[no-untyped-def]
+            """dBias of a bias broadcast over query rows: ``dbi[b, hi, 0, j] = sum_i dS_ij``, the partial sums of
+            the key row's TX threads (warp shuffles, a fixed order); the partials restart from 0."""
             for a in range(RM):
-                dSs[ty + a * TY, tx] = rsum[a]
+                acc = row_sum(rsum[a])
                 rsum[a] = ZERO
-            cuda.syncthreads()
-            for jj in range(ty * TX + tx, R, NT):
-                j = jt[jj]
-                if j >= 0:
-                    acc = ZERO
-                    for t in range(TX):
-                        acc += dSs[jj, t]
+                j = jt[cuda.threadIdx.y + a * TY]
+                if cuda.threadIdx.x == 0 and j >= 0:
                     dbi[b, hi, 0, j] = acc
 
         def dkdv(q, k, v, dout, lse, delta_kv, dk, dv, dbi, tile_types, block_q, block_k, cfg):  # type: ignore[no-untyped-def]
@@ -333,9 +332,9 @@ def make_dkdv(shape: TileShape, dtype: Any, flags: Flags, dbias_mode: int) -> An
             dOs = cuda.shared.array((C, DP1), dt)
             qf = cuda.shared.array((3, C), dt)
             qn = cuda.shared.array((3, C), numba.int64)
-            Zs = cuda.shared.array((R, C), dt)
-            dSs = cuda.shared.array((R, C1), dt)  # padded: the dBias loop reads it by columns
-            vis = cuda.shared.array((R, C), numba.uint8)
+            Zs = cuda.shared.array((R, CP), dt)
+            dSs = cuda.shared.array((R, CP), dt)
+            vis = cuda.shared.array((R, CP), numba.uint8)
             dk_acc = cuda.local.array((RM, DPT), dt)
             dv_acc = cuda.local.array((RM, DPT), dt)
             rsum = cuda.local.array(RM, dt)
@@ -398,9 +397,9 @@ def make_dkdv(shape: TileShape, dtype: Any, flags: Flags, dbias_mode: int) -> An
                             if i < Nq and j >= 0:
                                 dbi[b, hi, i, j] += dSs[jj, ii]
                 if MODE == DBIAS_ROWSUM and per_head:
-                    write_rowsum(dSs, rsum, jt, dbi, b, h)
+                    write_rowsum(rsum, jt, dbi, b, h)
             if MODE == DBIAS_ROWSUM and not per_head:
-                write_rowsum(dSs, rsum, jt, dbi, b, g)
+                write_rowsum(rsum, jt, dbi, b, g)
 
             # line 18: write dK_j, dV_j at the key rows
             for a in range(RM):
@@ -412,7 +411,7 @@ def make_dkdv(shape: TileShape, dtype: Any, flags: Flags, dbias_mode: int) -> An
                             dk[b, g, j, d] = dk_acc[a, e] * cfg.scale
                             dv[b, g, j, d] = dv_acc[a, e]
 
-        return cuda.jit(dkdv)
+        return kernel(dkdv, shape)
 
     return cached(_KERNELS, _key("dkdv", shape, dtype, flags, int(dbias_mode)), build)
 

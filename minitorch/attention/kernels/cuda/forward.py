@@ -42,22 +42,24 @@ from .tiles import (
     device,
     dropout_hash,
     flags_key,
+    kernel,
     nan_max,
     numba_type,
     sentinels,
     tile_ops,
+    u32,
 )
 
 _KERNELS: Dict[Tuple[Any, ...], Any] = {}
 
 
 def forward_smem_bytes(shape: TileShape, itemsize: int) -> int:
-    """Shared memory of the forward kernels: ``Q_i``, one ``K_j``/``V_j`` tile, ``P_ij``, two row-reduction
-    buffers, the query table (floats and int64); the visibility of the tile's pairs (bytes); key rows and
+    """Shared memory of the forward kernels: ``Q_i``, ``K_j`` and ``V_j`` (one buffer with ``shape.one_kv``),
+    ``P_ij`` (padded), the query table (floats and int64); the visibility of the tile's pairs (bytes); key rows and
     positions (int64)."""
     s = shape
-    floats = s.R * s.DP1 + s.C * s.DP1 + s.R * s.C + 2 * s.R * s.TX + 3 * s.R
-    return itemsize * floats + s.R * s.C + 8 * (2 * s.C + 3 * s.R)
+    floats = s.R * s.DP1 + (1 if s.one_kv else 2) * s.C * s.DP1 + s.R * s.CP + 3 * s.R
+    return itemsize * floats + s.R * s.CP + 8 * (2 * s.C + 3 * s.R)
 
 
 def _key(name: str, shape: Any, dtype: Any, flags: Flags) -> Tuple[Any, ...]:
@@ -75,90 +77,96 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
 
     From the caller: ``Qs (R, DP1)`` the query tile and ``qf, qn`` its query table (shared); per thread ``o (RM,
     DPT)``, ``m_i, l_i (RM,)`` the state. ``n``: entries of the key sequence; ``masked``: a TRIANGLE tile. The
-    step's own shared scratch: ``KVs (C, DP1)`` (``K_j``, then ``V_j``), ``Ps (R, C)`` the (dropped-out)
-    probabilities, ``vis (R, C)`` the visible pairs, ``red_m, red_l (R, TX)`` row partials, ``jt, kps (C,)`` the key
-    rows and positions.
+    step's own shared scratch: ``Ks, Vs (C, DP1)`` (one buffer with ``shape.one_kv``: ``V_j`` replaces ``K_j``),
+    ``Ps (R, CP)`` the (dropped-out) probabilities, ``vis (R, CP)`` the visible pairs, ``jt, kps (C,)`` the key rows
+    and positions. Row max and row sum are warp shuffles among the ``TX`` threads of a row: three barriers per key
+    tile (four with one K/V buffer).
     """
     ops = tile_ops(shape, dtype, flags)
     load_keys, gather_rows, score = ops.load_keys, ops.gather_rows, ops.score
-    dot_tile, acc_tile = ops.dot_tile, ops.acc_tile
+    dot_tile, acc_tile, row_max, row_sum = ops.dot_tile, ops.acc_tile, ops.row_max, ops.row_sum
     dt = numba_type(dtype)
     ZERO = np.dtype(dtype).type(0.0)
     MIN, _ = sentinels(dtype)
-    R, C, DP1, TY, TX = shape.R, shape.C, shape.DP1, shape.TY, shape.TX
+    R, C, CP, DP1, TY, TX = shape.R, shape.C, shape.CP, shape.DP1, shape.TY, shape.TX
     RM, RN, DPT = shape.RM, shape.RN, shape.DPT
-    HAS_DROPOUT = bool(flags.has_dropout)
+    HAS_DROPOUT, ONE_KV = bool(flags.has_dropout), bool(shape.one_kv)
 
     def fwd_step(Qs, qf, qn, o, m_i, l_i, k, v, b, h, g, bb, hb, q0, c0, n, masked, Nq, D, cfg):  # type: ignore[no-untyped-def]
-        KVs = cuda.shared.array((C, DP1), dt)
-        Ps = cuda.shared.array((R, C), dt)
-        vis = cuda.shared.array((R, C), numba.uint8)
-        red_m = cuda.shared.array((R, TX), dt)
-        red_l = cuda.shared.array((R, TX), dt)
+        Ks = cuda.shared.array((C, DP1), dt)
+        Vs = Ks if ONE_KV else cuda.shared.array((C, DP1), dt)
+        Ps = cuda.shared.array((R, CP), dt)
+        vis = cuda.shared.array((R, CP), numba.uint8)
         jt = cuda.shared.array(C, numba.int64)
         kps = cuda.shared.array(C, numba.int64)
-        ty = cuda.threadIdx.y
-        tx = cuda.threadIdx.x
+        ty = u32(cuda.threadIdx.y)
+        tx = u32(cuda.threadIdx.x)
 
-        # line 6: load K_j through the key source (once every thread is done with the previous V_j and P_ij)
+        # line 6: load K_j, V_j through the key source (once every thread is done with the previous ones and P_ij);
+        # the barrier also tells every thread whether V_j holds a NaN or Inf
         cuda.syncthreads()
         load_keys(jt, kps, b, g, c0, n, cfg)
-        gather_rows(KVs, k, b, g, c0, n, D, C, cfg)
-        cuda.syncthreads()
+        gather_rows(Ks, k, b, g, c0, n, D, C, cfg)
+        bad = 0
+        if ONE_KV:
+            cuda.syncthreads()
+        else:
+            bad = cuda.syncthreads_or(gather_rows(Vs, v, b, g, c0, n, D, C, cfg))
 
-        # line 8: S_ij = scale Q_i K_j^T, modified (bias, score mods, visibility, top-k); masked pairs hold MIN
+        # line 8: S_ij = scale Q_i K_j^T (the register tile, then in Ps)
         s = cuda.local.array((RM, RN), dt)
-        dot_tile(s, Qs, KVs)
+        m_new = cuda.local.array(RM, dt)
+        dot_tile(s, Qs, Ks)
         for r in range(RM):
-            row = ty + r * TY
-            mx = MIN
             for c in range(RN):
-                col = tx + c * TX
-                x, ok, _ = score(s[r, c] * cfg.scale, row, jt[col], kps[col], qf, qn, q0, masked, b, h, bb, hb, Nq,
-                                 cfg)
-                if not ok:
-                    x = MIN
+                Ps[ty + u32(r * TY), tx + u32(c * TX)] = s[r, c] * cfg.scale
+        # ... modified pair by pair in Ps (bias, score mods, visibility, top-k; masked pairs hold MIN). The per-pair
+        # code can be long (a variant, the top-k rule): this loop touches only shared memory, so that the compiler
+        # may leave it rolled without moving the register tiles to local memory
+        for r in range(RM):
+            row = ty + u32(r * TY)
+            for c in range(RN):
+                col = tx + u32(c * TX)
+                x, ok, _ = score(Ps[row, col], row, jt[col], kps[col], qf, qn, q0, masked, b, h, bb, hb, Nq, cfg)
                 if masked:
                     vis[row, col] = 1 if ok else 0
+                Ps[row, col] = x if ok else MIN
+        # line 9: m_new = max(m_i, rowmax(S_ij)) (the row's TX threads: warp shuffles)
+        for r in range(RM):
+            mx = MIN
+            for c in range(RN):
+                x = Ps[ty + u32(r * TY), tx + u32(c * TX)]
                 s[r, c] = x
                 mx = nan_max(mx, x)
-            red_m[row, tx] = mx
-        cuda.syncthreads()  # row-max partials complete; K_j is no longer read
+            m_new[r] = nan_max(m_i[r], row_max(mx))
 
-        # line 9: m_new = max(m_i, rowmax(S_ij)); P_ij = exp(S_ij - m_new) (dropped out into Ps); rowsum(P_ij)
-        m_new = cuda.local.array(RM, dt)
+        # line 9: P_ij = exp(S_ij - m_new) into Ps; line 10: l_i = e^{m_i - m_new} l_i + rowsum(P_ij),
+        # O_i = diag(e^{m_i - m_new}) O_i (+ P_ij V_j below)
         for r in range(RM):
-            row = ty + r * TY
-            mt = m_i[r]
-            for t in range(TX):
-                mt = nan_max(mt, red_m[row, t])
-            m_new[r] = mt
+            row = ty + u32(r * TY)
+            mt = m_new[r]
             seen = mt != MIN  # a row that has seen no key yet (every score masked or -inf): every P is 0
             rs = ZERO
             for c in range(RN):
-                col = tx + c * TX
                 p = math.exp(s[r, c] - mt) if seen else ZERO
                 rs += p
-                if HAS_DROPOUT:
-                    keep = dropout_hash(cfg.seed, b, h, q0 + row, jt[col]) >= cfg.drop_threshold
-                    p = p * cfg.inv_keep if keep else ZERO
-                Ps[row, col] = p
-            red_l[row, tx] = rs
-        # V_j replaces K_j; the barrier also tells every thread whether V_j holds a NaN or Inf
-        bad = cuda.syncthreads_or(gather_rows(KVs, v, b, g, c0, n, D, C, cfg))
-
-        # line 10: l_i = e^{m_i - m_new} l_i + rowsum(P_ij);  O_i = diag(e^{m_i - m_new}) O_i + P_ij V_j
-        for r in range(RM):
-            row = ty + r * TY
-            alpha = math.exp(m_i[r] - m_new[r])
-            ls = ZERO
-            for t in range(TX):
-                ls += red_l[row, t]
-            l_i[r] = l_i[r] * alpha + ls
-            m_i[r] = m_new[r]
+                Ps[row, tx + u32(c * TX)] = p
+            alpha = math.exp(m_i[r] - mt)
+            l_i[r] = l_i[r] * alpha + row_sum(rs)
+            m_i[r] = mt
             for e in range(DPT):
                 o[r, e] *= alpha
-        acc_tile(o, Ps, KVs, vis, masked and bad != 0)
+        if HAS_DROPOUT:  # what multiplies V_j: the kept probabilities over (1 - p) (l_i is of the undropped P)
+            for r in range(RM):
+                row = ty + u32(r * TY)
+                for c in range(RN):
+                    col = tx + u32(c * TX)
+                    keep = dropout_hash(cfg.seed, b, h, q0 + row, jt[col]) >= cfg.drop_threshold
+                    Ps[row, col] = Ps[row, col] * cfg.inv_keep if keep else ZERO
+        cuda.syncthreads()  # P_ij complete (and, with one buffer, K_j no longer read: V_j replaces it)
+        if ONE_KV:
+            bad = cuda.syncthreads_or(gather_rows(Vs, v, b, g, c0, n, D, C, cfg))
+        acc_tile(o, Ps, Vs, vis, masked and bad != 0)
 
     return device(fwd_step)
 
@@ -273,7 +281,7 @@ def make_forward_q_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
                     li = l_i[r]
                     lse[b, h, sp, i] = m_i[r] + math.log(li) if li != ZERO else NEG_INF
 
-        return cuda.jit(forward_q_major)
+        return kernel(forward_q_major, shape)
 
     return cached(_KERNELS, _key("fwd_q", shape, dtype, flags), build)
 
@@ -338,7 +346,7 @@ def make_forward_k_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
                     m_buf[b, h, i] = m_i[r]
                     l_buf[b, h, i] = l_i[r]
 
-        return cuda.jit(forward_k_major)
+        return kernel(forward_k_major, shape)
 
     return cached(_KERNELS, _key("fwd_k", shape, dtype, flags), build)
 

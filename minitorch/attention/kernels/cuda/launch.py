@@ -14,11 +14,12 @@ reuses forward's copies.
 Tiles: the spec's ``(block_q, block_k)``. A kernel whose shared memory would exceed 48 KB at those sizes (the
 backward kernels at D >= 64, float64, large D) runs sub-tiles: the tile is halved until it fits, and every sub-tile
 takes the type of the spec's tile that contains it (:func:`fit_shape`). Tiles longer than the sequence are halved
-too (decoding with Nq = 1 does not run 64-row tiles). At the default tiles on a GPU (16 x 16 threads;
-:func:`smem_report`), float32:
+too (decoding with Nq = 1 does not run 64-row tiles). At the default tiles on a GPU (:func:`smem_report`; threads
+and register tiles from :func:`~.tiles.thread_grid`), float32:
 
-    D = 64  (64 x 32):  forward 64x32  46208 B | dQ 32x32  40064 B | dK/dV 32 keys x 32 queries  44288 B
-    D = 128 (32 x 32):  forward 32x32  43904 B | dQ 16x16  35136 B | dK/dV 16 keys x 16 queries  36224 B
+    D = 64  (64 x 32):  forward 64x32  48896 B | dQ 32x32  46464 B | dK/dV 32 keys x 32 queries  46464 B
+    D = 128 (32 x 32):  forward 32x32  41088 B | dQ 16x16  37312 B | dK/dV 16 keys x 16 queries  37312 B
+    (forward D = 64: 16 x 8 threads of 4 x 4; D = 128: one K/V buffer, 8 x 8 threads of 4 x 4)
 
 (the same numbers as ``ptxas -v`` reports for the sm_90 builds, :mod:`.ptx`).
 
@@ -57,7 +58,17 @@ from .forward import (
     make_k_major_init,
     make_merge,
 )
-from .tiles import MAX_THREADS, ROW_THREADS, SMEM_LIMIT, Config, Flags, TileShape, cached, numba_type
+from .tiles import (
+    GPU_THREADS,
+    MAX_THREADS,
+    ROW_THREADS,
+    SMEM_LIMIT,
+    Config,
+    Flags,
+    TileShape,
+    cached,
+    numba_type,
+)
 
 DeviceArray = Any
 
@@ -74,19 +85,21 @@ _MEMO: "weakref.WeakKeyDictionary[AttentionSpec, Dict[Any, Any]]" = weakref.Weak
 
 def fit_shape(
     rows: int, cols: int, n_rows: int, n_cols: int, D: int, itemsize: int, smem: Callable[[TileShape, int], int],
-    max_threads: Tuple[int, int] = MAX_THREADS,
+    max_threads: Tuple[int, int] = MAX_THREADS, accs: int = 1,
 ) -> TileShape:
     """The kernel tile for a spec tile of ``rows x cols``: halve it while it is longer than the sequence (``n_rows``,
-    ``n_cols``) or its shared memory exceeds :data:`SMEM_LIMIT`. Halving keeps every kernel tile inside one spec
-    tile. Raises ``ValueError`` if no sub-tile fits (head dim too large)."""
+    ``n_cols``) or its shared memory exceeds :data:`SMEM_LIMIT` (with the forward's ``K_j`` and ``V_j`` in two
+    buffers, else in one). Halving keeps every kernel tile inside one spec tile. Raises ``ValueError`` if no
+    sub-tile fits (head dim too large)."""
     while rows % 2 == 0 and rows // 2 >= max(n_rows, 1):
         rows //= 2
     while cols % 2 == 0 and cols // 2 >= max(n_cols, 1):
         cols //= 2
     while True:
-        shape = TileShape.make(rows, cols, D, max_threads)
-        if smem(shape, itemsize) <= SMEM_LIMIT:
-            return shape
+        for one_kv in (False, True):
+            shape = TileShape.make(rows, cols, D, max_threads, accs, one_kv)
+            if smem(shape, itemsize) <= SMEM_LIMIT:
+                return shape
         if rows % 2 == 0 and (rows >= cols or cols % 2 != 0):
             rows //= 2
         elif cols % 2 == 0:
@@ -112,13 +125,13 @@ def kernel_shapes(spec: AttentionSpec, itemsize: int) -> Dict[str, TileShape]:
         memo[key] = {
             "forward": fit_shape(bq, bk, spec.Nq, n, D, itemsize, forward_smem_bytes),
             "dq": fit_shape(bq, bk, spec.Nq, n, D, itemsize, dq_smem_bytes),
-            "dkdv": fit_shape(bk, bq, n, spec.Nq, D, itemsize, dkdv_smem_bytes),
+            "dkdv": fit_shape(bk, bq, n, spec.Nq, D, itemsize, dkdv_smem_bytes, accs=2),
         }
     return memo[key]
 
 
 def smem_report(D: int, dtype: Any = np.float32, block_q: Optional[int] = None, block_k: Optional[int] = None,
-                N: int = 4096, max_threads: Tuple[int, int] = (16, 16)) -> Dict[str, Tuple[Tuple[int, int], int]]:
+                N: int = 4096, max_threads: Tuple[int, int] = GPU_THREADS) -> Dict[str, Tuple[Tuple[int, int], int]]:
     """Kernel name -> ((rows, cols) of the kernel tile, shared-memory bytes) at the default CUDA tiles for ``D``,
     for the thread grid of a real GPU (``max_threads``; the simulator uses smaller blocks)."""
     dq, dk = default_block_sizes(D, "cuda")
@@ -127,7 +140,7 @@ def smem_report(D: int, dtype: Any = np.float32, block_q: Optional[int] = None, 
     out = {}
     for name, (r, c, fn) in {"forward": (bq, bk, forward_smem_bytes), "dq": (bq, bk, dq_smem_bytes),
                              "dkdv": (bk, bq, dkdv_smem_bytes)}.items():
-        s = fit_shape(r, c, N, N, D, size, fn, max_threads)
+        s = fit_shape(r, c, N, N, D, size, fn, max_threads, accs=2 if name == "dkdv" else 1)
         out[name] = ((s.R, s.C), fn(s, size))
     return out
 
@@ -191,21 +204,41 @@ def device_positions(spec: AttentionSpec) -> DeviceArray:
     return _metadata(spec)["k_pos_b"]
 
 
+def spec_flags(spec: AttentionSpec, has_bias: bool) -> Flags:
+    """The compile-time :class:`Flags` of a spec's kernels (``has_bias``: a bias is passed)."""
+    return Flags(has_bias, spec.keys is not None, spec.pages is not None, spec.topk is not None, spec.dropout > 0,
+                 spec.q_seg is not None, spec.block_mask is not None, spec.sinks is not None, spec.softcap > 0,
+                 spec.alibi is not None, spec.score_mod)
+
+
 def make_config(spec: AttentionSpec, bias: Optional[DeviceArray], dtype: np.dtype) -> Tuple[Flags, Config, DeviceArray]:
     """The spec as compile-time :class:`Flags`, a run-time :class:`Config` (typed: no float64 or mixed
-    signed/unsigned arithmetic in a float32 kernel), and the kernels' tile types ``(B, 1 or Hkv, Tr, Tc)``."""
+    signed/unsigned arithmetic in a float32 kernel), and the kernels' tile types ``(B, 1 or Hkv, Tr, Tc)``.
+
+    Everything but the bias is built once per (spec, dtype): a call that reuses its spec (backward after forward,
+    a decode step of a cached spec) copies nothing to the device."""
+    has_bias = bias is not None
+    if spec.topk is not None and not has_bias:
+        raise ValueError("CUDA attention: a top-k keep rule needs its importance as the bias (B, Hkv, 1, Nk)")
+    memo = _MEMO.setdefault(spec, {})
+    key = ("config", dtype.name)
+    if key not in memo:
+        memo[key] = _config(spec, dtype)
+    cfg = memo[key]
+    if has_bias:
+        cfg = cfg._replace(bias=bias)
+    return spec_flags(spec, has_bias), cfg, _metadata(spec)["tile_types"]
+
+
+def _config(spec: AttentionSpec, dtype: np.dtype) -> Config:
+    """The :class:`Config` of a spec's kernels in ``dtype``, with a dummy bias."""
     meta = _metadata(spec)
     ft = dtype.type
-    has_bias, has_list, has_topk = bias is not None, spec.keys is not None, spec.topk is not None
-    has_pages = spec.pages is not None
-    if has_topk and not has_bias:
-        raise ValueError("CUDA attention: a top-k keep rule needs its importance as the bias (B, Hkv, 1, Nk)")
+    has_list, has_topk, has_pages = spec.keys is not None, spec.topk is not None, spec.pages is not None
     has_seg, has_bm = spec.q_seg is not None, spec.block_mask is not None
-    flags = Flags(has_bias, has_list, has_pages, has_topk, spec.dropout > 0, has_seg, has_bm, spec.sinks is not None,
-                  spec.softcap > 0, spec.alibi is not None, spec.score_mod)
-    cfg = Config(
+    return Config(
         meta["q_pos_b"], meta["k_pos_b"], bool(spec.causal), np.int64(spec.window), np.int64(spec.num_sinks),
-        bias if has_bias else _dummy(dtype, 4),
+        _dummy(dtype, 4),
         meta["kidx"] if has_list else _dummy(np.int64, 3), meta["counts"] if has_list else _dummy(np.int64, 2),
         meta["block_table"] if has_pages else _dummy(np.int64, 2),
         np.int64(spec.pages.page_size if has_pages else 1), meta["lengths"] if has_pages else _dummy(np.int64, 1),
@@ -217,7 +250,6 @@ def make_config(spec: AttentionSpec, bias: Optional[DeviceArray], dtype: np.dtyp
         on_device(spec.sinks, dtype) if spec.sinks is not None else _dummy(dtype, 1),
         on_device(spec.alibi, dtype) if spec.alibi is not None else _dummy(dtype, 1), ft(spec.softcap),
     )
-    return flags, cfg, meta["tile_types"]
 
 
 def _check(name: str, arr: DeviceArray, shape: Tuple[int, ...], dtype: np.dtype) -> None:

@@ -40,8 +40,13 @@ from ...tiling import TileType
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
-MAX_THREADS = (4, 4) if SIMULATOR else (16, 16)
-"""Largest ``(TY, TX)`` thread grid of a block. The simulator runs one Python thread per CUDA thread: keep it small."""
+GPU_THREADS = (32, 32)
+"""Largest ``(TY, TX)`` thread grid of a block on a GPU (and :data:`BLOCK_THREADS` threads in all)."""
+MAX_THREADS = (4, 4) if SIMULATOR else GPU_THREADS
+"""Largest ``(TY, TX)`` thread grid of a block here. The simulator runs one Python thread per CUDA thread: small."""
+BLOCK_THREADS = 128
+"""Most threads of a tile kernel's block: with about 46 KB of shared memory per block, 4 blocks of 128 threads fit
+an SM (``launch_bounds`` asks for 2)."""
 
 SMEM_LIMIT = 48 * 1024
 """Static shared memory a block may use (bytes)."""
@@ -115,6 +120,49 @@ def device(fn: Callable) -> Callable:
     return cuda.jit(device=True, **_DEVICE_OPTS)(fn)
 
 
+def kernel(fn: Callable, shape: TileShape) -> Any:
+    """Compile ``fn`` as a kernel of ``shape.threads`` threads per block; on a GPU with ``launch_bounds`` that ask
+    for two resident blocks per SM (ptxas keeps the registers within what that allows)."""
+    if SIMULATOR:
+        return cuda.jit(fn)
+    return cuda.jit(launch_bounds=(shape.threads, 2))(fn)
+
+
+def lane_mask(threads: int) -> Callable:
+    """``mask()``: the lanes of the calling thread's warp that exist in a block of ``threads`` threads (all 32
+    unless the last warp is partial), for the ``*_sync`` warp intrinsics."""
+    FULL = numba.uint32(0xFFFFFFFF)
+    if threads % 32 == 0:
+        return device(lambda: FULL)
+    LAST = numba.uint32((1 << (threads % 32)) - 1)
+    WARPS = threads // 32
+
+    def mask():  # type: ignore[no-untyped-def]
+        warp = (cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x) // 32
+        return FULL if warp < WARPS else LAST
+
+    return device(mask)
+
+
+def shfl_xor_simulated(dtype: Any, threads: int) -> Callable:
+    """``shfl(mask, x, lanes)``: ``cuda.shfl_xor_sync`` for Numba's simulator, which has no warp intrinsics: the
+    value of the thread whose index in the block is ours XOR ``lanes``, exchanged through shared memory. Every
+    thread of the block must call it (the kernels do: row reductions are block-uniform)."""
+    dt = numba_type(dtype)
+
+    def shfl(mask, x, lanes):  # type: ignore[no-untyped-def]
+        buf = cuda.shared.array(threads, dt)
+        tid = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+        cuda.syncthreads()
+        buf[tid] = x
+        cuda.syncthreads()
+        y = buf[tid ^ lanes]
+        cuda.syncthreads()
+        return y
+
+    return device(shfl)
+
+
 visible = build_visible(device)
 """The one visibility rule (:func:`minitorch.attention.masks.visible`), compiled for the GPU."""
 kept = build_kept(device)
@@ -157,6 +205,16 @@ def sentinels(dtype: Any) -> Tuple[Any, Any]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+u32 = numba.uint32
+
+
+def _unroll(n: int, most: int = 4) -> int:
+    """Steps of a product's loop (over ``d`` or ``j``) unrolled at compile time: the largest divisor of ``n`` up to
+    ``most``, so that the loop's own instructions (counter, compare, branch) are spread over that many steps (8 made
+    the compiler leave part of the body rolled: a lower FMA share)."""
+    return _divisor_at_most(n, most)
+
+
 def _divisor_at_most(n: int, cap: int) -> int:
     """Largest divisor of ``n`` that is ``<= cap`` (at least 1)."""
     for t in range(max(1, min(cap, n)), 0, -1):
@@ -167,13 +225,16 @@ def _divisor_at_most(n: int, cap: int) -> int:
 
 @dataclass(frozen=True)
 class TileShape:
-    """Compile-time geometry of a kernel: an ``R x C`` score tile, ``TY x TX`` threads, head dim padded to ``DP``."""
+    """Compile-time geometry of a kernel: an ``R x C`` score tile, ``TY x TX`` threads, head dim padded to ``DP``;
+    ``one_kv``: the forward keeps ``K_j`` and ``V_j`` in one shared buffer, one after the other (one barrier more
+    per key tile; chosen where two buffers would halve the tile, large ``D``)."""
 
     R: int
     C: int
     DP: int
     TY: int
     TX: int
+    one_kv: bool = False
 
     @property
     def RM(self) -> int:
@@ -196,17 +257,63 @@ class TileShape:
         return self.DP + 1
 
     @property
+    def CP(self) -> int:
+        """Row length of a shared ``(R, C)`` tile (``P``, ``dS``): padded so that the threads of a warp, ``TX`` per
+        row over ``32 / TX`` rows, hit 32 different banks when they write their ``(row, col)`` and different banks
+        when they read one column of their rows."""
+        W = max(1, min(32, self.threads) // self.TX)  # rows one warp covers
+        for CP in range(self.C, self.C + 33):
+            if len({(r * CP + t) % 32 for r in range(W) for t in range(self.TX)}) == W * self.TX:
+                return CP
+        return self.C + 1  # pragma: no cover - C + TX always works
+
+    @property
     def threads(self) -> int:
         return self.TY * self.TX
 
     @staticmethod
-    def make(R: int, C: int, D: int, max_threads: Tuple[int, int] = MAX_THREADS) -> "TileShape":
-        """Threads from the tile: the largest divisors of ``R`` and ``C`` up to ``max_threads``, so a 64 x 32 tile
-        gives each of 16 x 16 threads a 4 x 2 register tile, and tiny tiles mean few threads (the simulator)."""
-        TY = _divisor_at_most(R, max_threads[0])
-        TX = _divisor_at_most(C, max_threads[1])
+    def make(R: int, C: int, D: int, max_threads: Tuple[int, int] = MAX_THREADS, accs: int = 1,
+             one_kv: bool = False) -> "TileShape":
+        """Threads from the tile (:func:`thread_grid`); the head dim padded to a multiple of ``TX``."""
+        TY, TX = thread_grid(R, C, D, max_threads, accs)
         DP = -(-D // TX) * TX
-        return TileShape(int(R), int(C), int(DP), int(TY), int(TX))
+        return TileShape(int(R), int(C), int(DP), int(TY), int(TX), bool(one_kv))
+
+
+def thread_grid(R: int, C: int, D: int, max_threads: Tuple[int, int] = MAX_THREADS, accs: int = 1) -> Tuple[int, int]:
+    """``(TY, TX)`` for an ``R x C`` tile: ``TY`` divides ``R``, ``TX`` is a power of two dividing ``C`` (a row's
+    threads are ``TX`` neighbouring lanes of one warp: its max and sum are warp shuffles), at most ``max_threads``
+    per axis and :data:`BLOCK_THREADS` in all.
+
+    The register tile is what makes the products fast: a thread's ``A B^T`` step reads ``RM + RN`` shared values
+    for ``RM RN`` FMAs, its ``P V`` step ``RM + DPT`` for ``RM DPT``. Among the grids whose register tiles fit (live
+    floats: ``accs`` accumulators of ``RM x DPT``, 2 in the dK/dV kernel, and two ``RM x RN`` score tiles, at most
+    128) and that have at least 64 threads (or as many as the tile allows): the most threads that still give every
+    thread at least a 4 x 4 tile (a 64 x 32 tile: 16 x 8 threads of 4 x 4), else the fewest shared loads per FMA.
+    """
+    cap = min(BLOCK_THREADS, max_threads[0] * max_threads[1])
+    options, grids = [], []
+    for TX in (1, 2, 4, 8, 16, 32):
+        if C % TX or TX > max_threads[1]:
+            continue
+        DPT = -(-D // TX)
+        for TY in range(1, min(R, max_threads[0]) + 1):
+            RM, RN = R // TY, C // TX
+            if R % TY or TY * TX > cap:
+                continue
+            floats = accs * RM * DPT + 2 * RM * RN
+            grids.append((floats, -TY * TX, TY, TX))
+            if floats > 128 and TY * TX < cap:
+                continue
+            loads = (RM + RN) / (RM * RN) + (RM + DPT) / (RM * DPT)
+            options.append((TY * TX, loads, RM * RN >= 16, TY, TX))
+    if not options:  # nothing fits (a large D): the grid with the fewest live floats
+        return min(grids)[2], min(grids)[3]
+    lo = min(64, max(o[0] for o in options))
+    options = [o for o in options if o[0] >= lo]
+    big = [o for o in options if o[2]]
+    best = max(big, key=lambda o: (o[0], -o[1])) if big else min(options, key=lambda o: (o[1], -o[0]))
+    return best[3], best[4]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -250,6 +357,7 @@ class TileOps:
         _, MAX = sentinels(dtype)
         C, DP, TY, TX = shape.C, shape.DP, shape.TY, shape.TX
         RM, RN, DPT, NT = shape.RM, shape.RN, shape.DPT, shape.threads
+        UD, UC = _unroll(DP), _unroll(C)
         HAS_BIAS, HAS_LIST, HAS_TOPK = bool(flags.has_bias), bool(flags.has_list), bool(flags.has_topk)
         HAS_PAGES = bool(flags.has_pages)
         HAS_SEG, HAS_BM = bool(flags.has_segments), bool(flags.has_block_mask)
@@ -362,42 +470,62 @@ class TileOps:
                         ok = cfg.bm_bits[slot, i % bq, j % bk] != 0
             return x, ok, dsdt
 
+        mask = lane_mask(NT)
+        shfl = shfl_xor_simulated(dtype, NT) if SIMULATOR else cuda.shfl_xor_sync
+        STEPS = TX.bit_length() - 1  # log2(TX): the butterfly over a row's TX lanes
+
+        def row_max(x):  # type: ignore[no-untyped-def]
+            m = mask()
+            for k in range(STEPS):
+                x = nan_max(x, shfl(m, x, TX >> (k + 1)))
+            return x
+
+        def row_sum(x):  # type: ignore[no-untyped-def]
+            m = mask()
+            for k in range(STEPS):
+                x += shfl(m, x, TX >> (k + 1))
+            return x
+
         def dot_tile(s, A, Bm):  # type: ignore[no-untyped-def]
-            ty = cuda.threadIdx.y
-            tx = cuda.threadIdx.x
+            ty = u32(cuda.threadIdx.y)
+            tx = u32(cuda.threadIdx.x)
             a = cuda.local.array(RM, dt)
             bv = cuda.local.array(RN, dt)
             for r in range(RM):
                 for c in range(RN):
                     s[r, c] = ZERO
-            for d in range(DP):
-                for r in range(RM):
-                    a[r] = A[ty + r * TY, d]
-                for c in range(RN):
-                    bv[c] = Bm[tx + c * TX, d]
-                for r in range(RM):
+            for d0 in range(u32(0), u32(DP), u32(UD)):
+                for dd in range(UD):
+                    d = d0 + u32(dd)
+                    for r in range(RM):
+                        a[r] = A[ty + u32(r * TY), d]
                     for c in range(RN):
-                        s[r, c] += a[r] * bv[c]
+                        bv[c] = Bm[tx + u32(c * TX), d]
+                    for r in range(RM):
+                        for c in range(RN):
+                            s[r, c] += a[r] * bv[c]
 
         def acc_tile(acc, P, V, vis, careful):  # type: ignore[no-untyped-def]
-            ty = cuda.threadIdx.y
-            tx = cuda.threadIdx.x
+            ty = u32(cuda.threadIdx.y)
+            tx = u32(cuda.threadIdx.x)
             a = cuda.local.array(RM, dt)
             vv = cuda.local.array(DPT, dt)
-            for j in range(C):
-                for r in range(RM):
-                    a[r] = P[ty + r * TY, j]
-                for e in range(DPT):
-                    vv[e] = V[j, tx + e * TX]
-                if careful:  # rare: only the visible pairs, so that a NaN the row does not see stays out
+            for j0 in range(u32(0), u32(C), u32(UC)):
+                for jj in range(UC):
+                    j = j0 + u32(jj)
                     for r in range(RM):
-                        if vis[ty + r * TY, j] != 0:
+                        a[r] = P[ty + u32(r * TY), j]
+                    for e in range(DPT):
+                        vv[e] = V[j, tx + u32(e * TX)]
+                    if careful:  # rare: only the visible pairs, so that a NaN the row does not see stays out
+                        for r in range(RM):
+                            if vis[ty + u32(r * TY), j] != 0:
+                                for e in range(DPT):
+                                    acc[r, e] += a[r] * vv[e]
+                    else:
+                        for r in range(RM):
                             for e in range(DPT):
                                 acc[r, e] += a[r] * vv[e]
-                else:
-                    for r in range(RM):
-                        for e in range(DPT):
-                            acc[r, e] += a[r] * vv[e]
 
         self.shape, self.flags = shape, flags
         self.load_rows = device(load_rows)
@@ -406,6 +534,8 @@ class TileOps:
         self.gather_rows = device(gather_rows)
         self.load_queries = device(load_queries)
         self.score = device(score)
+        self.row_max = device(row_max)
+        self.row_sum = device(row_sum)
         self.dot_tile = device(dot_tile)
         self.acc_tile = device(acc_tile)
 
