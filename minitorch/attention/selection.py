@@ -93,6 +93,7 @@ def build_selection(jit: Callable[[Callable], Callable] = lambda f: f) -> Callab
         for i in range(Nq):
             thr_val[b, g, i] = big
             thr_idx[b, g, i] = -1
+        # BEGIN SOLUTION task5_6: sweep keys j in order: heap of the keep best (root = worst), evict/victim, thresholds
         size = 0
         for j in range(Nk):
             if k_pos_b[b, j] >= 0:  # not padding
@@ -119,6 +120,7 @@ def build_selection(jit: Callable[[Callable], Callable] = lambda f: f) -> Callab
             for i in range(Nq):
                 thr_val[b, g, i] = hv[b, g, 0]
                 thr_idx[b, g, i] = hi[b, g, 0]
+        # END SOLUTION
         # the compacted key list: every key some row keeps
         count = 0
         if not compact:

@@ -396,6 +396,7 @@ def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, 
         _score_tile(s, vis, s, nr, nc, qs, b, h, g, jt, kpt, masked, False, cfg, bias2)
     # m_i^new = max(m_i, rowmax(S_ij)); a row that has seen no visible key yet keeps the sentinel, and shifting
     # by +max then makes its P_ij exactly 0 (l_i stays 0, alpha = 1)
+    # BEGIN SOLUTION task5_2: m_new (rows_max), alpha = exp(m - m_new), P = exp(S - m_new) (exp_rows), l, acc rescaled
     rows_max(s, nr, nc, m, m_new)
     for i in range(nr):
         alpha[i] = exp(m[i] - m_new[i])
@@ -413,6 +414,7 @@ def _fwd_step(acc, m, l, qt, kT, vj, s, vis, stats, nr, nc, D, qs, b, h, g, jt, 
         # dropout acts on P in the product with V only (l, hence lse, are of the undropped scores)
         if cfg.has_dropout:
             _dropout_row(s, i, nc, b, h, qs + i, jt, cfg)
+    # END SOLUTION
     # O_i += P_ij V_j  (leaving out the masked pairs where V_j holds NaN or Inf)
     if by_rows:
         _accumulate_by_rows(s, v, b, g, jt, nc, acc, nr, D, vis, masked, cfg)
@@ -610,6 +612,7 @@ def _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, dsdt, scratch, nr, nc
     # dP_ij = dO_i V_j^T (times Z);  dS_ij = P_ij * (dP_ij - delta_i)
     matmul(doi, vT, dp, nr, nc, D, False)
     zero = dp.dtype.type(0)
+    # BEGIN SOLUTION task5_3: per row: dropout on dP, dS = P (dP - delta_i); where masked (vis 0) both dS and P are 0
     for i in range(nr):
         if cfg.has_dropout:
             _dropout_row(dp, i, nc, b, h, qs + i, jt, cfg)
@@ -620,6 +623,7 @@ def _bwd_step(qt, doi, kT, vT, lse_t, delta_t, s, dp, vis, dsdt, scratch, nr, nc
                 if vis[i, c] == 0:
                     dp[i, c] = zero  # a masked pair has no gradient, whatever V holds there,
                     s[i, c] = zero  # and no probability, whatever the row's lse (NaN for a row that sees a NaN)
+    # END SOLUTION
 
 
 @helper()

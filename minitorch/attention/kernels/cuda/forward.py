@@ -132,6 +132,7 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
                     vis[row, col] = 1 if ok else 0
                 Ps[row, col] = x if ok else MIN
         # line 9: m_new = max(m_i, rowmax(S_ij)) (the row's TX threads: warp shuffles)
+        # BEGIN SOLUTION task5_4: per register row: m_new (nan_max, row_max), P = exp(S - m_new) in Ps, l_i, o rescaled
         for r in range(RM):
             mx = MIN
             for c in range(RN):
@@ -156,6 +157,7 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
             m_i[r] = mt
             for e in range(DPT):
                 o[r, e] *= alpha
+        # END SOLUTION
         if HAS_DROPOUT:  # what multiplies V_j: the kept probabilities over (1 - p) (l_i is of the undropped P)
             for r in range(RM):
                 row = ty + u32(r * TY)
