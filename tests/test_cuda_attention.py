@@ -519,6 +519,7 @@ def _dma_inputs(B: int, H: int, Hkv: int, Nq: int, Nk: int, D: int, seed: int) -
             "a": rng.standard_normal(Hkv), "dout": rng.standard_normal((B, H, Nq, D))}
 
 
+@pytest.mark.task5_6  # the DMA selection, on the GPU
 @pytest.mark.parametrize("causal", [False, True])
 def test_dma_selection_kernels_match_the_cpu(causal: bool) -> None:
     """The CUDA importance, selection and list-tile-type kernels give the NumPy engine's arrays (same z, same
@@ -547,6 +548,7 @@ def test_dma_selection_kernels_match_the_cpu(causal: bool) -> None:
             np.testing.assert_array_equal(got.kidx[b, g, :c], want.kidx[b, g, :c])
 
 
+@pytest.mark.task5_6
 def test_flash_dma_attention_on_cuda_backend() -> None:
     """flash_dma_attention on CudaBackend (selection, key list, z as bias, top-k rule, dropout, padding, GQA):
     output and every gradient (q, k, v, dt_proj, a_coef) match the float64 DMA oracle."""

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.task5_3
 BACKENDS = {
     "simple": minitorch.SimpleBackend,
     "fast": minitorch.FastTensorBackend,
-    "cuda": pytest.param(minitorch.CudaBackend, marks=pytest.mark.cuda),
+    "cuda": pytest.param(minitorch.CudaBackend, marks=[pytest.mark.cuda, pytest.mark.task5_4]),  # the CUDA kernels
 }
 DTYPES = [np.float64, np.float32]
 
