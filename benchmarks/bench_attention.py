@@ -47,12 +47,17 @@ def _pin_threads(n: int) -> None:
         os.environ[var] = str(n)
 
 
-TIMING = ("one process, OMP_WAIT_POLICY=PASSIVE set before any library is imported (idle OpenMP threads sleep, so "
-          "no contender loses a core to the one before it), contenders interleaved in rounds: best and median wall "
+TIMING = ("one process, OMP_WAIT_POLICY=PASSIVE, OPENBLAS_THREAD_TIMEOUT=4 and NUMBA_THREADING_LAYER=workqueue set "
+          "before any library is imported (idle OpenMP and OpenBLAS threads sleep, so no contender loses a core to the one "
+          "before it, and no second OpenMP runtime sits beside torch's), contenders interleaved in rounds: best and median wall "
           "time, least process CPU time")
 
 if __name__ == "__main__":  # thread counts and the wait policy must be in the environment before numpy is imported
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"  # NumPy's OpenBLAS threads otherwise spin after each product
+    # Numba's OpenMP threading layer (started by numba.set_num_threads or a parallel FastOps kernel) beside torch's own
+    # OpenMP runtime made SDPA 1.75x slower in the same process (measured at N=4096); workqueue does not touch it
+    os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
     _argv_threads = THREADS_DEFAULT
     for _i, _a in enumerate(sys.argv):
         if _a == "--threads" and _i + 1 < len(sys.argv):

@@ -26,7 +26,12 @@ import sys
 import time
 from typing import Any, Dict, Optional, Sequence
 
-import numpy as np
+
+# idle OpenMP / OpenBLAS threads sleep instead of spinning into the next contender (before NumPy loads them)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 

@@ -37,7 +37,12 @@ import time
 import tracemalloc
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
+
+# idle OpenMP / OpenBLAS threads sleep instead of spinning into the next contender (before NumPy loads them)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 

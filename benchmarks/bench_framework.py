@@ -18,8 +18,8 @@ eager on the CPU (the optional peer, ``pip install -e '.[bench]'``; without it o
    same model written in PyTorch eager (same initial weights, same batches, same optimizer): ms per step and the
    losses of both (they agree to float32 rounding over the first steps: the same model).
 
-Timing: one process, ``OMP_WAIT_POLICY=PASSIVE`` set before anything is imported (every library's idle threads
-sleep instead of spinning, so no contender steals a core from the next); ``--threads`` threads for every library
+Timing: one process, ``OMP_WAIT_POLICY=PASSIVE`` and ``OPENBLAS_THREAD_TIMEOUT=4`` set before anything is imported
+(every library's idle threads sleep instead of spinning, so no contender steals a core from the next); ``--threads`` threads for every library
 (default 1: small ops do not parallelize); contenders interleaved in rounds, medians of wall time and of process CPU
 time. The machine's load average is printed and stored with the results.
 """
@@ -30,6 +30,7 @@ import os
 import sys
 
 os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # before NumPy / Numba / torch start any thread pool
+os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"  # NumPy's OpenBLAS threads otherwise spin after each product
 
 
 def _threads_from_argv(default: int = 1) -> int:
@@ -359,8 +360,9 @@ def main() -> None:
     args = p.parse_args()
     torch = try_torch()
     load0 = os.getloadavg()
-    print(f"timing: one process, OMP_WAIT_POLICY=PASSIVE for every library, {args.threads} thread(s), interleaved "
-          f"rounds, medians; load average {load0[0]:.2f}; torch: {torch.__version__ if torch else 'not installed'}")
+    print(f"timing: one process, OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 for every library, "
+          f"{args.threads} thread(s), interleaved rounds, medians; load average {load0[0]:.2f}; "
+          f"torch: {torch.__version__ if torch else 'not installed'}")
 
     ops = bench_ops(torch, args.rounds)
     print("\n1. tensor ops, us per op (float32)")
@@ -388,7 +390,8 @@ def main() -> None:
     info = machine_info()
     info["load_average_start"], info["load_average_end"] = load0, os.getloadavg()
     report = {"benchmark": "bench_framework", "machine": info, "threads": args.threads,
-              "timing": "one process, OMP_WAIT_POLICY=PASSIVE, interleaved rounds, medians of wall and process CPU time",
+              "timing": "one process, OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 for every library, "
+                        "interleaved rounds, medians of wall and process CPU time",
               "torch": torch.__version__ if torch else None, "ops": ops, "attention_calls": calls, "training": train}
     path = os.path.join(RESULTS_DIR, "bench_framework.json") if args.update_results else args.json
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before NumPy / Numba start any thread pool
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # NumPy's OpenBLAS threads: no spinning after a product
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
