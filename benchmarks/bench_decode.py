@@ -69,7 +69,7 @@ def _arrays(kind: str, rng: np.random.Generator, shape: tuple, dtype: Any) -> An
 
 
 def bench(kind: str, capacity: int, B: int, H: int, Hkv: int, D: int, steps: int, recompute_steps: int,
-          memory_factor: int, dtype: Any, block_size: int, head_tile: int) -> Dict[str, Any]:
+          memory_factor: int, dtype: Any, block_size: Optional[int], head_tile: int) -> Dict[str, Any]:
     rng = np.random.default_rng(0)
     cache = RingBufferKVCache(B, Hkv, D, capacity, backend=kind, dtype=dtype, block_size=block_size,
                               head_tile_size=head_tile, tile_size=32 if kind == "cuda" else None)
@@ -176,7 +176,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--recompute-steps", type=int, default=2)
     p.add_argument("--memory-factor", type=int, default=10)
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=None, help="slots per decode tile (default: the engine's)")
     p.add_argument("--head-tile", type=int, default=4)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--backends", default="fast,cuda", help="comma-separated: fast, simple, cuda (skipped w/o GPU)")

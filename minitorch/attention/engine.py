@@ -50,6 +50,9 @@ class AttentionEngine:
         """Default ``(Br, Bc)`` for head dim ``D``."""
         return default_block_sizes(D, self.blocks_for)
 
+    decode_block = 128
+    """Default slots per key tile of a one-query decode step (``RingBufferKVCache(block_size=None)``)."""
+
     def decode_splits(self, n_tiles: int) -> int:
         """How many split-K parts a single-query decode over ``n_tiles`` key tiles should run (1: none). A GPU
         needs many blocks to be busy; a CPU has more programs than threads already."""

@@ -204,7 +204,8 @@ class RingBufferKVCache:
             engine ``attend`` runs (NumPy, Numba CPU, Numba CUDA). Default: the backend of the first keys appended.
         dtype: ``float32`` or ``float64``. Default: the dtype of the first keys appended.
         block_size: slots per tile of the decode kernels (tiles entirely outside the window are skipped; on CUDA,
-            slots per split of the split-K kernel). Default ``min(capacity, 128)``.
+            slots per split of the split-K kernel). Default ``min(capacity, engine.decode_block)``: 512 on the CPU
+            (a one-row step has a fixed cost per tile), 128 on CUDA and NumPy.
         tile_size: flash-attention tile (``block_q = block_k``) of chunk attention; on CUDA also the threads per
             decode block. Default: the backend's choice.
         head_tile_size: query heads one decode program processes together.
@@ -248,7 +249,7 @@ class RingBufferKVCache:
         for name, val in (("block_size", block_size), ("tile_size", tile_size)):
             if val is not None and (isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1):
                 raise ValueError(f"{name} must be an int >= 1 or None, got {val!r}")
-        self.block_size = min(self.capacity, 128) if block_size is None else int(block_size)
+        self.block_size: Optional[int] = None if block_size is None else int(block_size)  # None: the engine's
         self.tile_size = None if tile_size is None else int(tile_size)
         self.head_tile_size = int(head_tile_size)
         self.order = TileOrder.Q_MAJOR if order is None else TileOrder(order)
@@ -565,8 +566,9 @@ class RingBufferKVCache:
         blocks = self._blocks()
         splits = 1
         if T == 1 and is_slots:  # decoding: tiles of block_size slots, split-K where the engine wants it
-            blocks = {"block_q": 1, "block_k": self.block_size}
-            splits = self.engine.decode_splits(-(-self.capacity // self.block_size))
+            block = self.block_size or min(self.capacity, self.engine.decode_block)
+            blocks = {"block_q": 1, "block_k": block}
+            splits = self.engine.decode_splits(-(-self.capacity // block))
         spec = make_spec(
             tuple(qr.shape), tuple(k.shape), tuple(v.shape), causal=True, scale=scale, window=self.window,
             key_padding_mask=pad, bias_shape=None if bias is None else tuple(bias.shape), dropout=dropout, seed=seed,
