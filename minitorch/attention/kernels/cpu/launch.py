@@ -115,7 +115,8 @@ def _entry_point(kernel_fn: Callable, args: Tuple[Any, ...]) -> Optional[Callabl
 
 def _run_grid(kernel_fn: Callable, n_programs: int, args: Any) -> None:
     global _pool, _pool_size
-    n_workers = max(1, min(numba.get_num_threads(), n_programs))
+    # (one program: no need to ask Numba for its thread count, which costs a call into its threading layer)
+    n_workers = 1 if n_programs <= 1 else min(numba.get_num_threads(), n_programs)
     if n_workers == 1:
         kernel_fn(0, 1, *args)
         return
