@@ -58,7 +58,7 @@ from ...merge import merge_partials
 from ...sinks import sink_probs
 from ...spec import AttentionSpec, check_backward
 from ...tiling import TileOrder, TileType
-from .launch import FM_REDUCE, as_input, helper, kernel, launch
+from .launch import FM_REDUCE, as_input, helper, kernel, launch, program, rounds
 from .mods import call_row, row_function
 from .simd import (exp, exp_rows, matmul, matmul_visible, rows_max, vfma, vfma_vec, vhsum, vload, vstore, vwidth,
                    vzeros)
@@ -476,7 +476,10 @@ def _fwd_q_major(worker, n_workers, q, k, v, out, lse, Br, Bc, n_splits, tile_ty
     Tr, Gt = tile_types.shape[2], tile_types.shape[1]
     # on-chip buffers (allocated once per worker, reused by its programs)
     qt, acc, m, l, kT, vj, jt, kpt, s, vis, stats = _fwd_buffers(q, Br, Bc)
-    for prog in range(worker, B * H * Tr * n_splits, n_workers):
+    for r in range(rounds(B * H * Tr * n_splits, n_workers)):
+        prog = program(worker, n_workers, r)
+        if prog >= B * H * Tr * n_splits:
+            continue
         b, h = prog // (H * Tr * n_splits), (prog // (Tr * n_splits)) % H
         tq, sp = (prog // n_splits) % Tr, prog % n_splits
         g = h // group  # GQA / MQA: the kv head this query head reads, in place
@@ -662,7 +665,10 @@ def _bwd_dq(worker, n_workers, q, k, v, dout, lse, delta, dq, rs, Br, Bc, tile_t
     dsdt = np.zeros((R4, Bcp), T)
     dq_acc = np.zeros((R4, Dp), T)
     rsum = np.zeros(R4, T)
-    for prog in range(worker, B * H * Tr, n_workers):
+    for r in range(rounds(B * H * Tr, n_workers)):
+        prog = program(worker, n_workers, r)
+        if prog >= B * H * Tr:
+            continue
         b, h, tq = prog // (H * Tr), (prog // Tr) % H, prog % Tr
         g = h // group
         bias2 = cfg.bias[b % cfg.bias.shape[0], h // cfg.bias_head_div]

@@ -1,8 +1,10 @@
 """How the CPU kernels are compiled and launched: Numba options, and a grid launcher on a thread pool.
 
 As on a GPU, a kernel is written for one *program* (a thread block, in CUDA words) and launched over a *grid* of
-programs. :func:`launch` runs the grid on ``numba.get_num_threads()`` threads, worker ``w`` taking programs
-``w, w + n, w + 2n, ...`` (interleaved, so that causal grids balance). The kernels are ``numba.njit(nogil=True)``
+programs. :func:`launch` runs the grid on ``n = numba.get_num_threads()`` threads. The programs are dealt out in
+rounds of ``n``, one to each worker, the direction of the deal alternating from round to round (:func:`program`:
+worker 0 takes programs ``0, 2n - 1, 2n, 4n - 1, ...``): a causal grid, whose programs grow in cost with the query
+tile, then gives every worker the same work. The kernels are ``numba.njit(nogil=True)``
 functions, so the threads really run in parallel. Programs write disjoint memory and every sum runs in a fixed
 order, so the split between threads changes nothing: results are bitwise identical from run to run, with no float
 atomics and no races. (We launch from Python threads rather than with ``prange``: a ``parallel=True`` wrapper per
@@ -38,6 +40,25 @@ def helper(fastmath: frozenset = FM_EXACT, **kw: Any) -> Callable:
 def kernel(fastmath: frozenset = FM_REDUCE) -> Callable:
     """``numba.njit`` for a grid kernel ``kernel(worker, n_workers, ...)``: cached, and it releases the GIL."""
     return numba.njit(cache=True, nogil=True, fastmath=set(fastmath))
+
+
+@helper()
+def rounds(n_programs, n_workers):  # type: ignore[no-untyped-def]
+    """How many rounds of :func:`program` deal out ``n_programs`` to ``n_workers``."""
+    return (n_programs + n_workers - 1) // n_workers
+
+
+@helper()
+def program(worker, n_workers, r):  # type: ignore[no-untyped-def]
+    """The program that ``worker`` runs in round ``r`` (it may be past the grid's end in the last round: skip it).
+
+    Round ``r`` deals the programs ``r n .. r n + n - 1``, forwards in even rounds and backwards in odd ones (a
+    boustrophedon). Where the cost grows along the grid (causal query tiles ``0, 1, 2, ...``) a plain interleave
+    ``w, w + n, ...`` always gives the last worker the dearest program of each round: with 2 workers and 8 causal
+    query tiles, costs 1 + 3 + 5 + 7 = 16 against 2 + 4 + 6 + 8 = 20, so two threads can be at most 1.8x faster
+    than one. Dealt back and forth, both get 1 + 4 + 5 + 8 = 2 + 3 + 6 + 7 = 18."""
+    w = worker if r % 2 == 0 else n_workers - 1 - worker
+    return r * n_workers + w
 
 
 _pool: Optional[ThreadPoolExecutor] = None
