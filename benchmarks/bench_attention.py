@@ -363,6 +363,27 @@ def machine_info(threads: int) -> Dict[str, Any]:
     return info
 
 
+def gemm_ceiling(n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of one float32 ``n x n`` matrix product in NumPy (its BLAS, on the benchmark's threads): the rate this
+    machine multiplies matrices at. An attention forward is two products of that kind plus a softmax, so no
+    implementation can run it faster than this (:func:`print_ceiling` prints each forward's share of it)."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+    a @ b
+    return 2.0 * n**3 / time_callable(lambda: a @ b, repeats)["best_s"] / 1e9
+
+
+def print_ceiling(results: Dict[int, Dict[str, Dict[str, float]]], gemm_gflops: float) -> None:
+    """Each forward's GFLOP/s as a share of :func:`gemm_ceiling`'s: how much headroom is left to any implementation."""
+    fwd = ("flash fwd", "torch sdpa fwd", "flash causal fwd", "torch sdpa causal fwd")
+    print(f"\nshare of the machine's float32 matrix-product rate ({gemm_gflops:.0f} GFLOP/s, NumPy's BLAS on the same "
+          "threads), forward")
+    print(f"{'N':>6} " + " ".join(f"{n:>22}" for n in fwd))
+    for n, row in results.items():
+        cells = [f"{row[m]['gflops'] / gemm_gflops:.0%}" if m in row else "-" for m in fwd]
+        print(f"{n:>6} " + " ".join(f"{c:>22}" for c in cells))
+
+
 def print_table(results: Dict[int, Dict[str, Dict[str, float]]], notes: Dict[str, str]) -> None:
     """The time, CPU-time and speedup tables; ``-`` marks a cell not measured, and ``notes`` (see `not_measured`)
     say why under the tables."""
@@ -458,6 +479,8 @@ def main() -> None:
     results = run_suite(sizes, make_impls(B, H, D, args.naive_max_n), make_flops(B, H, D), repeats=args.repeats)
     notes = not_measured(sizes, args.naive_max_n)
     print_table(results, notes)
+    gemm = gemm_ceiling()
+    print_ceiling(results, gemm)
     scaling = thread_scaling([n for n in sizes if n <= 4096], B, H, D, args.threads) if args.thread_scaling else None
     memory = None
     if args.memory_n:
@@ -478,6 +501,7 @@ def main() -> None:
                    "flops": "forward 4*B*H*N^2*D, causal half, backward 2.5x forward"},
         "results": {str(n): row for n, row in results.items()},
         "not_measured": notes,
+        "gemm_ceiling_gflops": gemm,
         "memory": memory,
         "thread_scaling": scaling,
     }

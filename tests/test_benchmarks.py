@@ -82,3 +82,12 @@ def test_attention_table_says_why_torch_columns_are_empty(monkeypatch: pytest.Mo
     assert ("- torch sdpa fwd, torch sdpa causal fwd, torch sdpa fwd+bwd, torch sdpa causal fwd+bwd: torch is not "
             "installed") in out
     assert "- numpy naive fwd: not run above N = 512" in out
+
+
+def test_attention_ceiling_is_each_forward_share_of_the_gemm_rate(capsys: Any) -> None:
+    t = {"best_s": 0.01, "median_s": 0.01, "cpu_s": 0.01, "runs": 3}
+    results = {1024: {"flash fwd": dict(t, gflops=80.0), "torch sdpa fwd": dict(t, gflops=60.0)}}
+    bench_attention.print_ceiling(results, 100.0)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("1024"))
+    assert row.split()[1:] == ["80%", "60%", "-", "-"]  # flash, SDPA, and the causal columns not measured
+    assert bench_attention.gemm_ceiling(n=64, repeats=1) > 0
