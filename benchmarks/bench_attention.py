@@ -71,7 +71,7 @@ import numpy as np  # noqa: E402
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import parse_with_output  # noqa: E402
+from benchmarks.common import matmul_peak, parse_with_output  # noqa: E402
 from minitorch.attention.kernels.cpu import flash as cpu  # noqa: E402
 from minitorch.attention.spec import make_spec  # noqa: E402
 
@@ -363,18 +363,10 @@ def machine_info(threads: int) -> Dict[str, Any]:
     return info
 
 
-def gemm_ceiling(n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of one float32 ``n x n`` matrix product in NumPy (its BLAS, on the benchmark's threads): the rate this
-    machine multiplies matrices at. An attention forward is two products of that kind plus a softmax, so no
-    implementation can run it faster than this (:func:`print_ceiling` prints each forward's share of it)."""
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
-    a @ b
-    return 2.0 * n**3 / time_callable(lambda: a @ b, repeats)["best_s"] / 1e9
-
-
 def print_ceiling(results: Dict[int, Dict[str, Dict[str, float]]], gemm_gflops: float) -> None:
-    """Each forward's GFLOP/s as a share of :func:`gemm_ceiling`'s: how much headroom is left to any implementation."""
+    """Each forward's GFLOP/s as a share of the machine's float32 matrix-product rate (:func:`...common.matmul_peak`,
+    measured in the same run on the same threads). A fused attention forward is two products of that kind plus a
+    softmax, so no implementation runs it faster: the share is the headroom left to any of them."""
     fwd = ("flash fwd", "torch sdpa fwd", "flash causal fwd", "torch sdpa causal fwd")
     print(f"\nshare of the machine's float32 matrix-product rate ({gemm_gflops:.0f} GFLOP/s, NumPy's BLAS on the same "
           "threads), forward")
@@ -479,7 +471,7 @@ def main() -> None:
     results = run_suite(sizes, make_impls(B, H, D, args.naive_max_n), make_flops(B, H, D), repeats=args.repeats)
     notes = not_measured(sizes, args.naive_max_n)
     print_table(results, notes)
-    gemm = gemm_ceiling()
+    gemm = matmul_peak(2048, repeats=10)["gflops_best"]
     print_ceiling(results, gemm)
     scaling = thread_scaling([n for n in sizes if n <= 4096], B, H, D, args.threads) if args.thread_scaling else None
     memory = None

@@ -90,4 +90,3 @@ def test_attention_ceiling_is_each_forward_share_of_the_gemm_rate(capsys: Any) -
     bench_attention.print_ceiling(results, 100.0)
     row = next(line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("1024"))
     assert row.split()[1:] == ["80%", "60%", "-", "-"]  # flash, SDPA, and the causal columns not measured
-    assert bench_attention.gemm_ceiling(n=64, repeats=1) > 0
