@@ -17,12 +17,14 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minitorch.attention import dma as DMA
 from minitorch.attention import reference as R
 from minitorch.attention.dma import flash_dma_attention
 from minitorch.attention.functions import dma_config
-from minitorch.attention.importance import importance
+from minitorch.attention.importance import importance, importance_backward
 from minitorch.attention.kernels.cpu.select import select as select_cpu
 from minitorch.attention.selection import Selection, kept_dense, select_numpy
 from minitorch.attention.spec import DMASpec, KeyList, make_dma_spec, make_spec
@@ -429,6 +431,32 @@ def test_per_query_tile_lists_are_exact(seed: int) -> None:
     grads1 = engine.backward(q, k, v, z4, out1, lse1, do, one_list)
     for x, y in zip((out, lse) + grads, (out1, lse1) + grads1):
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), Nk=st.integers(0, 600), D=st.integers(1, 9),
+       log_space=st.booleans(), seed=st.integers(0, 2**16))
+def test_cpu_importance_kernels_match_float64(B: int, Hkv: int, Nk: int, D: int, log_space: bool, seed: int) -> None:
+    """The CPU engine's importance (its two products as kernels, :mod:`...kernels.cpu.importance`) against the NumPy
+    formulas in float64: float32 error at most 3x NumPy's own float32 error, plus a floor; float64 close."""
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((B, Hkv, Nk, D))
+    dt, a = 0.3 * rng.standard_normal((Hkv, Hkv * D)), rng.random(Hkv) + 0.1
+    dz, dv = rng.standard_normal((B, Hkv, Nk)), rng.standard_normal((B, Hkv, Nk, D))
+    z64, u64 = importance(v, dt, a, log_space)
+    want = (z64,) + importance_backward(dz, v, dt, a, z64, u64, log_space, dv)
+    engine = FastBackend.attention
+    for dtype, rule in ((np.float32, True), (np.float64, False)):
+        args = [x.astype(dtype) for x in (v, dt, a)]
+        z, u = engine.importance(*args, log_space)
+        got = (z,) + engine.importance_backward(dz.astype(dtype), *args, z, u, log_space, dv.astype(dtype))
+        z_np, u_np = importance(*args, log_space)
+        naive = (z_np,) + importance_backward(dz.astype(dtype), *args, z_np, u_np, log_space, dv.astype(dtype))
+        for name, g, w, n in zip(("z", "dv", "d_dt", "d_a"), got, want, naive):
+            assert g.dtype == dtype and g.shape == w.shape, name
+            err = float(np.abs(g - w).max(initial=0.0))
+            bound = 3 * float(np.abs(n - w).max(initial=0.0)) + 1e-5 * (1 + float(np.abs(w).max(initial=0.0)))
+            assert err <= (bound if rule else 1e-9 * (1 + float(np.abs(w).max(initial=0.0)))), (name, dtype, err, bound)
 
 
 def test_fast_kernels_are_deterministic() -> None:

@@ -6,8 +6,9 @@ For ``v (B, Hkv, Nk, D)``, ``dt_proj (Hkv, Hkv*D)``, ``a_coef (Hkv,)``::
     u[b, g, j] = x[b, j] @ dt_proj[g]
     z[b, g, j] = exp(a_coef[g] * softplus(u[b, g, j]))       (log_space=True: z = a_coef[g] * softplus(u))
 
-``O(B Nk Hkv D)`` work and memory, vectorized: no kernel needed on the CPU. (The CUDA engine has its own kernels
-for the same formulas.)
+``O(B Nk Hkv D)`` work and memory, vectorized. The CPU engine computes the two products with kernels of its own
+(:mod:`minitorch.attention.kernels.cpu.importance`, which says why) and the rest with :func:`gate` and
+:func:`gate_grads`; the CUDA engine has kernels for the same formulas.
 """
 
 from __future__ import annotations
@@ -34,31 +35,40 @@ def sigmoid(u: np.ndarray) -> np.ndarray:
     return half + half * np.tanh(half * u)
 
 
+def gate(u: np.ndarray, a_coef: np.ndarray, log_space: bool) -> np.ndarray:
+    """``z = exp(a_coef[g] softplus(u))`` (``log_space``: ``a_coef[g] softplus(u)``) for ``u (B, Hkv, Nk)``, in
+    ``u``'s dtype."""
+    g = a_coef.reshape(1, -1, 1).astype(u.dtype, copy=False) * softplus(u)
+    return np.ascontiguousarray(g if log_space else np.exp(g), dtype=u.dtype)
+
+
+def gate_grads(dz: np.ndarray, a_coef: np.ndarray, z: np.ndarray, u: np.ndarray, log_space: bool
+               ) -> Tuple[np.ndarray, np.ndarray]:
+    """``(du, da)``, both ``(B, Hkv, Nk)``: ``dz`` through :func:`gate`, ``dz/du = z a sigmoid(u)`` and ``dz/da = z
+    softplus(u)`` (log space: ``a sigmoid(u)`` and ``softplus(u)``); ``da`` still to be summed over ``b, j``."""
+    a = a_coef.reshape(1, -1, 1)
+    sp, sig = softplus(u), sigmoid(u)
+    if log_space:
+        return dz * a * sig, dz * sp
+    return dz * z * a * sig, dz * z * sp
+
+
 def importance(v: np.ndarray, dt_proj: np.ndarray, a_coef: np.ndarray, log_space: bool) -> Tuple[np.ndarray, np.ndarray]:
     """``(z, u)``, both ``(B, Hkv, Nk)`` in the dtype of ``v``; ``u`` is the pre-activation (kept for backward)."""
     x = concat_heads(v)
     u = np.ascontiguousarray(np.transpose(x @ dt_proj.T, (0, 2, 1)))  # (B, Hkv, Nk)
-    gate = a_coef.reshape(1, -1, 1) * softplus(u)
-    z = gate if log_space else np.exp(gate)
-    return np.ascontiguousarray(z, dtype=v.dtype), u
+    return gate(u, a_coef, log_space).astype(v.dtype, copy=False), u
 
 
 def importance_backward(
     dz: np.ndarray, v: np.ndarray, dt_proj: np.ndarray, a_coef: np.ndarray, z: np.ndarray, u: np.ndarray,
     log_space: bool, dv: np.ndarray,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Chain ``dz`` through the importance: returns ``(dv + d concat_heads^-1(dx), d_dt_proj, d_a_coef)``.
-
-    ``dz/du = z a sigmoid(u)`` and ``dz/da = z softplus(u)`` (log space: ``a sigmoid(u)`` and ``softplus(u)``).
-    ``O(B Nk Hkv D)`` memory.
+    """Chain ``dz`` through the importance: returns ``(dv + d concat_heads^-1(dx), d_dt_proj, d_a_coef)``
+    (:func:`gate_grads`, then the two products with ``x`` and ``dt_proj``). ``O(B Nk Hkv D)`` memory.
     """
     B, Hkv, Nk, D = v.shape
-    a = a_coef.reshape(1, -1, 1)
-    sp, sig = softplus(u), sigmoid(u)
-    if log_space:
-        du, da = dz * a * sig, dz * sp
-    else:
-        du, da = dz * z * a * sig, dz * z * sp
+    du, da = gate_grads(dz, a_coef, z, u, log_space)
     x = concat_heads(v)  # (B, Nk, Hkv*D)
     d_dt = np.einsum("bgj,bjc->gc", du, x, optimize=True)
     dx = np.matmul(np.transpose(du, (0, 2, 1)), dt_proj)  # (B, Nk, Hkv*D)

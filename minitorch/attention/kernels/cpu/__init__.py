@@ -2,14 +2,14 @@
 
 Modules: :mod:`.launch` (how kernels are compiled and launched on a thread pool), :mod:`.simd` (the SIMD
 vocabulary and the tile matmul), :mod:`.flash` (the inner steps and the forward / backward kernels),
-:mod:`.select` (DMA's top-k selection).
+:mod:`.importance` and :mod:`.select` (DMA's importance and top-k selection).
 """
 
 from __future__ import annotations
 
 from ...engine import AttentionEngine
-from ...importance import importance, importance_backward
 from . import flash, select
+from . import importance as dma_importance
 
 
 class CpuAttention(AttentionEngine):
@@ -21,6 +21,6 @@ class CpuAttention(AttentionEngine):
 
     forward = staticmethod(flash.forward)
     backward = staticmethod(flash.backward)
-    importance = staticmethod(importance)
-    importance_backward = staticmethod(importance_backward)
+    importance = staticmethod(dma_importance.importance)
+    importance_backward = staticmethod(dma_importance.importance_backward)
     select = staticmethod(select.select)
