@@ -148,8 +148,12 @@ def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ..
                                           ((x3, x4, _arr(dtype, 2)), (x3, x1), (x3, _arr(dtype, 2), x4)))):
             yield f"importance_{k} {tag}", lambda dt=dtype, n=n: sel.make_importance_grads(dt)[n], args, dtype
         a64 = lambda nd: _arr(np.int64, nd)  # noqa: E731
-        yield (f"select {tag}", lambda: sel.select_kernel,
-               (x3, a64(2), i64, b1, i64, x3, a64(3), a64(3), a64(3), x3, a64(3), a64(3), a64(2), b1, ft), dtype)
+        a32 = lambda nd: _arr(np.int32, nd)  # noqa: E731
+        yield f"select_init {tag}", lambda dt=dtype: sel.make_select(dt)[0], (a32(3), a32(3)), dtype
+        yield (f"select_scan {tag} t{sel.SELECT_THREADS}", lambda dt=dtype: sel.make_select(dt)[1],
+               (x3, a64(2), i64, a64(3), a32(3), a32(3)), dtype)
+        yield (f"select_finish {tag} t{sel.SELECT_THREADS}", lambda dt=dtype: sel.make_select(dt)[2],
+               (x3, a32(3), a64(3), a32(3), b1, i64, b1, ft, x3, a64(3), a64(3), a64(2)), dtype)
         yield (f"list_tile_types {tag}", lambda: sel.tile_types_kernel,
                (a64(3), a64(2), a64(3), i64, i64, b1, i64, i64, t8), dtype)
 
