@@ -31,7 +31,7 @@ from minitorch.attention.dropout import dropout_mask
 from minitorch.attention.kernels.cuda import launch as ops
 from minitorch.attention.kernels.cuda.backward import dq_smem_bytes
 from minitorch.attention.kernels.cuda.forward import forward_smem_bytes
-from minitorch.attention.kernels.cuda.tiles import SMEM_LIMIT, TileShape
+from minitorch.attention.kernels.cuda.tiles import GPU_THREADS, SMEM_LIMIT, TileShape
 from minitorch.attention.reference import (
     attention_probs,
     naive_attention_float32,
@@ -247,6 +247,14 @@ def test_one_kv_buffer_forward(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_fit_shape_shrinks_to_the_sequence_and_to_shared_memory() -> None:
     s = ops.fit_shape(64, 64, 1, 100, 64, 4, forward_smem_bytes)  # decode: one query row
     assert s.R == 1 and s.C == 64
+    # the split layout of a GPU decode step: 128 threads, 32 groups of 4 lanes (16 d each), 4 keys per group;
+    # one K/V buffer: two would not fit beside the groups' merge buffer
+    s = ops.fit_shape(64, 128, 1, 4096, 64, 4, forward_smem_bytes, GPU_THREADS, split=True)
+    assert (s.R, s.C, s.TX, s.TD, s.LX, s.threads, s.RN, s.DPT, s.DP1, s.one_kv) == \
+        (1, 128, 32, 4, 128, 128, 4, 16, 68, True)
+    assert forward_smem_bytes(s, 4) <= SMEM_LIMIT
+    # the groups of a warp reading one d of their rows hit 32 different banks (row stride DP1 = DP + TD)
+    assert len({(tx * s.DP1 + td) % 32 for tx in range(32 // s.TD) for td in range(s.TD)}) == 32
     with pytest.raises(ValueError, match="head_dim"):
         ops.fit_shape(3, 3, 100, 100, 8192, 8, forward_smem_bytes)
 

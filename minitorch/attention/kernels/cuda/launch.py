@@ -20,6 +20,8 @@ and register tiles from :func:`~.tiles.thread_grid`), float32:
     D = 64  (64 x 32):  forward 64x32  48896 B | dQ 32x32  46464 B | dK/dV 32 keys x 32 queries  46464 B
     D = 128 (32 x 32):  forward 32x32  41088 B | dQ 16x16  37312 B | dK/dV 16 keys x 16 queries  37312 B
     (forward D = 64: 16 x 8 threads of 4 x 4; D = 128: one K/V buffer, 8 x 8 threads of 4 x 4)
+    decode, one query row, D = 64: split layout, 128 threads (32 groups x 4 lanes over d); 128-slot tiles (a ring
+    cache's): one K/V buffer, 46264 B; 32-key tiles (a paged step at the default blocks): 26840 B
 
 (the same numbers as ``ptxas -v`` reports for the sm_90 builds, :mod:`.ptx`).
 
@@ -85,19 +87,20 @@ _MEMO: "weakref.WeakKeyDictionary[AttentionSpec, Dict[Any, Any]]" = weakref.Weak
 
 def fit_shape(
     rows: int, cols: int, n_rows: int, n_cols: int, D: int, itemsize: int, smem: Callable[[TileShape, int], int],
-    max_threads: Tuple[int, int] = MAX_THREADS, accs: int = 1,
+    max_threads: Tuple[int, int] = MAX_THREADS, accs: int = 1, split: bool = False,
 ) -> TileShape:
     """The kernel tile for a spec tile of ``rows x cols``: halve it while it is longer than the sequence (``n_rows``,
     ``n_cols``) or its shared memory exceeds :data:`SMEM_LIMIT` (with the forward's ``K_j`` and ``V_j`` in two
-    buffers, else in one). Halving keeps every kernel tile inside one spec tile. Raises ``ValueError`` if no
-    sub-tile fits (head dim too large)."""
+    buffers, else in one). Halving keeps every kernel tile inside one spec tile. ``split``: a tile of one row gets
+    the split layout (the Q-major forward, :class:`~.tiles.TileShape`). Raises ``ValueError`` if no sub-tile fits
+    (head dim too large)."""
     while rows % 2 == 0 and rows // 2 >= max(n_rows, 1):
         rows //= 2
     while cols % 2 == 0 and cols // 2 >= max(n_cols, 1):
         cols //= 2
     while True:
         for one_kv in (False, True):
-            shape = TileShape.make(rows, cols, D, max_threads, accs, one_kv)
+            shape = TileShape.make(rows, cols, D, max_threads, accs, one_kv, split)
             if smem(shape, itemsize) <= SMEM_LIMIT:
                 return shape
         if rows % 2 == 0 and (rows >= cols or cols % 2 != 0):
@@ -117,13 +120,16 @@ def _key_entries(spec: AttentionSpec) -> int:
 
 
 def kernel_shapes(spec: AttentionSpec, itemsize: int) -> Dict[str, TileShape]:
-    """The kernel tiles of this spec: ``forward`` and ``dq`` (queries x keys), ``dkdv`` (keys x queries)."""
+    """The kernel tiles of this spec: ``forward`` and ``dq`` (queries x keys), ``dkdv`` (keys x queries). The
+    forward of one query row (decoding) runs the split layout in the Q-major order (the K-major order keeps one
+    state per row in global memory, so it runs the plain layout)."""
     memo = _MEMO.setdefault(spec, {})
     key = ("shapes", itemsize)
     if key not in memo:
         bq, bk, D, n = spec.block_q, spec.block_k, spec.D, _key_entries(spec)
+        q_major = TileOrder(spec.order) == TileOrder.Q_MAJOR
         memo[key] = {
-            "forward": fit_shape(bq, bk, spec.Nq, n, D, itemsize, forward_smem_bytes),
+            "forward": fit_shape(bq, bk, spec.Nq, n, D, itemsize, forward_smem_bytes, split=q_major),
             "dq": fit_shape(bq, bk, spec.Nq, n, D, itemsize, dq_smem_bytes),
             "dkdv": fit_shape(bk, bq, n, spec.Nq, D, itemsize, dkdv_smem_bytes, accs=2),
         }
@@ -336,7 +342,7 @@ def _forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Devi
     shape = kernel_shapes(spec, dtype.itemsize)["forward"]
     blocks = (np.int64(spec.block_q), np.int64(spec.block_k))
     Tr = -(-Nq // shape.R)
-    threads = (shape.TX, shape.TY)
+    threads = (shape.LX, shape.TY)
     if TileOrder(spec.order) == TileOrder.K_MAJOR:
         out = cuda.device_array((B, H, Nq, D), dtype=dtype)
         lse = cuda.device_array((B, H, Nq), dtype=dtype)
@@ -404,11 +410,11 @@ def _backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Dev
     if B * H * Nq > 0:
         make_preprocess(dtype)[_grid1(B * H * Nq)](out, dout, dlse, has_dlse, delta)
         sq = shapes["dq"]
-        make_dq(sq, dtype, flags)[(-(-Nq // sq.R), B * H), (sq.TX, sq.TY)](
+        make_dq(sq, dtype, flags)[(-(-Nq // sq.R), B * H), (sq.LX, sq.TY)](
             q, k, v, dout, lse, delta, dlse, has_dlse, dq, delta_kv, tiles, *blocks, cfg)
     sk = shapes["dkdv"]
     if B * Hkv * Nk > 0 and Nq > 0:
-        make_dkdv(sk, dtype, flags, mode)[(-(-_key_entries(spec) // sk.R), B * Hkv), (sk.TX, sk.TY)](
+        make_dkdv(sk, dtype, flags, mode)[(-(-_key_entries(spec) // sk.R), B * Hkv), (sk.LX, sk.TY)](
             q, k, v, dout, lse, delta_kv if spec.rows_complete else delta, dk, dv, dbi, tiles, *blocks, cfg)
 
     dbias = None
