@@ -515,6 +515,54 @@ def test_ring_cache_decodes_after_wraparound_and_reset() -> None:
     np.testing.assert_allclose(ENGINE.to_host(cache.attend(q[:, :, 2:3])), ref3[:, :, 2:3], atol=1e-12)
 
 
+def test_decode_steps_reuse_scratch_and_copy_one_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ring-cache decode steps on the device: the split-K partials live in scratch buffers that every step reuses
+    (none allocated per step), each output stays what it was when later steps run (no output is scratch), a step
+    copies one buffer to the device (its spec's metadata) and an append of device arrays copies none."""
+    from minitorch.attention.kernels.cuda import memory
+    from minitorch.attention.kv_cache import RingBufferKVCache
+
+    rng = np.random.default_rng(8)
+    B, H, Hkv, D, C, N = 1, 2, 1, 4, 6, 8
+    q, k, v = (rng.standard_normal((B, n, N, D)) for n in (H, Hkv, Hkv))
+    ref, _ = reference_attention(q, k, v, causal=True, window=C)
+    steps = [[cuda.to_device(np.ascontiguousarray(a[:, :, t : t + 1])) for a in (q, k, v)] for t in range(N)]
+    cache = RingBufferKVCache(B, Hkv, D, C, backend="cuda", dtype=np.float64, block_size=2)  # 3 splits of 2 slots
+    copies: list = []
+    real = cuda.to_device
+    monkeypatch.setattr(cuda, "to_device", lambda a, *args, **kw: copies.append(np.shape(a)) or real(a, *args, **kw))
+    outs, kept = [], None
+    for t, (qt, kt, vt) in enumerate(steps):
+        copies.clear()
+        cache.append(kt, vt)
+        assert copies == [], f"step {t}: append copied {copies}"
+        outs.append(cache.attend(qt))
+        if t > 0:  # (the first step also makes the dummy arrays of absent features, once per process)
+            assert len(copies) == 1, f"step {t}: {copies}"
+        buffers = memory.scratch_buffers()
+        part = {key: buffers[key] for key in buffers if key[0] in ("out_p", "lse_p")}
+        assert len(part) == 2
+        if kept is not None:
+            assert all(part[key] is kept[key] for key in part), f"step {t}: scratch reallocated"
+        kept = part
+    for t, out in enumerate(outs):
+        np.testing.assert_allclose(ENGINE.to_host(out), ref[:, :, t : t + 1], atol=1e-12, err_msg=f"step {t}")
+
+
+def test_write_rows_by_runs_and_by_list() -> None:
+    """The caches' row copies: runs of consecutive rows by their bounds, scattered rows by an index list."""
+    assert ops.row_runs(np.array([5, 0, 1, 2]), np.array([0, 1, 2, 3])).tolist() == [[5, 0, 1], [0, 1, 3]]
+    rng = np.random.default_rng(3)
+    dst, src = rng.standard_normal((2, 1, 10, 3)), rng.standard_normal((2, 1, 7, 3))
+    for dst_rows, src_rows in (([5, 0, 1, 2], [0, 1, 2, 3]), ([9, 1, 7, 3, 5, 0, 2], [6, 5, 4, 3, 2, 1, 0])):
+        assert (len(ops.row_runs(np.array(dst_rows), np.array(src_rows))) <= ops.MAX_RUNS) == (len(dst_rows) == 4)
+        want = dst.copy()
+        want[:, :, dst_rows] = src[:, :, src_rows]
+        got = cuda.to_device(dst)
+        ops.write_rows(got, cuda.to_device(src), np.array(dst_rows), np.array(src_rows))
+        np.testing.assert_array_equal(got.copy_to_host(), want)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Dynamic Mask Attention: the selection kernels, and the whole call on CudaBackend
 # ---------------------------------------------------------------------------------------------------------------------

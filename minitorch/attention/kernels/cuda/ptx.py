@@ -144,6 +144,7 @@ def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ..
         yield f"fill {tag}", lambda dt=dtype: launch._fill_kernel(dt), (x1, ft), dtype
         yield (f"copy_rows {tag}", lambda dt=dtype: launch._copy_rows_kernel(dt),
                (x4, x4, _arr(np.int64, 1), _arr(np.int64, 1)), dtype)
+        yield f"copy_range {tag}", lambda dt=dtype: launch._copy_range_kernel(dt), (x4, x4, i64, i64, i64), dtype
         for log in (False, True):
             yield (f"importance log={log} {tag}", lambda dt=dtype, lg=log: sel.make_importance(dt, lg),
                    (x4, _arr(dtype, 2), x1, x3, x3), dtype)

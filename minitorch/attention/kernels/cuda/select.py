@@ -25,6 +25,7 @@ from numba import cuda
 
 from ...selection import Selection, empty_threshold
 from ...tiling import build_list_classifier
+from .memory import scratch
 from .tiles import ROW_THREADS, SIMULATOR, cached, device, numba_type, u32
 
 DeviceArray = Any
@@ -167,8 +168,8 @@ def importance_backward(dz: DeviceArray, v: DeviceArray, dt_proj: DeviceArray, a
     """Chain ``dz`` into ``(dv (updated in place), d_dt_proj, d_a_coef)``."""
     dtype = np.dtype(v.dtype)
     B, Hkv, Nk, D = v.shape
-    du = cuda.device_array((B, Hkv, Nk), dtype=dtype)
-    dza = cuda.device_array((B, Hkv, Nk), dtype=dtype)
+    du = scratch("du", (B, Hkv, Nk), dtype)
+    dza = scratch("dza", (B, Hkv, Nk), dtype)
     d_dt = cuda.device_array((Hkv, Hkv * D), dtype=dtype)
     d_a = cuda.device_array((Hkv,), dtype=dtype)
     if B * Hkv * Nk > 0:
@@ -420,8 +421,8 @@ def select(z: DeviceArray, dspec: Any, k_pos_b: DeviceArray) -> Selection:
     if B * Hkv == 0:
         return sel
     init, scan, finish = make_select(dtype)
-    victim = cuda.device_array((B, Hkv, max(Nk, 1)), dtype=np.int32)  # the key evicted at step s, or -1
-    root_at = cuda.device_array((B, Hkv, max(Nk, 1)), dtype=np.int32)  # the worst kept key after step s, or -1
+    victim = scratch("victim", (B, Hkv, max(Nk, 1)), np.int32)  # the key evicted at step s, or -1
+    root_at = scratch("root_at", (B, Hkv, max(Nk, 1)), np.int32)  # the worst kept key after step s, or -1
     if Nk > 0:
         init[_grid1(B * Hkv * Nk)](victim, root_at)
         scan[(-(-Nk // SELECT_THREADS), B * Hkv), SELECT_THREADS](z, k_pos_b, np.int64(dspec.keep), sel.evict,
