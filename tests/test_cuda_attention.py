@@ -515,6 +515,7 @@ def test_ring_cache_decodes_after_wraparound_and_reset() -> None:
     np.testing.assert_allclose(ENGINE.to_host(cache.attend(q[:, :, 2:3])), ref3[:, :, 2:3], atol=1e-12)
 
 
+@pytest.mark.task5_5  # the ring-buffer cache, on the GPU
 def test_decode_steps_reuse_scratch_and_copy_one_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ring-cache decode steps on the device: the split-K partials live in scratch buffers that every step reuses
     (none allocated per step), each output stays what it was when later steps run (no output is scratch), a step
