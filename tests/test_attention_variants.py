@@ -485,6 +485,11 @@ CUDA_CASES = {
     "mask_mod_per_head_f64": (np.float64, 1, 2, 1, {"mask_mod": dilated, "order": TileOrder.K_MAJOR}),
     "score_mod_softcap_f32": (np.float32, 1, 2, 2, {"score_mod": score_mod_half, "score_mod_grad": score_mod_half_grad,
                                                      "softcap": 2.0, "mask_mod": prefix_lm(5)}),
+    # one query row: the split layout (a key's head dim over lanes, groups merged per block), split-K over it
+    "decode_sinks_mods_f32": (np.float32, 1, 4, 2, {
+        "sinks": np.array([0.3, -0.8, 1.0, 0.0]), "alibi_slopes": np.array([0.5, 0.25, 0.1, 0.0]), "softcap": 5.0,
+        "score_mod": score_mod_half, "score_mod_grad": score_mod_half_grad, "causal": True, "window": 9,
+        "dropout": 0.3, "seed": 4, "num_splits": 2}),
 }
 
 
@@ -495,7 +500,7 @@ def test_cuda_variants(case: str) -> None:
     from numba import cuda
 
     dtype, B, H, Hkv, opts = CUDA_CASES[case]
-    Nq, Nk = (11, 13) if "q_segment_ids" in opts else (12, 12)
+    Nq, Nk = (11, 13) if "q_segment_ids" in opts else (1, 13) if case.startswith("decode") else (12, 12)
     x = make_inputs(B, H, Hkv, Nq, Nk, 4, dtype, seed=9, bias_shape=(1, H, Nq, Nk))
     check(minitorch.CudaBackend.attention, x, dict(opts, block_q=8, block_k=4), to_device=cuda.to_device)
 

@@ -204,10 +204,11 @@ class RingBufferKVCache:
             engine ``attend`` runs (NumPy, Numba CPU, Numba CUDA). Default: the backend of the first keys appended.
         dtype: ``float32`` or ``float64``. Default: the dtype of the first keys appended.
         block_size: slots per tile of the decode kernels (tiles entirely outside the window are skipped; on CUDA,
-            slots per split of the split-K kernel). Default ``min(capacity, engine.decode_block)``: 512 on the CPU
-            (a one-row step has a fixed cost per tile), 128 on CUDA and NumPy.
-        tile_size: flash-attention tile (``block_q = block_k``) of chunk attention; on CUDA also the threads per
-            decode block. Default: the backend's choice.
+            slots per split of the split-K kernel, one block of 4 lanes per slot over the head dim and up to 32
+            groups of slots: 128 threads). Default ``min(capacity, engine.decode_block)``: 512 on the CPU (a
+            one-row step has a fixed cost per tile), 128 on CUDA and NumPy.
+        tile_size: flash-attention tile (``block_q = block_k``) of chunk attention (``T > 1``). Default: the
+            backend's choice.
         head_tile_size: query heads one decode program processes together.
         order: tile order of chunk attention (``TileOrder``).
         keep_graph: the backward cache: slots are Tensors written out of place, so gradients flow to every

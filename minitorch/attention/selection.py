@@ -18,8 +18,10 @@ first. It is the engine's :class:`~.spec.KeyList`; its tiles are classified by
 :func:`~.tiling.build_list_classifier` from the lifetimes. ``compact=False`` lists the key sequence itself (the
 textbook block-sparse scheme, kept for comparison).
 
-The same Python source runs on NumPy arrays (SimpleBackend), compiled with ``numba.njit`` (FastTensorBackend) and
-with ``numba.cuda.jit(device=True)`` (CudaBackend): scalars and array indexing only, so all three agree.
+The same Python source runs on NumPy arrays (SimpleBackend) and compiled with ``numba.njit`` (FastTensorBackend):
+scalars and array indexing only, so both agree. A GPU would run the sweep in one thread per (batch, kv head), so
+CudaBackend computes the same arrays from their definition instead, every key in parallel
+(:func:`minitorch.attention.kernels.cuda.select.make_select`); the tests hold it to this sweep, bit for bit.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ def _worse(va, ia, vb, ib):  # type: ignore[no-untyped-def]
 
 
 def build_selection(jit: Callable[[Callable], Callable] = lambda f: f) -> Callable:
-    """Return ``select_head`` compiled with ``jit`` (identity: plain Python on NumPy arrays;
-    ``numba.njit``; ``numba.cuda.jit(device=True)``). Scalars and array indexing only, so all three agree.
+    """Return ``select_head`` compiled with ``jit`` (identity: plain Python on NumPy arrays; ``numba.njit``).
+    Scalars and array indexing only, so both agree.
 
     ``select_head(z, k_pos_b, b, g, keep, causal, off, hv, hi, evict, victim, thr_val, thr_idx, kidx, counts,
     compact, big)`` sweeps the keys of (batch ``b``, kv head ``g``) in index order with a min-heap (root = worst

@@ -14,7 +14,10 @@ Every forward kernel is this step in a loop:
 * :func:`make_forward_q_major` (FlashAttention-2): grid ``(Tr * S, B*H)``; block ``(tq, split sp)`` keeps ``O_i,
   m_i, l_i`` of query tile ``tq`` in registers and streams the key tiles ``[sp Tsp, (sp + 1) Tsp)`` of its split
   (``Tsp = ceil(Tc / S)``), writing a normalized partial ``(O, lse)``; :func:`make_merge` combines the ``S``
-  partials by their lse (split-K; a ring-cache decode step is this with one query row). ``S = 1`` is plain FA2.
+  partials by their lse (split-K). ``S = 1`` is plain FA2. A decode step (ring or paged cache) is this kernel at
+  one query row with one split per key tile, its tile in the split layout (:mod:`.tiles`): 128 threads on a GPU,
+  4 lanes per key over ``d`` (consecutive lanes, consecutive ``d``), 32 groups of keys each with its own running
+  ``(m, l, O)``, merged at the end of the block.
 * :func:`make_forward_k_major` (FlashAttention-1, Algorithm 1): the outer loop over key tiles is a loop of
   launches; for key tile ``j`` a block per query tile reads ``O_i, l_i, m_i`` from global memory, runs the same
   step and writes them back. :func:`make_k_major_init` / :func:`make_k_major_finish` set up and finish.
@@ -56,9 +59,11 @@ _KERNELS: Dict[Tuple[Any, ...], Any] = {}
 def forward_smem_bytes(shape: TileShape, itemsize: int) -> int:
     """Shared memory of the forward kernels: ``Q_i``, ``K_j`` and ``V_j`` (one buffer with ``shape.one_kv``),
     ``P_ij`` (padded), the query table (floats and int64); the visibility of the tile's pairs (bytes); key rows and
-    positions (int64)."""
+    positions (int64); in the split layout the groups' ``(m, l, O)`` for their merge."""
     s = shape
     floats = s.R * s.DP1 + (1 if s.one_kv else 2) * s.C * s.DP1 + s.R * s.CP + 3 * s.R
+    if s.split:
+        floats += s.R * s.TX * (s.DP + 2)
     return itemsize * floats + s.R * s.CP + 8 * (2 * s.C + 3 * s.R)
 
 
@@ -80,7 +85,10 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
     step's own shared scratch: ``Ks, Vs (C, DP1)`` (one buffer with ``shape.one_kv``: ``V_j`` replaces ``K_j``),
     ``Ps (R, CP)`` the (dropped-out) probabilities, ``vis (R, CP)`` the visible pairs, ``jt, kps (C,)`` the key rows
     and positions. Row max and row sum are warp shuffles among the ``TX`` threads of a row: three barriers per key
-    tile (four with one K/V buffer).
+    tile (four with one K/V buffer). In the split layout (one query row, :class:`~.tiles.TileShape` ``TD > 1``)
+    each group of ``TD`` lanes is a row of its own over its key columns: the same lines, with no row reduction
+    (``row_max``, ``row_sum`` return their argument) and ``O_i`` of the group's own keys; the kernel merges the
+    groups at the end (``merge``).
     """
     ops = tile_ops(shape, dtype, flags)
     load_keys, gather_rows, score = ops.load_keys, ops.gather_rows, ops.score
@@ -91,6 +99,7 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
     R, C, CP, DP1, TY, TX = shape.R, shape.C, shape.CP, shape.DP1, shape.TY, shape.TX
     RM, RN, DPT = shape.RM, shape.RN, shape.DPT
     HAS_DROPOUT, ONE_KV = bool(flags.has_dropout), bool(shape.one_kv)
+    TD = shape.TD
 
     def fwd_step(Qs, qf, qn, o, m_i, l_i, k, v, b, h, g, bb, hb, q0, c0, n, masked, Nq, D, cfg):  # type: ignore[no-untyped-def]
         Ks = cuda.shared.array((C, DP1), dt)
@@ -100,7 +109,7 @@ def make_fwd_step(shape: TileShape, dtype: Any, flags: Flags) -> Callable:
         jt = cuda.shared.array(C, numba.int64)
         kps = cuda.shared.array(C, numba.int64)
         ty = u32(cuda.threadIdx.y)
-        tx = u32(cuda.threadIdx.x)
+        tx = u32(u32(cuda.threadIdx.x) // u32(TD)) if TD > 1 else u32(cuda.threadIdx.x)  # (split: its lane group)
 
         # line 6: load K_j, V_j through the key source (once every thread is done with the previous ones and P_ij);
         # the barrier also tells every thread whether V_j holds a NaN or Inf
@@ -179,13 +188,14 @@ def _block_parts(shape: TileShape, dtype: Any, flags: Flags) -> Tuple[Callable, 
     * ``begin(Qs, qf, qn, q, b, h, g, q0, cfg) -> (bb, hb)``: load ``Q_i`` and its query table (line 4); the
       bias's batch and head for (b, h);
     * ``normalize(o, l_i, out2, q0, Nq, D)``: ``out2[i] = O_i / l_i`` for the block's rows of ``out2 (Nq, D)``, 0
-      for a row that saw no key (line 12).
+      for a row that saw no key (line 12). Split layout: after ``merge``, the first group writes.
     """
     ops = tile_ops(shape, dtype, flags)
     load_rows, load_queries = ops.load_rows, ops.load_queries
     ft = np.dtype(dtype).type
     ZERO, ONE = ft(0.0), ft(1.0)
     R, TY, TX, RM, DPT = shape.R, shape.TY, shape.TX, shape.RM, shape.DPT
+    TD, SPLIT = shape.TD, shape.split
     HAS_BIAS = bool(flags.has_bias)
 
     def begin(Qs, qf, qn, q, b, h, g, q0, cfg):  # type: ignore[no-untyped-def]
@@ -200,13 +210,15 @@ def _block_parts(shape: TileShape, dtype: Any, flags: Flags) -> Tuple[Callable, 
         return bb, hb
 
     def normalize(o, l_i, out2, q0, Nq, D):  # type: ignore[no-untyped-def]
+        if SPLIT and cuda.threadIdx.x >= TD:  # split layout: every group holds the merged row; the first writes
+            return
         for r in range(RM):
             i = q0 + cuda.threadIdx.y + r * TY
             if i < Nq:
                 li = l_i[r]
                 inv = ONE / li if li != ZERO else ZERO
                 for e in range(DPT):
-                    d = cuda.threadIdx.x + e * TX
+                    d = cuda.threadIdx.x + e * (TD if SPLIT else TX)
                     if d < D:
                         out2[i, d] = o[r, e] * inv
 
@@ -229,12 +241,13 @@ def make_forward_q_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
     def build() -> Any:
         step = make_fwd_step(shape, dtype, flags)
         begin, normalize = _block_parts(shape, dtype, flags)
-        n_keys = tile_ops(shape, dtype, flags).n_keys
+        n_keys, merge = tile_ops(shape, dtype, flags).n_keys, tile_ops(shape, dtype, flags).merge
         dt = numba_type(dtype)
         ft = np.dtype(dtype).type
         ZERO, ONE, NEG_INF = ft(0.0), ft(1.0), ft(-np.inf)
         MIN, _ = sentinels(dtype)
         R, C, DP1, TY, RM, DPT = shape.R, shape.C, shape.DP1, shape.TY, shape.RM, shape.DPT
+        TD = shape.TD
         HAS_SINKS = bool(flags.has_sinks)
 
         def forward_q_major(q, k, v, out, lse, tile_types, block_q, block_k, S, cfg):  # type: ignore[no-untyped-def]
@@ -254,9 +267,10 @@ def make_forward_q_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
             q0 = tq * R
 
             # line 4: load Q_i; O_i = 0, l_i = 0, m_i = MIN (the finite stand-in for -inf); with learnable sinks the
-            # first split starts from the sink's term instead, m_i = sinks[h], l_i = 1 (a sink has no value)
+            # first split starts from the sink's term instead, m_i = sinks[h], l_i = 1 (a sink has no value; in the
+            # split layout the first group's)
             bb, hb = begin(Qs, qf, qn, q, b, h, g, q0, cfg)
-            with_sink = HAS_SINKS and sp == 0
+            with_sink = HAS_SINKS and sp == 0 and (TD == 1 or cuda.threadIdx.x < TD)
             for r in range(RM):
                 m_i[r] = cfg.sinks[h] if with_sink else MIN
                 l_i[r] = ONE if with_sink else ZERO
@@ -276,6 +290,7 @@ def make_forward_q_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
                          cfg)
 
             # lines 12-13: O_i = diag(l_i)^-1 O_i, lse_i = m_i + log(l_i); a row that saw no key: 0 and -inf
+            merge(o, m_i, l_i)  # (split layout: the groups' rows as one)
             normalize(o, l_i, out[b, h, sp], q0, Nq, q.shape[3])
             for r in range(RM):
                 i = q0 + cuda.threadIdx.y + r * TY
@@ -295,6 +310,9 @@ def make_forward_k_major(shape: TileShape, dtype: Any, flags: Flags) -> Any:
     key tile in order (the algorithm's outer loop). Each block reads ``O_i`` (normalized, in ``out``), ``m_i`` and
     ``l_i`` ("HBM"), folds key tile ``tk`` in with the same step as Q-major, and writes them back.
     """
+
+    if shape.split:
+        raise ValueError("the K-major forward keeps one state per row in global memory: no split layout")
 
     def build() -> Any:
         step = make_fwd_step(shape, dtype, flags)

@@ -40,6 +40,7 @@ import numpy as np
 from numba import cuda
 
 from .... import cuda_ops, operators
+from ...engine import AttentionEngine
 from ...mods import score_mod_of
 from ...tiling import default_block_sizes
 from . import backward as bwd
@@ -54,6 +55,8 @@ except ImportError:  # pragma: no cover - an older numba-cuda
     find_nvidia_binary_utility = None
 
 ARCH = (9, 0)
+DECODE_BLOCK = AttentionEngine.decode_block
+"""Slots per key tile of a ring cache's decode step on CUDA (128)."""
 
 
 def _typeof_config(dtype: Any) -> Any:
@@ -83,7 +86,8 @@ def _arr(dtype: Any, ndim: int) -> Any:
 
 def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ...], Any]]:
     """``(name, kernel factory, argument types, dtype)`` of every kernel variant to compile (``decode``: the Q-major
-    forward at one query row, as a ring cache's or a paged cache's decode step runs it)."""
+    forward at one query row in the split layout, as a paged cache's decode step runs it at the default key tile
+    and a ring cache's at its 128-slot tiles)."""
     i64, b1 = numba.int64, numba.boolean
     dtypes = [np.float32, np.float64] if full else [np.float32]
     dims = [64, 128] if full else [64]
@@ -113,11 +117,12 @@ def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ..
                    lambda f=f, s=shapes["forward"], dt=dtype: fwd.make_forward_k_major(s, dt, f),
                    (x4, x4, x4, x4, x3, x3, t8, i64, i64, i64, cfg), dtype)
             if not (f.has_bias or f.has_dropout or f.has_segments):  # decode: one query row, split-K (ring or pages)
-                dec = launch.fit_shape(*_blocks(D), 1, 4096, D, np.dtype(dtype).itemsize, fwd.forward_smem_bytes,
-                                       GPU_THREADS)
-                yield (f"decode {tag} {ftag} {_sh(dec)}",
-                       lambda f=f, s=dec, dt=dtype: fwd.make_forward_q_major(s, dt, f),
-                       (x4, x4, x4, x5, x4, t8, i64, i64, i64, cfg), dtype)
+                for bk in sorted({_blocks(D)[1], DECODE_BLOCK}):  # a paged step's key tiles; a ring cache's slots
+                    dec = launch.fit_shape(_blocks(D)[0], bk, 1, 4096, D, np.dtype(dtype).itemsize,
+                                           fwd.forward_smem_bytes, GPU_THREADS, split=True)
+                    yield (f"decode {tag} {ftag} {_sh(dec)}",
+                           lambda f=f, s=dec, dt=dtype: fwd.make_forward_q_major(s, dt, f),
+                           (x4, x4, x4, x5, x4, t8, i64, i64, i64, cfg), dtype)
             if f.has_pages:  # paged attention is forward only
                 continue
             yield (f"dq {tag} {ftag} {_sh(shapes['dq'])}",
@@ -139,6 +144,7 @@ def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ..
         yield f"fill {tag}", lambda dt=dtype: launch._fill_kernel(dt), (x1, ft), dtype
         yield (f"copy_rows {tag}", lambda dt=dtype: launch._copy_rows_kernel(dt),
                (x4, x4, _arr(np.int64, 1), _arr(np.int64, 1)), dtype)
+        yield f"copy_range {tag}", lambda dt=dtype: launch._copy_range_kernel(dt), (x4, x4, i64, i64, i64), dtype
         for log in (False, True):
             yield (f"importance log={log} {tag}", lambda dt=dtype, lg=log: sel.make_importance(dt, lg),
                    (x4, _arr(dtype, 2), x1, x3, x3), dtype)
@@ -148,8 +154,12 @@ def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ..
                                           ((x3, x4, _arr(dtype, 2)), (x3, x1), (x3, _arr(dtype, 2), x4)))):
             yield f"importance_{k} {tag}", lambda dt=dtype, n=n: sel.make_importance_grads(dt)[n], args, dtype
         a64 = lambda nd: _arr(np.int64, nd)  # noqa: E731
-        yield (f"select {tag}", lambda: sel.select_kernel,
-               (x3, a64(2), i64, b1, i64, x3, a64(3), a64(3), a64(3), x3, a64(3), a64(3), a64(2), b1, ft), dtype)
+        a32 = lambda nd: _arr(np.int32, nd)  # noqa: E731
+        yield f"select_init {tag}", lambda dt=dtype: sel.make_select(dt)[0], (a32(3), a32(3)), dtype
+        yield (f"select_scan {tag} t{sel.SELECT_THREADS}", lambda dt=dtype: sel.make_select(dt)[1],
+               (x3, a64(2), i64, a64(3), a32(3), a32(3)), dtype)
+        yield (f"select_finish {tag} t{sel.SELECT_THREADS}", lambda dt=dtype: sel.make_select(dt)[2],
+               (x3, a32(3), a64(3), a32(3), b1, i64, b1, ft, x3, a64(3), a64(3), a64(2)), dtype)
         yield (f"list_tile_types {tag}", lambda: sel.tile_types_kernel,
                (a64(3), a64(2), a64(3), i64, i64, b1, i64, i64, t8), dtype)
 
@@ -159,8 +169,9 @@ def _blocks(D: int) -> Tuple[int, int]:
 
 
 def _sh(s: TileShape) -> str:
-    """The kernel tile, the thread grid and the register tile: ``64x32 t16x8 r4x4``."""
-    return f"{s.R}x{s.C} t{s.TY}x{s.TX} r{s.RM}x{s.RN}"
+    """The kernel tile, the thread grid and the register tile: ``64x32 t16x8 r4x4``; the split layout's lanes per
+    key too: ``1x128 t1x32x4 r1x4`` (32 groups of 4 lanes, each group 4 keys)."""
+    return f"{s.R}x{s.C} t{s.TY}x{s.TX}" + (f"x{s.TD}" if s.split else "") + f" r{s.RM}x{s.RN}"
 
 
 def _pretend_device(cc: Tuple[int, int]) -> None:

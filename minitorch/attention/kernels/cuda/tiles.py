@@ -7,6 +7,12 @@ products with ``V`` (or ``K``, ``Q``, ``dO``), the head-dim columns ``tx + e TX`
 it owns. Tiles of ``D``-long rows sit in shared memory (``DP1 = DP + 1`` wide, so that threads reading one column of
 different rows hit different banks).
 
+A tile of one query row (decoding) has too few pairs for that: ``TX`` threads of one key each, every dot product a
+serial ``D``-long loop. Its forward runs the *split* layout (``TD > 1``): a group of ``TD`` neighbouring lanes per
+key column, lane ``td`` taking the head-dim columns ``td + e TD`` (consecutive lanes read consecutive ``d``), the
+dot products summed over the group by warp shuffles; ``TX`` groups, each an online softmax of its own columns (its
+own ``m, l, O``: no row reductions per tile), merged once at the end of the block (:class:`TileOps` ``merge``).
+
 What the kernels are configured by comes in two kinds:
 
 * compile-time :class:`Flags` (bias, key list, pages, top-k rule, dropout, segments, a block mask, sinks, softcap,
@@ -235,6 +241,18 @@ class TileShape:
     TY: int
     TX: int
     one_kv: bool = False
+    TD: int = 1
+    """Lanes per key column splitting the head dim (the split layout when ``> 1``; forward only, ``TY = 1``)."""
+
+    @property
+    def split(self) -> bool:
+        """The split layout: ``TD`` lanes per (row, key) dot product, ``TX`` groups merged at the end."""
+        return self.TD > 1
+
+    @property
+    def LX(self) -> int:
+        """Threads along the block's x axis: ``TX`` groups of ``TD`` lanes (lane ``threadIdx.x = tx TD + td``)."""
+        return self.TX * self.TD
 
     @property
     def RM(self) -> int:
@@ -248,13 +266,14 @@ class TileShape:
 
     @property
     def DPT(self) -> int:
-        """Head-dim columns of an output row a thread owns."""
-        return self.DP // self.TX
+        """Head-dim columns of an output row a thread owns (``tx + e TX``; split: ``td + e TD``)."""
+        return self.DP // (self.TD if self.split else self.TX)
 
     @property
     def DP1(self) -> int:
-        """Row length of a shared ``(rows, D)`` tile (padded by one against bank conflicts)."""
-        return self.DP + 1
+        """Row length of a shared ``(rows, D)`` tile: padded by ``TD`` (one lane group) against bank conflicts, so
+        that the groups of a warp reading their rows at the same ``d`` hit different banks."""
+        return self.DP + self.TD
 
     @property
     def CP(self) -> int:
@@ -269,15 +288,35 @@ class TileShape:
 
     @property
     def threads(self) -> int:
-        return self.TY * self.TX
+        return self.TY * self.TX * self.TD
 
     @staticmethod
     def make(R: int, C: int, D: int, max_threads: Tuple[int, int] = MAX_THREADS, accs: int = 1,
-             one_kv: bool = False) -> "TileShape":
-        """Threads from the tile (:func:`thread_grid`); the head dim padded to a multiple of ``TX``."""
+             one_kv: bool = False, split: bool = False) -> "TileShape":
+        """Threads from the tile (:func:`thread_grid`; one row with ``split``: :func:`split_grid`); the head dim
+        padded to a multiple of ``TX`` (split: of ``TD``)."""
+        if split and R == 1:
+            TX, TD = split_grid(C, D, max_threads)
+            return TileShape(1, int(C), int(-(-D // TD) * TD), 1, int(TX), bool(one_kv), int(TD))
         TY, TX = thread_grid(R, C, D, max_threads, accs)
         DP = -(-D // TX) * TX
         return TileShape(int(R), int(C), int(DP), int(TY), int(TX), bool(one_kv))
+
+
+SPLIT_LANES = 4
+"""Lanes per key in the split layout: each sums ``D / 4`` products (16 at D = 64) before two shuffle steps."""
+
+
+def split_grid(C: int, D: int, max_threads: Tuple[int, int] = MAX_THREADS) -> Tuple[int, int]:
+    """``(TX, TD)`` of a one-row tile of ``C`` keys in the split layout: ``TD = 4`` lanes per key (fewer for
+    ``D < 4``), and as many groups ``TX`` as divide ``C`` within :data:`BLOCK_THREADS` threads in all (128 on a
+    GPU: 32 groups; a 128-key tile gives each group 4 keys)."""
+    TD = 1
+    while TD < SPLIT_LANES and TD * 2 <= D:
+        TD *= 2
+    TD = max(TD, 2)
+    cap = max(1, min(BLOCK_THREADS, max_threads[0] * max_threads[1]) // TD)
+    return _divisor_at_most(C, cap), TD
 
 
 def thread_grid(R: int, C: int, D: int, max_threads: Tuple[int, int] = MAX_THREADS, accs: int = 1) -> Tuple[int, int]:
@@ -344,7 +383,9 @@ class TileOps:
       bits; kept, with DMA's top-k);
     * ``dot_tile(s, A, Bm)``: ``s[r, c] = sum_d A[row r, d] Bm[col c, d]`` (``A Bm^T`` into the register tile);
     * ``acc_tile(acc, P, V, vis, careful)``: ``acc[r, e] += sum_{j < C} P[row r, j] V[j, col e]``; ``careful`` leaves
-      out the pairs with ``vis == 0`` (a TRIANGLE tile whose ``V`` holds NaN or Inf: ``0 * NaN`` is NaN).
+      out the pairs with ``vis == 0`` (a TRIANGLE tile whose ``V`` holds NaN or Inf: ``0 * NaN`` is NaN). Split
+      layout: ``s`` summed over the key's ``TD`` lanes by shuffles; ``acc`` over the group's own columns only;
+    * ``merge(o, m_i, l_i)``: split layout, the groups' partial rows as one at the end of a block (else nothing).
 
     The loads return ``bad``, 1 if the thread loaded a NaN or Inf (``x - x != 0``); a caller turns it into a
     block-wide flag with ``cuda.syncthreads_or``, at a barrier it needs anyway.
@@ -357,7 +398,10 @@ class TileOps:
         _, MAX = sentinels(dtype)
         C, DP, TY, TX = shape.C, shape.DP, shape.TY, shape.TX
         RM, RN, DPT, NT = shape.RM, shape.RN, shape.DPT, shape.threads
-        UD, UC = _unroll(DP), _unroll(C)
+        TD, LX, SPLIT = shape.TD, shape.LX, shape.split
+        DPL = DP // TD  # head-dim columns of a dot product one lane sums
+        UD, UC = _unroll(DPL), _unroll(C)
+        MIN = sentinels(dtype)[0]
         HAS_BIAS, HAS_LIST, HAS_TOPK = bool(flags.has_bias), bool(flags.has_list), bool(flags.has_topk)
         HAS_PAGES = bool(flags.has_pages)
         HAS_SEG, HAS_BM = bool(flags.has_segments), bool(flags.has_block_mask)
@@ -369,7 +413,7 @@ class TileOps:
         HAS_MODS = HAS_MOD or HAS_SOFTCAP or HAS_ALIBI
 
         def load_rows(dst, src, b, h, start, n, D, rows):  # type: ignore[no-untyped-def]
-            tid = cuda.threadIdx.y * TX + cuda.threadIdx.x
+            tid = cuda.threadIdx.y * LX + cuda.threadIdx.x
             bad = 0
             for idx in range(tid, rows * DP, NT):
                 r = idx // DP
@@ -400,14 +444,14 @@ class TileOps:
             return e
 
         def load_keys(jt, kps, b, g, c0, n, cfg):  # type: ignore[no-untyped-def]
-            tid = cuda.threadIdx.y * TX + cuda.threadIdx.x
+            tid = cuda.threadIdx.y * LX + cuda.threadIdx.x
             for c in range(tid, jt.shape[0], NT):
                 j = key_row(b, g, c0 + c, n, cfg)
                 jt[c] = j
                 kps[c] = cfg.k_pos_b[b, j] if j >= 0 else -1
 
         def gather_rows(dst, src, b, g, c0, n, D, rows, cfg):  # type: ignore[no-untyped-def]
-            tid = cuda.threadIdx.y * TX + cuda.threadIdx.x
+            tid = cuda.threadIdx.y * LX + cuda.threadIdx.x
             bad = 0
             for idx in range(tid, rows * DP, NT):
                 c = idx // DP
@@ -425,7 +469,7 @@ class TileOps:
             return bad
 
         def load_queries(qf, qn, b, h, g, q0, rows, Nq, lse, delta, cfg, stats):  # type: ignore[no-untyped-def]
-            tid = cuda.threadIdx.y * TX + cuda.threadIdx.x
+            tid = cuda.threadIdx.y * LX + cuda.threadIdx.x
             for c in range(tid, rows, NT):
                 i = q0 + c
                 ic = min(i, Nq - 1)
@@ -472,7 +516,8 @@ class TileOps:
 
         mask = lane_mask(NT)
         shfl = shfl_xor_simulated(dtype, NT) if SIMULATOR else cuda.shfl_xor_sync
-        STEPS = TX.bit_length() - 1  # log2(TX): the butterfly over a row's TX lanes
+        STEPS = 0 if SPLIT else TX.bit_length() - 1  # log2(TX): the butterfly over a row's TX lanes (split: none,
+        SPLIT_STEPS = TD.bit_length() - 1  # each group has its own partial row); log2(TD): over a key's TD lanes
 
         def row_max(x):  # type: ignore[no-untyped-def]
             m = mask()
@@ -488,15 +533,16 @@ class TileOps:
 
         def dot_tile(s, A, Bm):  # type: ignore[no-untyped-def]
             ty = u32(cuda.threadIdx.y)
-            tx = u32(cuda.threadIdx.x)
+            tx = u32(u32(cuda.threadIdx.x) // u32(TD)) if SPLIT else u32(cuda.threadIdx.x)
+            td = u32(u32(cuda.threadIdx.x) % u32(TD)) if SPLIT else u32(0)
             a = cuda.local.array(RM, dt)
             bv = cuda.local.array(RN, dt)
             for r in range(RM):
                 for c in range(RN):
                     s[r, c] = ZERO
-            for d0 in range(u32(0), u32(DP), u32(UD)):
-                for dd in range(UD):
-                    d = d0 + u32(dd)
+            for k0 in range(u32(0), u32(DPL), u32(UD)):  # this lane's head-dim columns d = td + k TD
+                for kk in range(UD):
+                    d = td + u32((k0 + u32(kk)) * u32(TD)) if SPLIT else k0 + u32(kk)
                     for r in range(RM):
                         a[r] = A[ty + u32(r * TY), d]
                     for c in range(RN):
@@ -504,12 +550,36 @@ class TileOps:
                     for r in range(RM):
                         for c in range(RN):
                             s[r, c] += a[r] * bv[c]
+            if SPLIT:  # the TD lanes of a key each hold part of its dot product: sum them (every lane gets it)
+                m = mask()
+                for k in range(SPLIT_STEPS):
+                    for r in range(RM):
+                        for c in range(RN):
+                            s[r, c] += shfl(m, s[r, c], 1 << k)
 
         def acc_tile(acc, P, V, vis, careful):  # type: ignore[no-untyped-def]
             ty = u32(cuda.threadIdx.y)
-            tx = u32(cuda.threadIdx.x)
+            tx = u32(u32(cuda.threadIdx.x) // u32(TD)) if SPLIT else u32(cuda.threadIdx.x)
+            td = u32(u32(cuda.threadIdx.x) % u32(TD)) if SPLIT else u32(0)
             a = cuda.local.array(RM, dt)
             vv = cuda.local.array(DPT, dt)
+            if SPLIT:  # a group sums over its own key columns tx + c TX, into the columns d = td + e TD
+                for c in range(RN):
+                    j = tx + u32(c * TX)
+                    for r in range(RM):
+                        a[r] = P[ty + u32(r * TY), j]
+                    for e in range(DPT):
+                        vv[e] = V[j, td + u32(e * TD)]
+                    if careful:
+                        for r in range(RM):
+                            if vis[ty + u32(r * TY), j] != 0:
+                                for e in range(DPT):
+                                    acc[r, e] += a[r] * vv[e]
+                    else:
+                        for r in range(RM):
+                            for e in range(DPT):
+                                acc[r, e] += a[r] * vv[e]
+                return
             for j0 in range(u32(0), u32(C), u32(UC)):
                 for jj in range(UC):
                     j = j0 + u32(jj)
@@ -527,6 +597,38 @@ class TileOps:
                             for e in range(DPT):
                                 acc[r, e] += a[r] * vv[e]
 
+        def merge(o, m_i, l_i):  # type: ignore[no-untyped-def]
+            """Split layout: the TX groups' online softmaxes of one row, each over its own keys, as one (the
+            split-K merge of :func:`~.forward.make_merge`, in shared memory): ``M = max m_g``, ``l = sum l_g
+            e^(m_g - M)``, ``O = sum O_g e^(m_g - M)``. Every group ends with the row's state."""
+            if SPLIT:
+                mb = cuda.shared.array((RM, TX), dt)
+                lb = cuda.shared.array((RM, TX), dt)
+                ob = cuda.shared.array((RM, TX, DP), dt)
+                tx = u32(cuda.threadIdx.x) // u32(TD)
+                td = u32(cuda.threadIdx.x) % u32(TD)
+                for r in range(RM):
+                    if td == 0:
+                        mb[r, tx] = m_i[r]
+                        lb[r, tx] = l_i[r]
+                    for e in range(DPT):
+                        ob[r, tx, td + u32(e * TD)] = o[r, e]
+                cuda.syncthreads()
+                for r in range(RM):
+                    M = MIN
+                    for t in range(TX):
+                        M = nan_max(M, mb[r, t])
+                    L = ZERO
+                    for e in range(DPT):
+                        o[r, e] = ZERO
+                    for t in range(TX):
+                        w = math.exp(mb[r, t] - M)  # 0 for a group that saw no key while others did
+                        L += lb[r, t] * w
+                        for e in range(DPT):
+                            o[r, e] += ob[r, t, td + u32(e * TD)] * w
+                    m_i[r] = M
+                    l_i[r] = L
+
         self.shape, self.flags = shape, flags
         self.load_rows = device(load_rows)
         self.n_keys = device(n_keys)
@@ -538,6 +640,7 @@ class TileOps:
         self.row_sum = device(row_sum)
         self.dot_tile = device(dot_tile)
         self.acc_tile = device(acc_tile)
+        self.merge = device(merge)
 
 
 def tile_ops(shape: TileShape, dtype: Any, flags: Flags) -> TileOps:
