@@ -70,6 +70,7 @@ from .tiles import (
     Flags,
     TileShape,
     cached,
+    grid1,
     numba_type,
 )
 
@@ -306,10 +307,6 @@ def _inputs(q: Any, k: Any, v: Any, bias: Any, spec: AttentionSpec) -> Tuple[Any
     return q, k, v, bias, dtype
 
 
-def _grid1(n: int) -> Tuple[int, int]:
-    return (max(1, -(-n // ROW_THREADS)), ROW_THREADS)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Forward and backward
 # ---------------------------------------------------------------------------------------------------------------------
@@ -367,7 +364,7 @@ def _forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Devi
         lse = cuda.device_array((B, H, Nq), dtype=dtype)
         m_buf = scratch("m_buf", (B, H, Nq), dtype)
         l_buf = scratch("l_buf", (B, H, Nq), dtype)
-        rows = _grid1(B * H * Nq)
+        rows = grid1(B * H * Nq)
         make_k_major_init(dtype)[rows](out, m_buf, l_buf, cfg.sinks, flags.has_sinks)
         kernel = make_forward_k_major(shape, dtype, flags)
         for tk in range(-(-_key_entries(spec) // shape.C)):  # FA1's outer loop over key tiles: launches in order
@@ -384,7 +381,7 @@ def _forward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Devi
     make_forward_q_major(shape, dtype, flags)[(Tr * S, B * H), threads](q, k, v, out_p, lse_p, tiles, *blocks,
                                                                         np.int64(S), cfg)
     if S > 1:
-        make_merge(dtype)[_grid1(B * H * Nq * D)](out_p, lse_p, out, lse)
+        make_merge(dtype)[grid1(B * H * Nq * D)](out_p, lse_p, out, lse)
     return out, lse
 
 
@@ -432,7 +429,7 @@ def _backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Dev
     delta_kv = scratch("delta_kv", (B, H, Nq), dtype)
     delta = scratch("delta", (B, H, Nq), dtype)
     if B * H * Nq > 0:
-        make_preprocess(dtype)[_grid1(B * H * Nq)](out, dout, dlse, has_dlse, delta)
+        make_preprocess(dtype)[grid1(B * H * Nq)](out, dout, dlse, has_dlse, delta)
         sq = shapes["dq"]
         make_dq(sq, dtype, flags)[(-(-Nq // sq.R), B * H), (sq.LX, sq.TY)](
             q, k, v, dout, lse, delta, dlse, has_dlse, dq, delta_kv, tiles, *blocks, cfg)
@@ -448,7 +445,7 @@ def _backward(q: DeviceArray, k: DeviceArray, v: DeviceArray, bias: Optional[Dev
         else:
             dbias = cuda.device_array(tuple(bias.shape), dtype=dtype)
             if dbias.size > 0:
-                make_dbias_reduce(dtype)[_grid1(dbias.size)](dbi, dbias)
+                make_dbias_reduce(dtype)[grid1(dbias.size)](dbi, dbias)
     return dq, dk, dv, dbias
 
 
@@ -460,7 +457,7 @@ def sinks_backward(out: DeviceArray, lse: DeviceArray, dout: Optional[DeviceArra
     dout_ = on_device(dout, dtype) if dout is not None else fill_zero(scratch("dout", tuple(out.shape), dtype))
     dlse_ = on_device(dlse, dtype) if dlse is not None else _dummy(dtype, 3)
     if spec.H > 0:  # (the sinks on the device: the forward's copy)
-        make_sinks_backward(dtype)[_grid1(spec.H)](out, dout_, lse, dlse_, dlse is not None,
+        make_sinks_backward(dtype)[grid1(spec.H)](out, dout_, lse, dlse_, dlse is not None,
                                                   _config(spec, dtype).sinks, dsinks)
     return dsinks
 
@@ -490,12 +487,17 @@ def _fill_kernel(dtype: Any) -> Any:
     return cached(_KERNELS, ("fill", np.dtype(dtype).name), build)
 
 
-def fill_zero(a: DeviceArray) -> DeviceArray:
-    """``a[...] = 0`` on the device (a contiguous device array); returns ``a``."""
+def fill(a: DeviceArray, x: Any) -> DeviceArray:
+    """``a[...] = x`` on the device (a contiguous device array); returns ``a``."""
     dtype = np.dtype(a.dtype)
     if a.size > 0:
-        _fill_kernel(dtype)[_grid1(a.size)](a.reshape(a.size), dtype.type(0))
+        _fill_kernel(dtype)[grid1(a.size)](a.reshape(a.size), dtype.type(x))
     return a
+
+
+def fill_zero(a: DeviceArray) -> DeviceArray:
+    """``a[...] = 0`` on the device (a contiguous device array); returns ``a``."""
+    return fill(a, 0)
 
 
 def zeros(shape: Tuple[int, ...], dtype: Any) -> DeviceArray:
@@ -574,11 +576,11 @@ def write_rows(dst: DeviceArray, src: Any, dst_rows: np.ndarray, src_rows: np.nd
     if len(runs) <= MAX_RUNS:
         B, H, _, D = dst.shape
         for d0, s0, length in runs:
-            _copy_range_kernel(dtype)[_grid1(int(B * H * length * D))](dst, src, np.int64(d0), np.int64(s0),
+            _copy_range_kernel(dtype)[grid1(int(B * H * length * D))](dst, src, np.int64(d0), np.int64(s0),
                                                                        np.int64(length))
         return
     rows = to_device_packed({"dst": (dst_rows, np.int64), "src": (src_rows, np.int64)})
-    _copy_rows_kernel(dtype)[_grid1(n)](dst, src, rows["dst"], rows["src"])
+    _copy_rows_kernel(dtype)[grid1(n)](dst, src, rows["dst"], rows["src"])
 
 
 def take_rows(src: DeviceArray, rows: np.ndarray) -> DeviceArray:

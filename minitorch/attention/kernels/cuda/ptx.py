@@ -155,10 +155,9 @@ def variants(full: bool) -> Iterator[Tuple[str, Callable[[], Any], Tuple[Any, ..
             yield f"importance_{k} {tag}", lambda dt=dtype, n=n: sel.make_importance_grads(dt)[n], args, dtype
         a64 = lambda nd: _arr(np.int64, nd)  # noqa: E731
         a32 = lambda nd: _arr(np.int32, nd)  # noqa: E731
-        yield f"select_init {tag}", lambda dt=dtype: sel.make_select(dt)[0], (a32(3), a32(3)), dtype
-        yield (f"select_scan {tag} t{sel.SELECT_THREADS}", lambda dt=dtype: sel.make_select(dt)[1],
+        yield (f"select_scan {tag} t{sel.SELECT_THREADS}", lambda dt=dtype: sel.make_select(dt)[0],
                (x3, a64(2), i64, a64(3), a32(3), a32(3)), dtype)
-        yield (f"select_finish {tag} t{sel.SELECT_THREADS}", lambda dt=dtype: sel.make_select(dt)[2],
+        yield (f"select_finish {tag} t{sel.SELECT_THREADS}", lambda dt=dtype: sel.make_select(dt)[1],
                (x3, a32(3), a64(3), a32(3), b1, i64, b1, ft, x3, a64(3), a64(3), a64(2)), dtype)
         yield (f"list_tile_types {tag}", lambda: sel.tile_types_kernel,
                (a64(3), a64(2), a64(3), i64, i64, b1, i64, i64, t8), dtype)

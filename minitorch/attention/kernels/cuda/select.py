@@ -26,16 +26,13 @@ from numba import cuda
 from ...selection import Selection, empty_threshold
 from ...tiling import build_list_classifier
 from .memory import scratch
-from .tiles import ROW_THREADS, SIMULATOR, cached, device, numba_type, u32
+from .launch import fill
+from .tiles import SIMULATOR, cached, device, grid1, numba_type, u32
 
 DeviceArray = Any
 _KERNELS: Dict[Tuple[Any, ...], Any] = {}
 
 _list_tile_types = build_list_classifier(device)
-
-
-def _grid1(n: int) -> Tuple[int, int]:
-    return (max(1, -(-n // ROW_THREADS)), ROW_THREADS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -158,7 +155,7 @@ def importance(v: DeviceArray, dt_proj: DeviceArray, a_coef: DeviceArray, log_sp
     z = cuda.device_array((B, Hkv, Nk), dtype=dtype)
     u = cuda.device_array((B, Hkv, Nk), dtype=dtype)
     if B * Hkv * Nk > 0:
-        blocks, threads = _grid1(B * Hkv * Nk)
+        blocks, threads = grid1(B * Hkv * Nk)
         make_importance(dtype, log_space)[blocks, threads](v, dt_proj, a_coef, z, u)
     return z, u
 
@@ -173,14 +170,14 @@ def importance_backward(dz: DeviceArray, v: DeviceArray, dt_proj: DeviceArray, a
     d_dt = cuda.device_array((Hkv, Hkv * D), dtype=dtype)
     d_a = cuda.device_array((Hkv,), dtype=dtype)
     if B * Hkv * Nk > 0:
-        blocks, threads = _grid1(B * Hkv * Nk)
+        blocks, threads = grid1(B * Hkv * Nk)
         make_importance_du(dtype, log_space)[blocks, threads](dz, z, u, a_coef, du, dza)
     d_dt_k, d_a_k, dx_k = make_importance_grads(dtype)
-    blocks, threads = _grid1(Hkv * Hkv * D)
+    blocks, threads = grid1(Hkv * Hkv * D)
     d_dt_k[blocks, threads](du, v, d_dt)
     d_a_k[1, max(1, Hkv)](dza, d_a)
     if B * Hkv * Nk * D > 0:
-        blocks, threads = _grid1(B * Hkv * Nk * D)
+        blocks, threads = grid1(B * Hkv * Nk * D)
         dx_k[blocks, threads](du, dt_proj, dv)
     return dv, d_dt, d_a
 
@@ -195,8 +192,8 @@ SELECT_CHUNK = 32 if SIMULATOR else 512
 """Importances the scan stages in shared memory at a time (a multiple of :data:`SELECT_THREADS`)."""
 
 
-def make_select(dtype: Any, threads: int = SELECT_THREADS, chunk: int = SELECT_CHUNK) -> Tuple[Any, Any, Any]:
-    """``(init, scan, finish)``: the top-k selection, every key in parallel. What the heap sweep of
+def make_select(dtype: Any, threads: int = SELECT_THREADS, chunk: int = SELECT_CHUNK) -> Tuple[Any, Any]:
+    """``(scan, finish)``: the top-k selection, every key in parallel. What the heap sweep of
     :func:`~minitorch.attention.selection.build_selection` computes, taken from its definition:
 
     Sweep the keys of (b, g) in index order; after step ``p`` the kept keys are the ``k`` best of the swept keys
@@ -211,7 +208,7 @@ def make_select(dtype: Any, threads: int = SELECT_THREADS, chunk: int = SELECT_C
 
     The kernels:
 
-    * ``init(victim, root_at)``, one thread per ``(b, g, j)``: ``victim = root_at = -1``;
+    * (before them, ``victim`` and ``root_at`` are filled with -1: :func:`~.launch.fill`);
     * ``scan(z, k_pos_b, keep, evict, victim, root_at)``, grid ``(ceil(Nk / threads), B Hkv)``: thread ``j``
       sweeps the keys in order, ``z`` staged through shared memory ``chunk`` keys at a time (padding as NaN: it
       ranks neither above nor below), counting ``above_j`` until ``k`` keys beat it or the keys end; it writes
@@ -234,20 +231,10 @@ def make_select(dtype: Any, threads: int = SELECT_THREADS, chunk: int = SELECT_C
     assert NT & (NT - 1) == 0 and CH % NT == 0
     LOG_NT = NT.bit_length() - 1
 
-    def build() -> Tuple[Any, Any, Any]:
+    def build() -> Tuple[Any, Any]:
         dt = numba_type(dtype)
         ZERO, NAN = np.dtype(dtype).type(0.0), np.dtype(dtype).type(np.nan)
         i32 = numba.int32
-
-        def select_init(victim, root_at):  # type: ignore[no-untyped-def]
-            idx = cuda.grid(1)
-            B, Hkv, Nk = victim.shape
-            if idx < B * Hkv * Nk:
-                b = idx // (Hkv * Nk)
-                g = (idx // Nk) % Hkv
-                j = idx % Nk
-                victim[b, g, j] = -1
-                root_at[b, g, j] = -1
 
         def select_scan(z, k_pos_b, keep, evict, victim, root_at):  # type: ignore[no-untyped-def]
             zs = cuda.shared.array(CH, dt)
@@ -378,7 +365,7 @@ def make_select(dtype: Any, threads: int = SELECT_THREADS, chunk: int = SELECT_C
             if tid == 0:
                 counts[b, g] = count
 
-        return cuda.jit(select_init), cuda.jit(select_scan), cuda.jit(select_finish)
+        return cuda.jit(select_scan), cuda.jit(select_finish)
 
     return cached(_KERNELS, ("select", np.dtype(dtype).name, NT, CH), build)
 
@@ -420,18 +407,19 @@ def select(z: DeviceArray, dspec: Any, k_pos_b: DeviceArray) -> Selection:
     )
     if B * Hkv == 0:
         return sel
-    init, scan, finish = make_select(dtype)
+    scan, finish = make_select(dtype)
     victim = scratch("victim", (B, Hkv, max(Nk, 1)), np.int32)  # the key evicted at step s, or -1
     root_at = scratch("root_at", (B, Hkv, max(Nk, 1)), np.int32)  # the worst kept key after step s, or -1
     if Nk > 0:
-        init[_grid1(B * Hkv * Nk)](victim, root_at)
+        fill(victim, -1)
+        fill(root_at, -1)
         scan[(-(-Nk // SELECT_THREADS), B * Hkv), SELECT_THREADS](z, k_pos_b, np.int64(dspec.keep), sel.evict,
                                                                    victim, root_at)
     finish[B * Hkv, SELECT_THREADS](z, root_at, sel.evict, victim, bool(dspec.causal), np.int64(dspec.off),
                                     bool(dspec.compact), empty_threshold(dtype), sel.thr_val, sel.thr_idx, sel.kidx,
                                     sel.counts)
     if B * Hkv * Tr * Tc > 0:
-        blocks, threads = _grid1(B * Hkv * Tr)
+        blocks, threads = grid1(B * Hkv * Tr)
         tile_types_kernel[blocks, threads](sel.kidx, sel.counts, sel.evict, np.int64(Br), np.int64(Bc),
                                            bool(dspec.causal), np.int64(dspec.off), np.int64(Nq), sel.types)
     return sel

@@ -60,6 +60,11 @@ SMEM_LIMIT = 48 * 1024
 ROW_THREADS = 32 if SIMULATOR else 128
 """Threads per block of the one-thread-per-element kernels (init, merge, preprocess, copies, reductions)."""
 
+
+def grid1(n: int) -> Tuple[int, int]:
+    """``(blocks, threads)`` of a one-thread-per-element launch over ``n`` elements (at least one block)."""
+    return (max(1, -(-n // ROW_THREADS)), ROW_THREADS)
+
 SKIP = int(TileType.SKIP)
 DENSE = int(TileType.DENSE)
 TRIANGLE = int(TileType.TRIANGLE)
