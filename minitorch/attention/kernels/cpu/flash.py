@@ -525,7 +525,10 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
     group = H // k.shape[1]
     Tr, Gt = tile_types.shape[2], tile_types.shape[1]
     qt, acc, m, l, kT, vj, jt, kpt, s, vis, stats = _fwd_buffers(q, Br, Bc)
-    for prog in range(worker, B * H, n_workers):
+    for r in range(rounds(B * H, n_workers)):
+        prog = program(worker, n_workers, r)
+        if prog >= B * H:
+            continue
         b, h = prog // H, prog % H
         g = h // group
         bias2 = cfg.bias[b % cfg.bias.shape[0], h // cfg.bias_head_div]
@@ -576,7 +579,10 @@ def _fwd_k_major(worker, n_workers, q, k, v, out, lse, m_hbm, l_hbm, Br, Bc, til
 def _bwd_preprocess(worker, n_workers, out, dout, dlse, delta):  # type: ignore[no-untyped-def]
     """``delta_i = rowsum(dO_i * O_i) - dlse_i`` (FA2 Algorithm 2, line 4). Grid: one program per (batch, head)."""
     B, H, Nq, D = out.shape
-    for prog in range(worker, B * H, n_workers):
+    for r in range(rounds(B * H, n_workers)):
+        prog = program(worker, n_workers, r)
+        if prog >= B * H:
+            continue
         b, h = prog // H, prog % H
         for i in range(Nq):
             acc = out.dtype.type(0)
@@ -749,7 +755,10 @@ def _bwd_dkdv(worker, n_workers, q, k, v, dout, lse, delta, dk, dv, dbias, dq_pa
     dk_acc = np.zeros((C4, Dp), T)
     dv_acc = np.zeros((C4, Dp), T)
     dq_t = np.zeros((R4, Dp), T)
-    for prog in range(worker, n_chunks * nb * nh, n_workers):
+    for r in range(rounds(n_chunks * nb * nh, n_workers)):
+        prog = program(worker, n_workers, r)
+        if prog >= n_chunks * nb * nh:
+            continue
         chunk, pb, ph = prog // (nb * nh), (prog // nh) % nb, prog % nh
         b_lo, b_hi = (pb, pb + 1) if nb == B else (0, B)
         h_lo, h_hi = (ph, ph + 1) if nh == Hkv else (0, Hkv)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ...selection import Selection, alloc_selection, build_selection, build_tile_list, empty_threshold
 from ...tiling import build_list_classifier
-from .launch import kernel, launch
+from .launch import kernel, launch, program, rounds
 
 _select_head = build_selection(numba.njit(inline="always"))
 _list_tile_types = build_list_classifier(numba.njit(inline="always"))
@@ -24,7 +24,10 @@ _tile_list = build_tile_list(numba.njit(inline="always"))
 def _select(worker, n_workers, z, k_pos_b, keep, causal, off, hv, hi, evict, victim, thr_val, thr_idx, kidx, counts, compact, big):  # type: ignore[no-untyped-def]
     """The heap sweep. Grid: one program per (batch, kv head)."""
     B, Hkv = z.shape[0], z.shape[1]
-    for p in range(worker, B * Hkv, n_workers):
+    for r in range(rounds(B * Hkv, n_workers)):
+        p = program(worker, n_workers, r)
+        if p >= B * Hkv:
+            continue
         _select_head(z, k_pos_b, p // Hkv, p % Hkv, keep, causal, off, hv, hi, evict, victim, thr_val, thr_idx,
                      kidx, counts, compact, big)
 
@@ -33,7 +36,10 @@ def _select(worker, n_workers, z, k_pos_b, keep, causal, off, hv, hi, evict, vic
 def _tile_types(worker, n_workers, kidx, counts, evict, Br, Bc, causal, off, Nq, types):  # type: ignore[no-untyped-def]
     """The list's tile types. Grid: one program per (batch, kv head, query tile)."""
     B, Hkv, Tr = types.shape[0], types.shape[1], types.shape[2]
-    for p in range(worker, B * Hkv * Tr, n_workers):
+    for r in range(rounds(B * Hkv * Tr, n_workers)):
+        p = program(worker, n_workers, r)
+        if p >= B * Hkv * Tr:
+            continue
         _list_tile_types(kidx, counts, evict, p // (Hkv * Tr), (p // Tr) % Hkv, p % Tr, Br, Bc, causal, off, Nq,
                          types)
 
@@ -42,7 +48,10 @@ def _tile_types(worker, n_workers, kidx, counts, evict, Br, Bc, causal, off, Nq,
 def _tile_lists(worker, n_workers, kidx, counts, evict, Br, Bc, off, Nq, out_kidx, out_counts, out_types):  # type: ignore[no-untyped-def]
     """Each query tile's own key list and its tile types. Grid: one program per (batch, kv head, query tile)."""
     B, Hkv, Tr = out_types.shape[0], out_types.shape[1], out_types.shape[2]
-    for p in range(worker, B * Hkv * Tr, n_workers):
+    for r in range(rounds(B * Hkv * Tr, n_workers)):
+        p = program(worker, n_workers, r)
+        if p >= B * Hkv * Tr:
+            continue
         _tile_list(kidx, counts, evict, p // (Hkv * Tr), (p // Tr) % Hkv, p % Tr, Br, Bc, off, Nq, out_kidx,
                    out_counts, out_types)
 
